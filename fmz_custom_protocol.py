@@ -1,0 +1,1977 @@
+#!/usr/bin/env python3
+"""FMZ Quant custom-protocol plugin for OKX: one file, standard library only.
+
+The FMZ docker (the program that runs your robots) speaks to a "Custom Protocol" exchange over HTTP.
+For every exchange call a strategy makes (``exchange.GetTicker()``, ``exchange.Buy()``, ...), the docker
+sends ``POST /OKX`` to this plugin with a JSON body::
+
+    {"access_key": "...", "secret_key": "SECRET,PASSPHRASE[,simulate]", "nonce": 1730275031047002000,
+     "method": "ticker", "params": {"symbol": "ETH_USDT"}}
+
+The plugin calls OKX's v5 REST API (signing private calls), and answers ``{"data": ..., "raw": ...}``
+(``data`` in the shape the docker expects, ``raw`` OKX's own answer) or ``{"error": "text"}``.
+
+Run it on the docker's machine::
+
+    python3 fmz_custom_protocol.py                # listens on 127.0.0.1:6666
+    python3 fmz_custom_protocol.py --help         # every flag
+
+and add an exchange in FMZ: protocol "Custom Protocol", service address ``http://127.0.0.1:6666/OKX``,
+Access Key = your OKX API key, Secret Key = ``SECRET,PASSPHRASE`` (append ``,simulate`` for OKX demo
+trading). README.md documents every method, flag and error.
+
+How the file reads, top to bottom:
+
+1. constants and the error family (every failure is a ``ProtocolError``, answered in one place);
+2. small pure helpers: symbols, decimals, periods, order states, signing;
+3. transport: how bytes reach OKX, knowing nothing of FMZ (pooled keep-alive HTTPS connections, the proxy
+   tunnel, OKX's rate limits, the exchange clock, the signed-request client);
+4. the live market stream (OKX's public WebSocket, kept in memory for ticker, depth and trades);
+5. ``BaseProtocol``: the docker-facing contract, one method per docker method, each documenting its ``data``;
+6. ``OKX``: the mapping of each docker method onto OKX, in the order of the protocol;
+7. ``DISPATCH``: docker method names (and their accepted spellings) to handlers and parameters;
+8. the HTTP server that the docker talks to, and ``main()``.
+
+To add another exchange, subclass ``BaseProtocol`` like ``OKX`` does and register it in ``EXCHANGES``
+under the last path segment of the service address.
+"""
+
+import argparse
+import base64
+import collections
+import datetime
+import decimal
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import zlib
+from decimal import Decimal
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "Config", "ProtocolError", "BadRequest", "NotSupported", "ExchangeError", "TransportError",
+    "BaseProtocol", "OKX", "DISPATCH", "EXCHANGES", "PluginServer", "main",
+]
+
+log = logging.getLogger("fmz_okx")
+
+
+# =====================================================================================================
+# Constants and errors
+# =====================================================================================================
+
+DEFAULT_ADDRESS = "127.0.0.1"
+DEFAULT_PORT = 6666
+DEFAULT_API_BASE = "https://www.okx.com"
+DEFAULT_TIMEOUT = 10.0            # seconds one docker call may take, OKX round trips included
+DEFAULT_STREAM_IDLE = 300.0       # seconds before an instrument nobody asks about is unsubscribed
+
+MAX_REQUEST_BYTES = 1 << 20       # a docker request body larger than this is refused unread
+CLIENT_READ_TIMEOUT = 20.0        # a docker connection silent this long (mid-request or idle) is closed
+MAX_DOCKER_CONNECTIONS = 256      # connections served at once; more are closed at once (bounded threads)
+POOL_IDLE_REUSE = 30.0            # a kept-alive OKX connection idle longer than this is not reused
+POOL_MAX_IDLE = 32                # idle OKX connections kept per origin
+INSTRUMENTS_TTL = 300.0           # seconds an instrument list is reused
+ACCOUNT_CONFIG_TTL = 300.0        # seconds an account's position mode / account level is reused
+CLOCK_RESYNC_INTERVAL = 1800.0    # seconds between background re-syncs with OKX's clock
+ORDER_MEMORY = 10000              # orders remembered by clOrdId, so a repeated request finds its order
+
+OKX_MAX_DEPTH = 400               # /market/books sz maximum
+OKX_MAX_TRADES = 500              # /market/trades limit maximum
+OKX_CANDLES_PAGE = 300            # /market/candles limit maximum
+OKX_HISTORY_CANDLES_PAGE = 100    # /market/history-candles: 100 is the maximum on every OKX site
+OKX_ORDERS_PAGE = 100             # orders-pending / orders-history limit maximum
+MAX_RECORDS = 10000               # bars one `records` call may ask for
+DEFAULT_RECORDS = 300
+DEFAULT_DEPTH = 20
+DEFAULT_HISTORY_ORDERS = 100
+HISTORY_DAYS = 7                  # /trade/orders-history reaches this far back; the archive beyond
+
+# FMZ period in minutes -> OKX candle bar (UTC-aligned from 6 hours up, as FMZ's own bars are).
+PERIOD_TO_BAR = {
+    1: "1m", 3: "3m", 5: "5m", 15: "15m", 30: "30m", 60: "1H", 120: "2H", 240: "4H",
+    360: "6Hutc", 720: "12Hutc", 1440: "1Dutc", 10080: "1Wutc",
+}
+
+# OKX order state -> FMZ order status. Canceled orders that had fills become "partial-canceled".
+ORDER_STATUS = {
+    "live": "pending",
+    "partially_filled": "partial-filled",
+    "filled": "filled",
+    "canceled": "canceled",
+    "mmp_canceled": "canceled",
+}
+
+# Delivery futures are named by FMZ contract type; OKX lists the same name as the instrument's alias.
+FUTURES_ALIASES = ("this_week", "next_week", "quarter", "next_quarter")
+
+# OKX's request limits (OKX.md section 8): (method, path) -> (requests, seconds, scope).
+# Scope says who shares the bucket, as OKX counts: "ip" (everybody on this host), "key" (one API key),
+# and "+instId" / "+instType" narrow it to one instrument / instrument type.
+RATE_LIMITS = {
+    ("GET", "/api/v5/market/ticker"): (20, 2, "ip"),
+    ("GET", "/api/v5/market/tickers"): (20, 2, "ip"),
+    ("GET", "/api/v5/market/books"): (40, 2, "ip"),
+    ("GET", "/api/v5/market/trades"): (100, 2, "ip"),
+    ("GET", "/api/v5/market/candles"): (40, 2, "ip"),
+    ("GET", "/api/v5/market/history-candles"): (20, 2, "ip"),
+    ("GET", "/api/v5/public/instruments"): (20, 2, "ip+instType"),
+    ("GET", "/api/v5/public/time"): (10, 2, "ip"),
+    ("GET", "/api/v5/public/funding-rate"): (10, 2, "ip+instId"),
+    ("GET", "/api/v5/account/balance"): (10, 2, "key"),
+    ("GET", "/api/v5/asset/balances"): (6, 1, "key"),
+    ("POST", "/api/v5/trade/order"): (60, 2, "key+instId"),
+    ("POST", "/api/v5/trade/cancel-order"): (60, 2, "key+instId"),
+    ("GET", "/api/v5/trade/order"): (60, 2, "key+instId"),
+    ("GET", "/api/v5/trade/orders-pending"): (60, 2, "key"),
+    ("GET", "/api/v5/trade/orders-history"): (40, 2, "key"),
+    ("GET", "/api/v5/trade/orders-history-archive"): (20, 2, "key"),
+    ("GET", "/api/v5/account/positions"): (10, 2, "key"),
+    ("POST", "/api/v5/account/set-leverage"): (20, 2, "key"),
+    ("GET", "/api/v5/account/config"): (5, 2, "key"),
+    ("GET", "/api/v5/account/leverage-info"): (20, 2, "key"),
+}
+# OKX counts a request when it arrives; this margin keeps our window a little wider than OKX's so
+# that network jitter never puts one request too many into OKX's window.
+RATE_WINDOW_MARGIN = 0.15
+
+# What an OKX error code most likely means for a user of this plugin, and what to do about it.
+ERROR_HINTS = {
+    "50101": "the key does not match the environment: a demo-trading key needs ',simulate' at the end of "
+             "the Secret Key field in FMZ, a live key must not have it",
+    "50119": "this key does not exist on this OKX site: a key made on the EEA site needs "
+             "--api-base https://eea.okx.com, one made on OKX US needs --api-base https://us.okx.com",
+    "50111": "OKX does not know this API key: check the Access Key, and the OKX site it was made on "
+             "(--api-base https://eea.okx.com for EEA keys, https://us.okx.com for US keys)",
+    "50113": "the signature was refused: the secret in the Secret Key field (before the first comma) is wrong",
+    "50105": "the passphrase was refused: the Secret Key field must be SECRET,PASSPHRASE with the "
+             "passphrase chosen when the key was made",
+    "50102": "this machine's clock is too far from OKX's: the plugin re-synchronised with OKX's clock; "
+             "if this persists, enable NTP (timedatectl set-ntp true)",
+    "50110": "this key is bound to IP addresses and this machine's address is not among them",
+    "50011": "OKX's rate limit was reached",
+    "50004": "OKX timed out on the request: its outcome is unknown, check before repeating it",
+}
+
+
+class ProtocolError(Exception):
+    """Base of every failure the docker is told about; str(error) becomes the ``{"error": ...}`` text."""
+
+
+class BadRequest(ProtocolError):
+    """The docker's request is malformed: missing or mistyped fields, unknown method, bad symbol."""
+
+
+class NotSupported(ProtocolError):
+    """The method exists in the protocol but this exchange wrapper cannot do it."""
+
+
+class TransportError(ProtocolError):
+    """OKX could not be reached or did not answer usefully (connect, timeout, reset, proxy, non-JSON).
+
+    ``maybe_sent`` is True when the request may have reached OKX and been acted upon: for an order, its
+    outcome is then unknown and must be found out, never guessed.
+    """
+
+    def __init__(self, message, maybe_sent=False):
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
+
+
+class RateLimited(ProtocolError):
+    """A call would exceed OKX's rate limit for longer than the call may wait; OKX was not called."""
+
+
+class ExchangeError(ProtocolError):
+    """OKX answered with an error code: ``code`` and ``message`` are OKX's own (per-order sCode/sMsg first)."""
+
+    def __init__(self, code, message, http_status=200, path=""):
+        self.code, self.message, self.http_status, self.path = str(code), message, http_status, path
+        text = "OKX %s: %s" % (self.code, message or "(no message)")
+        if http_status not in (200, None):
+            text += " (HTTP %d)" % http_status
+        hint = ERROR_HINTS.get(self.code)
+        if self.code == "50011":
+            limit = RATE_LIMITS.get(("GET", path)) or RATE_LIMITS.get(("POST", path))
+            hint += " for %s" % (path or "this endpoint")
+            if limit:
+                hint += " (%d requests per %d s)" % limit[:2]
+            hint += "; the plugin waits for its turn before calling OKX again"
+        if hint:
+            text += " (hint: %s)" % hint
+        super().__init__(text)
+
+
+# =====================================================================================================
+# Pure helpers: symbols, decimals, periods, order states, signing
+# =====================================================================================================
+
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_CLORDID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+
+def decimal_text(value, name, allow_negative_one=False):
+    """Return ``value`` (string or JSON number) as plain decimal text for OKX, never via float.
+
+    ``"0.00001"`` stays ``"0.00001"``, ``1E-5`` becomes ``"0.00001"``, ``"100.50"`` stays ``"100.50"``.
+    Raises BadRequest unless the value is a positive finite decimal (or ``-1`` when allowed: market price).
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal, float)):
+        raise BadRequest("%s must be a decimal number, got %s" % (name, _describe(value)))
+    if isinstance(value, float):  # only when a caller bypassed the Decimal-preserving JSON parser
+        value = repr(value)
+    text = str(value).strip()
+    if not _DECIMAL_RE.match(text):
+        raise BadRequest("%s must be a decimal number, got %s" % (name, _describe(value)))
+    number = Decimal(text)
+    if allow_negative_one and number == -1:
+        return "-1"
+    if number <= 0:
+        raise BadRequest("%s must be greater than 0, got %s" % (name, text))
+    if "e" in text.lower():
+        text = format(number, "f")
+    return text.lstrip("+")
+
+
+def _describe(value):
+    """A short, safe description of a bad parameter value for error texts."""
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_int(value, name, minimum=None, maximum=None):
+    """Return ``value`` (int, integral Decimal, or digit string) as int, within the bounds if given."""
+    if isinstance(value, bool):
+        raise BadRequest("%s must be a whole number, got %s" % (name, _describe(value)))
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, Decimal) and value == value.to_integral_value():
+        number = int(value)
+    elif isinstance(value, str) and re.match(r"^\s*[+-]?\d+\s*$", value):
+        number = int(value)
+    else:
+        raise BadRequest("%s must be a whole number, got %s" % (name, _describe(value)))
+    if minimum is not None and number < minimum:
+        raise BadRequest("%s must be at least %d, got %d" % (name, minimum, number))
+    if maximum is not None and number > maximum:
+        raise BadRequest("%s must be at most %d, got %d" % (name, maximum, number))
+    return number
+
+
+def split_symbol(fmz_symbol, contract_type=None):
+    """Split an FMZ symbol into ``(base, quote, contract)``.
+
+    ``"eth_usdt"`` -> ``("ETH", "USDT", "")``; ``"BTC_USDT.swap"`` -> ``("BTC", "USDT", "swap")``.
+    A contract type given apart from the symbol (``contract_type`` param) counts when the symbol has none.
+    """
+    if not isinstance(fmz_symbol, str) or not fmz_symbol.strip():
+        raise BadRequest("symbol must be a string like ETH_USDT, got %s" % _describe(fmz_symbol))
+    pair, _, contract = fmz_symbol.strip().partition(".")
+    base, sep, quote = pair.partition("_")
+    if not sep or not base or not quote or "_" in quote:
+        raise BadRequest("symbol %r is not an FMZ pair like ETH_USDT (BASE_QUOTE)" % fmz_symbol)
+    if not contract and contract_type:
+        if not isinstance(contract_type, str):
+            raise BadRequest("contract_type must be a string, got %s" % _describe(contract_type))
+        contract = contract_type.strip()
+    contract = contract.lower()
+    if contract == "spot":
+        contract = ""
+    return base.upper(), quote.upper(), contract
+
+
+def fmz_symbol_of(inst_id, alias=""):
+    """The FMZ symbol of an OKX instId: ``BTC-USDT`` -> ``BTC_USDT``, ``BTC-USDT-SWAP`` -> ``BTC_USDT.swap``,
+    ``BTC-USD-250328`` -> ``BTC_USD.quarter`` when its alias is known, else ``BTC_USD.250328``."""
+    parts = inst_id.split("-")
+    symbol = "_".join(parts[:2])
+    if len(parts) < 3:
+        return symbol
+    return "%s.%s" % (symbol, "swap" if parts[2] == "SWAP" else (alias or parts[2]))
+
+
+def inst_type_of(inst_id):
+    """``SPOT``, ``SWAP`` or ``FUTURES`` from the form of an instId."""
+    parts = inst_id.split("-")
+    if len(parts) < 3:
+        return "SPOT"
+    return "SWAP" if parts[2] == "SWAP" else "FUTURES"
+
+
+def okx_bar(period):
+    """The OKX candle bar for an FMZ period in minutes (``60`` -> ``"1H"``); BadRequest for others."""
+    minutes = parse_int(period, "period")
+    try:
+        return PERIOD_TO_BAR[minutes]
+    except KeyError:
+        raise BadRequest("period %d is not supported; use one of %s (minutes)"
+                         % (minutes, ", ".join(str(p) for p in PERIOD_TO_BAR))) from None
+
+
+def fmz_order_status(state, filled):
+    """FMZ order status for OKX ``state``; ``filled`` is accFillSz (decides partial-canceled)."""
+    status = ORDER_STATUS.get(state, state or "unknown")
+    if status == "canceled" and filled not in ("", None) and Decimal(filled) > 0:
+        return "partial-canceled"
+    return status
+
+
+def okx_timestamp(epoch_ms):
+    """OKX's OK-ACCESS-TIMESTAMP form: UTC ISO 8601 with exactly three millisecond digits and ``Z``."""
+    moment = datetime.datetime.fromtimestamp(epoch_ms / 1000.0, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (int(epoch_ms) % 1000)
+
+
+def sign_request(secret, timestamp, method, request_path, body=""):
+    """OK-ACCESS-SIGN: Base64(HMAC-SHA256(secret, timestamp + METHOD + path-with-query + body))."""
+    prehash = timestamp + method.upper() + request_path + body
+    digest = hmac.new(secret.encode("utf-8"), prehash.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def clord_id_for(nonce):
+    """The clOrdId of the order a docker request places: ``fmz`` + the request's nonce digits.
+
+    The same request (same nonce) always yields the same clOrdId, so it can never open a second order and
+    a lost answer can be recovered by asking OKX for this clOrdId. OKX allows 32 alphanumerics.
+    """
+    digits = str(parse_int(nonce, "nonce", minimum=0))
+    return "fmz" + digits[-29:]
+
+
+def parse_secret_field(secret_field):
+    """Split FMZ's Secret Key field ``SECRET,PASSPHRASE[,simulate]`` into ``(secret, passphrase, demo)``."""
+    if not isinstance(secret_field, str):
+        raise BadRequest("secret_key must be a string 'SECRET,PASSPHRASE'")
+    parts = [part.strip() for part in secret_field.split(",")]
+    demo = len(parts) > 2 and parts[-1].lower() == "simulate"
+    if demo:
+        parts = parts[:-1]
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise BadRequest("secret_key must be 'SECRET,PASSPHRASE' (OKX keys have a passphrase; "
+                         "append ',simulate' for demo trading)")
+    return parts[0], ",".join(parts[1:]), demo
+
+
+class Credentials:
+    """One OKX API key as the docker sent it. Its repr never shows the secret or the passphrase."""
+
+    __slots__ = ("api_key", "secret", "passphrase", "demo")
+
+    def __init__(self, api_key, secret, passphrase, demo=False):
+        self.api_key, self.secret, self.passphrase, self.demo = api_key, secret, passphrase, demo
+
+    def __repr__(self):
+        return "Credentials(api_key=%s..., demo=%s)" % (self.api_key[:4], self.demo)
+
+    def headers(self, timestamp, method, request_path, body):
+        """The OK-ACCESS-* headers of one signed request."""
+        return {
+            "OK-ACCESS-KEY": self.api_key,
+            "OK-ACCESS-SIGN": sign_request(self.secret, timestamp, method, request_path, body),
+            "OK-ACCESS-TIMESTAMP": timestamp,
+            "OK-ACCESS-PASSPHRASE": self.passphrase,
+        }
+
+
+def json_default(value):
+    """JSON encoding of the Decimals that the Decimal-preserving parser produced: exact decimal text."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError("%s is not JSON serialisable" % type(value).__name__)
+
+
+def dumps(value):
+    """Compact JSON, Decimals as exact text."""
+    return json.dumps(value, separators=(",", ":"), default=json_default, ensure_ascii=False)
+
+
+# =====================================================================================================
+# Transport: pooled keep-alive connections, proxy tunnel, rate limits, OKX's clock, the signed client
+# =====================================================================================================
+
+class Proxy:
+    """An HTTP proxy that HTTPS to OKX tunnels through with CONNECT (``http://[user:pass@]host:port``).
+
+    ``str(proxy)`` names it without the password, for logs and errors.
+    """
+
+    def __init__(self, url):
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "") or not parts.hostname:
+            raise ValueError("proxy must look like http://[user:password@]host:port")
+        self.host, self.port = parts.hostname, parts.port or 8080
+        self.headers = {}
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(("%s:%s" % (user, password)).encode("utf-8")).decode("ascii")
+            self.headers["Proxy-Authorization"] = "Basic " + token
+        self.label = "http://%s%s:%d" % (parts.username + "@" if parts.username else "", self.host, self.port)
+
+    def __str__(self):
+        return self.label
+
+    @classmethod
+    def from_environment(cls, target_url):
+        """The proxy the usual ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables give for a URL, or None."""
+        parts = urllib.parse.urlsplit(target_url)
+        proxies = urllib.request.getproxies_environment()
+        url = proxies.get(parts.scheme)
+        if not url or urllib.request.proxy_bypass_environment(parts.hostname, proxies):
+            return None
+        return cls(url)
+
+
+class ConnectionPool:
+    """Kept-alive HTTP/1.1 connections to one origin (OKX's API host), shared by every robot.
+
+    A call takes an idle connection (or opens one: TCP, TLS, and the proxy tunnel if any), sends one
+    request, reads the whole answer and gives the connection back. Robots never wait for each other: each
+    concurrent call has its own connection. One TLS context serves every connection.
+    """
+
+    def __init__(self, base_url, ssl_context=None, proxy=None):
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL: %r" % base_url)
+        self.scheme, self.host = parts.scheme, parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl_context = ssl_context
+        self.proxy = proxy
+        self._idle = []           # [(connection, last used monotonic time)], most recent last
+        self._lock = threading.Lock()
+        self.opened = 0           # connections opened so far (for tests and the benchmark)
+
+    def _open(self, timeout):
+        if self.proxy:
+            connection = self._new_connection(self.proxy.host, self.proxy.port, timeout)
+            connection.set_tunnel(self.host, self.port, headers=self.proxy.headers)
+        else:
+            connection = self._new_connection(self.host, self.port, timeout)
+        try:
+            connection.connect()
+        except ssl.SSLCertVerificationError as exc:
+            connection.close()
+            raise TransportError("TLS certificate of %s could not be verified (%s); set --ca-file or "
+                                 "SSL_CERT_FILE if a proxy re-signs TLS" % (self.host, exc.verify_message))
+        except OSError as exc:
+            connection.close()
+            raise TransportError(self._connect_error_text(exc)) from None
+        with self._lock:
+            self.opened += 1
+        return connection
+
+    def _new_connection(self, host, port, timeout):
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.ssl_context)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _connect_error_text(self, exc):
+        if self.proxy:
+            text = str(exc)
+            if text.startswith("Tunnel connection failed"):
+                return "proxy %s refused the tunnel to %s:%d: %s" % (self.proxy, self.host, self.port,
+                                                                      text.split(":", 1)[1].strip())
+            return "cannot reach proxy %s: %s" % (self.proxy, _os_error_text(exc))
+        return "cannot connect to %s:%d: %s" % (self.host, self.port, _os_error_text(exc))
+
+    def _take(self, timeout):
+        """An idle connection fresh enough to reuse, or a new one; and whether it was reused."""
+        now = time.monotonic()
+        with self._lock:
+            while self._idle:
+                connection, last_used = self._idle.pop()
+                if now - last_used <= POOL_IDLE_REUSE and connection.sock is not None:
+                    return connection, True
+                connection.close()
+        return self._open(timeout), False
+
+    def _give_back(self, connection):
+        with self._lock:
+            if len(self._idle) < POOL_MAX_IDLE:
+                self._idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def request(self, method, target, body, headers, deadline, retry_stale=True):
+        """Send one request; return ``(status, body bytes)``.
+
+        ``deadline`` (time.monotonic()) bounds connecting, sending and reading. A reused connection that the
+        server had already closed is retried once on a new connection when ``retry_stale`` (safe calls);
+        otherwise TransportError says whether the request may have reached OKX (``maybe_sent``).
+        """
+        while True:
+            connection, reused = self._take(_remaining(deadline))
+            try:
+                connection.sock.settimeout(_remaining(deadline))
+                connection.request(method, target, body=body, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ConnectionAbortedError) as exc:
+                connection.close()
+                if reused and retry_stale:
+                    retry_stale = False
+                    continue
+                raise TransportError("connection to %s was closed before OKX answered (%s)"
+                                     % (self.host, _os_error_text(exc)), maybe_sent=True) from None
+            except socket.timeout:
+                connection.close()
+                raise TransportError("OKX did not answer within the timeout", maybe_sent=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                raise TransportError("connection to %s failed: %s" % (self.host, _os_error_text(exc)),
+                                     maybe_sent=True) from None
+            if response.will_close:
+                connection.close()
+            else:
+                self._give_back(connection)
+            return response.status, payload
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            connection.close()
+
+
+def _remaining(deadline):
+    """Seconds left until ``deadline``; TransportError when none are (the call ran out of time)."""
+    left = deadline - time.monotonic()
+    if left <= 0.001:
+        raise TransportError("no answer from OKX within the timeout", maybe_sent=True)
+    return left
+
+
+def _os_error_text(exc):
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+class RateLimiter:
+    """OKX's request limits, kept on our side so that robots sharing a key never see 50011.
+
+    Each bucket is a sliding window of the times its requests were sent. A call whose bucket is full waits
+    for its turn when that comes before the call's deadline, else fails at once with RateLimited (without
+    calling OKX). When OKX still answers 50011, the bucket is treated as full for a whole window.
+    Endpoints not in RATE_LIMITS are not limited; buckets of different endpoints never wait for each other.
+    """
+
+    def __init__(self, limits=None):
+        self.limits = RATE_LIMITS if limits is None else limits
+        self._windows = {}        # bucket -> deque of send times (monotonic)
+        self._lock = threading.Lock()
+
+    def bucket(self, method, path, api_key, params):
+        """The bucket key of a request, or None for an endpoint without a known limit."""
+        rule = self.limits.get((method, path))
+        if rule is None:
+            return None
+        scope = rule[2]
+        key = [method, path]
+        if scope.startswith("key"):
+            key.append(api_key or "")
+        for field in ("instId", "instType"):
+            if "+" + field in scope:
+                key.append(str(params.get(field, "")) if isinstance(params, dict) else "")
+        return tuple(key)
+
+    def acquire(self, bucket, deadline):
+        """Wait for a place in ``bucket``'s window, or raise RateLimited if it would come after deadline."""
+        if bucket is None:
+            return
+        count, seconds, _ = self.limits[(bucket[0], bucket[1])]
+        window = seconds + RATE_WINDOW_MARGIN
+        while True:
+            with self._lock:
+                sent = self._windows.setdefault(bucket, collections.deque())
+                now = time.monotonic()
+                while sent and sent[0] <= now - window:
+                    sent.popleft()
+                if len(sent) < count:
+                    sent.append(now)
+                    return
+                wait = sent[0] + window - now
+            if now + wait > deadline:
+                raise RateLimited("OKX allows %d requests per %d s on %s and they are used up for the next "
+                                  "%.1f s, longer than the call may wait; OKX was not called"
+                                  % (count, seconds, bucket[1], wait))
+            time.sleep(min(wait, 0.05) if wait < 0.05 else wait)
+
+    def backoff(self, bucket):
+        """OKX answered 50011 anyway: treat the bucket as full for one whole window from now."""
+        if bucket is None:
+            return
+        count, _, _ = self.limits[(bucket[0], bucket[1])]
+        with self._lock:
+            now = time.monotonic()
+            self._windows[bucket] = collections.deque([now] * count, maxlen=None)
+
+
+class ExchangeClock:
+    """OKX's clock, as an offset from ours, so that signed requests are accepted on a host whose clock is off.
+
+    OKX refuses a signature whose timestamp is more than 30 s from its own time (50102). The offset is read
+    from /api/v5/public/time before the first signed call, again in the background every
+    CLOCK_RESYNC_INTERVAL, and at once when OKX answers 50102.
+    """
+
+    def __init__(self):
+        self.offset_ms = 0.0
+        self.synced_at = None     # monotonic time of the last successful sync
+        self._lock = threading.Lock()
+        self._refreshing = False
+
+    def now_ms(self):
+        return time.time() * 1000.0 + self.offset_ms
+
+    def needs_sync(self):
+        return self.synced_at is None
+
+    def is_stale(self):
+        return self.synced_at is not None and time.monotonic() - self.synced_at > CLOCK_RESYNC_INTERVAL
+
+    def update(self, server_ms, sent_at, received_at):
+        """Record OKX's time ``server_ms`` read between our ``sent_at`` and ``received_at`` (epoch ms)."""
+        with self._lock:
+            self.offset_ms = server_ms - (sent_at + received_at) / 2.0
+            self.synced_at = time.monotonic()
+        if abs(self.offset_ms) > 1000:
+            log.warning("this machine's clock is %.1f s %s OKX's; signing with OKX's time",
+                        abs(self.offset_ms) / 1000, "behind" if self.offset_ms > 0 else "ahead of")
+
+    def start_refresh(self):
+        """True for the one caller that should refresh a stale offset (the others go on with the old one)."""
+        with self._lock:
+            if self._refreshing:
+                return False
+            self._refreshing = True
+            return True
+
+    def end_refresh(self):
+        with self._lock:
+            self._refreshing = False
+
+
+class OKXClient:
+    """OKX's REST API as OKX defines it: signing, envelope, error codes, limits; shared by all robots.
+
+    ``request()`` sends one call and returns OKX's JSON envelope ``{"code", "msg", "data"}`` whatever its
+    code (the passthrough needs it as is); ``call()`` returns ``data`` and raises ExchangeError otherwise.
+    Also keeps what changes rarely: instrument lists and account configurations.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.api_base = config.api_base.rstrip("/")
+        context = None
+        if self.api_base.startswith("https:"):
+            context = ssl.create_default_context(cafile=config.ca_file)   # verifies; honours SSL_CERT_FILE
+        proxy = Proxy(config.proxy) if config.proxy else Proxy.from_environment(self.api_base)
+        self.pool = ConnectionPool(self.api_base, context, proxy)
+        self.limiter = RateLimiter()
+        self.clock = ExchangeClock()
+        self.orders = OrderMemory()
+        self._flights = {}        # shared_call: request key -> _Flight on its way to OKX
+        self._flights_lock = threading.Lock()
+        self._caches = {}         # (kind, key) -> (expires monotonic, value)
+        self._cache_locks = collections.defaultdict(threading.Lock)
+        self.user_agent = "fmz-okx-plugin/%s" % __version__
+        self.stream = None        # MarketStream, when the live stream is on
+
+    # --- one request ----------------------------------------------------------------------------------
+    def request(self, method, path, params=None, body=None, credentials=None, deadline=None,
+                exp_time=False, retry_safe=None, demo=False):
+        """Send one OKX call and return ``(HTTP status, parsed JSON envelope)``.
+
+        GET/DELETE ``params`` go into the query string; POST ``body`` (an object) becomes the JSON body.
+        ``credentials`` signs the call; ``demo`` (or demo credentials) adds OKX's demo-trading header.
+        ``exp_time`` adds OKX's expTime header (the deadline as OKX's time)
+        so an order stuck in transit is never executed after the docker gave up on it. ``retry_safe``
+        (default: GET only) allows one retry on a stale kept-alive connection.
+        """
+        deadline = deadline or time.monotonic() + self.config.timeout
+        method = method.upper()
+        query = urllib.parse.urlencode([(k, _query_value(v)) for k, v in (params or {}).items()])
+        target = path + ("?" + query if query else "")
+        payload = dumps(body if body is not None else {}) if method == "POST" else ""
+        bucket = self.limiter.bucket(method, path, credentials and credentials.api_key,
+                                     body if method == "POST" else params)
+        if retry_safe is None:
+            retry_safe = method == "GET"
+        if credentials is not None:
+            self._sync_clock_if_needed(deadline)
+        for attempt in (1, 2):
+            self.limiter.acquire(bucket, deadline)
+            headers = {"Content-Type": "application/json", "Accept": "application/json",
+                       "User-Agent": self.user_agent}
+            if credentials is not None:
+                timestamp = okx_timestamp(self.clock.now_ms())
+                headers.update(credentials.headers(timestamp, method, target, payload))
+            if demo or (credentials is not None and credentials.demo):
+                headers["x-simulated-trading"] = "1"
+            if exp_time:
+                remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
+                headers["expTime"] = str(int(self.clock.now_ms() + remaining_ms))
+            started = time.monotonic()
+            status, raw = self.pool.request(method, target, payload.encode("utf-8") if payload else None,
+                                            headers, deadline, retry_stale=retry_safe)
+            log.debug("OKX %s %s -> HTTP %d in %.1f ms", method, target, status,
+                      (time.monotonic() - started) * 1000)
+            envelope = self._parse(status, raw, path)
+            code = str(envelope.get("code", ""))
+            if attempt == 1 and code == "50102" and credentials is not None:
+                log.warning("OKX refused the request's timestamp (50102): re-syncing with OKX's clock")
+                self.sync_clock(deadline)
+                continue        # a refused signature means OKX did nothing: sending again is safe
+            if code == "50011":
+                self.limiter.backoff(bucket)
+                if attempt == 1:
+                    log.warning("OKX rate limit (50011) on %s: waiting for the window and retrying once", path)
+                    continue    # OKX refused the request unprocessed: safe to send again in turn
+            return status, envelope
+
+    def call(self, method, path, params=None, body=None, credentials=None, deadline=None, **options):
+        """Send one OKX call; return its ``data`` list, or raise ExchangeError for any error code."""
+        status, envelope = self.request(method, path, params, body, credentials, deadline, **options)
+        raise_for_code(envelope, status, path)
+        data = envelope.get("data")
+        return data if isinstance(data, list) else ([] if data is None else [data])
+
+    @staticmethod
+    def _parse(status, raw, path):
+        try:
+            envelope = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            envelope = None
+        if not isinstance(envelope, dict) or ("code" not in envelope and "data" not in envelope):
+            snippet = raw[:80].decode("utf-8", "replace").strip().replace("\n", " ") or "(empty)"
+            raise TransportError("OKX answered HTTP %d with a body that is not OKX's JSON on %s: %s"
+                                 % (status, path, snippet), maybe_sent=status >= 500)
+        return envelope
+
+    def shared_call(self, path, params, deadline=None, demo=False):
+        """``call("GET", ...)`` for public market data, made once for all robots asking it at once.
+
+        A robot whose identical request (same path, query and environment) is already on its way to OKX
+        waits for that answer instead of sending another: it costs no round trip and no place in OKX's
+        rate limit, and the answer is no older than the one it would have had.
+        """
+        key = (path, tuple(sorted(params.items())), demo)
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            return flight.result(deadline or time.monotonic() + self.config.timeout)
+        try:
+            flight.value = self.call("GET", path, params, deadline=deadline, demo=demo)
+            return flight.value
+        except ProtocolError as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[key]
+            flight.done.set()
+
+    # --- OKX's clock ----------------------------------------------------------------------------------
+    def _sync_clock_if_needed(self, deadline):
+        if self.clock.needs_sync():
+            self.sync_clock(deadline)
+        elif self.clock.is_stale() and self.clock.start_refresh():
+            threading.Thread(target=self._refresh_clock, name="clock-sync", daemon=True).start()
+
+    def _refresh_clock(self):
+        try:
+            self.sync_clock(time.monotonic() + self.config.timeout)
+        finally:
+            self.clock.end_refresh()
+
+    def sync_clock(self, deadline):
+        """Read OKX's time once; on failure keep the previous offset and say so in the log."""
+        try:
+            sent_at = time.time() * 1000
+            data = self.call("GET", "/api/v5/public/time", deadline=deadline)
+            received_at = time.time() * 1000
+            self.clock.update(float(data[0]["ts"]), sent_at, received_at)
+        except (ProtocolError, KeyError, IndexError, ValueError, TypeError) as exc:
+            log.warning("could not read OKX's clock (%s); signing with this machine's clock", exc)
+            if self.clock.synced_at is None:
+                self.clock.synced_at = time.monotonic() - CLOCK_RESYNC_INTERVAL + 60  # try again in a minute
+
+    # --- what rarely changes --------------------------------------------------------------------------
+    def cached(self, kind, key, ttl, load):
+        """``load()``'s value, reused for ``ttl`` seconds; concurrent callers of one key load it once."""
+        entry = self._caches.get((kind, key))
+        if entry and entry[0] > time.monotonic():
+            return entry[1]
+        with self._cache_locks[(kind, key)]:
+            entry = self._caches.get((kind, key))
+            if entry and entry[0] > time.monotonic():
+                return entry[1]
+            value = load()
+            self._caches[(kind, key)] = (time.monotonic() + ttl, value)
+            return value
+
+    def forget(self, kind, key):
+        self._caches.pop((kind, key), None)
+
+    def instruments(self, inst_type, deadline=None):
+        """``{instId: instrument row}`` of one instrument type (SPOT, SWAP, FUTURES), cached."""
+        def load():
+            rows = self.call("GET", "/api/v5/public/instruments", {"instType": inst_type}, deadline=deadline)
+            return {row["instId"]: row for row in rows if isinstance(row, dict) and "instId" in row}
+        return self.cached("instruments", inst_type, INSTRUMENTS_TTL, load)
+
+    def account_config(self, credentials, deadline=None):
+        """The key's account configuration (``posMode``, ``acctLv``), cached."""
+        def load():
+            rows = self.call("GET", "/api/v5/account/config", credentials=credentials, deadline=deadline)
+            return rows[0] if rows else {}
+        return self.cached("account", (credentials.api_key, credentials.demo), ACCOUNT_CONFIG_TTL, load)
+
+    def close(self):
+        self.pool.close()
+        if self.stream:
+            self.stream.close()
+
+
+class _Flight:
+    """One market-data request on its way to OKX, awaited by every robot that asked the same."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.value, self.error = None, None
+
+    def result(self, deadline):
+        if not self.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TransportError("no answer from OKX within the timeout")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _query_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, (list, tuple)):
+        return ",".join(_query_value(v) for v in value)
+    return str(value)
+
+
+def raise_for_code(envelope, status=200, path=""):
+    """Raise ExchangeError unless OKX's envelope says success (code "0", or "2" partial for batches).
+
+    For order calls the reason is in ``data[i].sCode``/``sMsg``: that is what the error names.
+    """
+    code = str(envelope.get("code", ""))
+    if code == "2":
+        return
+    data = envelope.get("data")
+    for row in data if isinstance(data, list) else []:
+        if isinstance(row, dict) and str(row.get("sCode", "0")) not in ("0", ""):
+            raise ExchangeError(row["sCode"], row.get("sMsg") or envelope.get("msg", ""), status, path)
+    if code != "0":
+        raise ExchangeError(code, envelope.get("msg", ""), status, path)
+
+
+class OrderMemory:
+    """What became of the orders this plugin placed, by (api key, clOrdId): so that a repeated docker
+    request (same nonce) answers the order it already placed instead of placing another, even after the
+    order has left OKX's pending list. Concurrent requests with one clOrdId are placed once."""
+
+    def __init__(self, size=ORDER_MEMORY):
+        self.size = size
+        self._placed = collections.OrderedDict()   # (api_key, clOrdId) -> docker order id
+        self._in_flight = {}                       # (api_key, clOrdId) -> threading.Event
+        self._lock = threading.Lock()
+
+    def begin(self, key):
+        """Return the remembered id, or None after claiming ``key`` (then call ``end``)."""
+        while True:
+            with self._lock:
+                if key in self._placed:
+                    return self._placed[key]
+                event = self._in_flight.get(key)
+                if event is None:
+                    self._in_flight[key] = threading.Event()
+                    return None
+            event.wait()
+
+    def end(self, key, order_id):
+        """Release ``key``; remember ``order_id`` when the order exists."""
+        with self._lock:
+            if order_id:
+                self._placed[key] = order_id
+                while len(self._placed) > self.size:
+                    self._placed.popitem(last=False)
+            event = self._in_flight.pop(key, None)
+        if event:
+            event.set()
+
+
+# =====================================================================================================
+# BaseProtocol: the docker-facing contract
+# =====================================================================================================
+
+class Symbol(collections.namedtuple("Symbol", "base quote contract")):
+    """A parsed FMZ symbol: ``Symbol("BTC", "USDT", "swap")``; ``contract`` is "" for spot."""
+
+    @property
+    def fmz(self):
+        """Canonical FMZ form: ``BTC_USDT`` or ``BTC_USDT.swap``."""
+        pair = "%s_%s" % (self.base, self.quote)
+        return pair + "." + self.contract if self.contract else pair
+
+
+class DockerRequest:
+    """What one docker request carries besides its method and params."""
+
+    def __init__(self, access_key="", secret_key="", nonce=None, http_method=None, deadline=None):
+        self.access_key = access_key if isinstance(access_key, str) else ""
+        self.secret_key = secret_key
+        self.nonce = nonce
+        self.http_method = http_method       # the Http-Method header: the verb of an `__api_` call
+        self.deadline = deadline or time.monotonic() + DEFAULT_TIMEOUT
+
+
+class BaseProtocol:
+    """The FMZ custom protocol as the docker speaks it: one method per docker method.
+
+    A wrapper for one exchange subclasses this and overrides what the exchange can do. Each method takes
+    the call's parsed parameters (see DISPATCH) and returns ``(data, raw)``: ``data`` in the shape
+    documented here, which the docker turns into the strategy's structure; ``raw`` the exchange's own
+    answer (FMZ shows it as ``Info``), or None. Failures raise ProtocolError. Prices and amounts are
+    decimal strings, times integers in milliseconds unless stated otherwise. The defaults answer a clear
+    NotSupported error.
+    """
+
+    #: the name in the service address, e.g. ``http://127.0.0.1:6666/OKX``
+    name = "base"
+
+    def __init__(self, request):
+        self.request = request
+
+    def _unsupported(self, what):
+        raise NotSupported("%s is not supported by the %s plugin" % (what, self.name))
+
+    # --- market data ----------------------------------------------------------------------------------
+    def ticker(self, symbol):
+        """``{symbol, buy, sell, high, low, open, last, vol, time}``: best bid and ask, 24 h high, low,
+        open, last price, 24 h volume (base currency; contracts for futures)."""
+        self._unsupported("ticker")
+
+    def depth(self, symbol, limit):
+        """``{time, asks: [[price, amount], ...], bids: [...]}``: asks ascending, bids descending,
+        at most ``limit`` levels a side."""
+        self._unsupported("depth")
+
+    def trades(self, symbol, limit):
+        """``[{id, time, price, amount, type}, ...]`` newest first; ``type`` is the taker side buy/sell."""
+        self._unsupported("trades")
+
+    def records(self, symbol, period, limit):
+        """``[[time_seconds, open, high, low, close, volume], ...]`` oldest first, the unfinished bar last;
+        ``period`` in minutes, ``limit`` bars."""
+        self._unsupported("records")
+
+    def tickers(self, contract):
+        """``[{symbol, buy, sell, high, low, open, last, vol, time}, ...]`` for every instrument of a kind."""
+        self._unsupported("tickers")
+
+    def markets(self, contract):
+        """``{fmz_symbol: {symbol, baseAsset, quoteAsset, tickSize, amountSize, pricePrecision,
+        amountPrecision, minQty, maxQty, minNotional, maxNotional, ctVal, ctValCcy}, ...}``."""
+        self._unsupported("markets")
+
+    # --- account and orders ---------------------------------------------------------------------------
+    def accounts(self):
+        """``[{currency, free, frozen}, ...]`` of the trading account."""
+        self._unsupported("accounts")
+
+    def assets(self):
+        """Same shape as ``accounts``."""
+        self._unsupported("assets")
+
+    def trade(self, symbol, type, price, amount, direction=None, leverage=None):
+        """Place an order; ``{id}``. ``price`` "-1" is a market order. ``type`` buy/sell, and for futures
+        closebuy/closesell (or buy/sell with ``direction`` closebuy/closesell)."""
+        self._unsupported("trade")
+
+    def orders(self, symbol):
+        """``[{id, symbol, amount, price, deal_amount, avg_price, type, status}, ...]``: open orders."""
+        self._unsupported("orders")
+
+    def order(self, id, symbol):
+        """``{id, symbol, amount, price, deal_amount, avg_price, type, status}`` of one order."""
+        self._unsupported("order")
+
+    def historyorders(self, symbol, since, limit):
+        """Finished orders as ``orders`` lists them, newest first; ``since`` ms (0: none)."""
+        self._unsupported("historyorders")
+
+    def cancel(self, id, symbol):
+        """Cancel an order; ``true``."""
+        self._unsupported("cancel")
+
+    # --- futures --------------------------------------------------------------------------------------
+    def positions(self, symbol):
+        """``[{symbol, margin_level, amount, frozen_amount, price, profit, margin, type, contract_type}]``;
+        ``type`` 0 long, 1 short; amounts in contracts."""
+        self._unsupported("positions")
+
+    def set_margin_level(self, symbol, margin_level):
+        """Set the leverage of a contract; ``true``."""
+        self._unsupported("SetMarginLevel")
+
+    def fundings(self, symbol):
+        """``[{symbol, rate, time, interval, next_time}, ...]``: funding rate of perpetual swaps."""
+        self._unsupported("fundings")
+
+    # --- exchange.IO("api", ...) ----------------------------------------------------------------------
+    def api(self, path, params):
+        """Any exchange endpoint, signed: the exchange's own JSON answer as ``data``."""
+        self._unsupported("exchange.IO passthrough")
+
+
+# =====================================================================================================
+# OKX: each docker method mapped onto OKX v5, in the order of the protocol
+# =====================================================================================================
+
+def _ms(value):
+    """OKX's millisecond string as an int (0 when empty)."""
+    return int(value) if value not in ("", None) else 0
+
+
+def _zero_if_empty(value):
+    return value if value not in ("", None) else "0"
+
+
+def _precision(step):
+    """Decimal places of a step such as "0.001" (3) or "1" (0)."""
+    exponent = Decimal(step).normalize().as_tuple().exponent if step not in ("", None) else 0
+    return max(0, -exponent)
+
+
+class OKX(BaseProtocol):
+    """OKX v5: spot, perpetual swaps and delivery futures.
+
+    One instance serves one docker request; everything shared (connections, clock, limits, caches, the
+    live stream) lives in ``client``, an OKXClient.
+    """
+
+    name = "OKX"
+
+    def __init__(self, request, client):
+        super().__init__(request)
+        self.client = client
+        self.deadline = request.deadline
+        self._credentials = None
+
+    # --- plumbing -------------------------------------------------------------------------------------
+    @property
+    def credentials(self):
+        """The request's OKX key; BadRequest when the docker sent none or a malformed one."""
+        if self._credentials is None:
+            if not self.request.access_key:
+                raise BadRequest("access_key is empty: this method needs an OKX API key")
+            secret, passphrase, demo = parse_secret_field(self.request.secret_key)
+            self._credentials = Credentials(self.request.access_key, secret, passphrase, demo)
+        return self._credentials
+
+    @property
+    def demo(self):
+        """True for a demo-trading key (``,simulate``): its market-data calls carry the demo header too."""
+        secret_field = self.request.secret_key
+        return isinstance(secret_field, str) and secret_field.replace(" ", "").lower().endswith(",simulate")
+
+    def _market(self, path, params):
+        """An unsigned market-data call (shared with robots asking the same at the same time)."""
+        return self.client.shared_call(path, params, deadline=self.deadline, demo=self.demo)
+
+    def _private(self, method, path, params=None, body=None, **options):
+        return self.client.call(method, path, params=params, body=body, credentials=self.credentials,
+                                deadline=self.deadline, **options)
+
+    def _first(self, rows, what):
+        if not rows or not isinstance(rows[0], dict):
+            raise ExchangeError("", "OKX answered no %s" % what)
+        return rows[0]
+
+    def inst_id(self, symbol):
+        """The OKX instId of a parsed FMZ symbol; delivery futures are found by their alias."""
+        pair = "%s-%s" % (symbol.base, symbol.quote)
+        contract = symbol.contract
+        if not contract:
+            return pair
+        if contract == "swap":
+            return pair + "-SWAP"
+        if re.match(r"^\d{6}$", contract):
+            return "%s-%s" % (pair, contract)
+        if contract in FUTURES_ALIASES:
+            for inst_id, row in self.client.instruments("FUTURES", self.deadline).items():
+                if row.get("alias") == contract and (row.get("instFamily") or row.get("uly")) == pair:
+                    return inst_id
+            raise BadRequest("OKX lists no %s futures contract for %s" % (contract, symbol.fmz))
+        raise BadRequest("unknown contract type %r: use swap, %s, or a delivery date YYMMDD"
+                         % (contract, ", ".join(FUTURES_ALIASES)))
+
+    def fmz_symbol(self, inst_id):
+        """FMZ symbol of an instId; delivery futures by their alias when the instrument list has it."""
+        alias = ""
+        if inst_type_of(inst_id) == "FUTURES":
+            alias = self.client.instruments("FUTURES", self.deadline).get(inst_id, {}).get("alias", "")
+        return fmz_symbol_of(inst_id, alias)
+
+    # --- market data ----------------------------------------------------------------------------------
+    @staticmethod
+    def _ticker_data(fmz_symbol, row):
+        return {"symbol": fmz_symbol, "buy": row.get("bidPx", ""), "sell": row.get("askPx", ""),
+                "high": row.get("high24h", ""), "low": row.get("low24h", ""), "open": row.get("open24h", ""),
+                "last": row.get("last", ""), "vol": row.get("vol24h", ""), "time": _ms(row.get("ts"))}
+
+    def ticker(self, symbol):
+        """ticker -> GET /api/v5/market/ticker (or the live ``tickers`` stream)."""
+        inst_id = self.inst_id(symbol)
+        row = self.client.stream.ticker(inst_id) if self.client.stream else None
+        if row is None:
+            row = self._first(self._market("/api/v5/market/ticker", {"instId": inst_id}), "ticker")
+        return self._ticker_data(symbol.fmz, row), row
+
+    def depth(self, symbol, limit):
+        """depth -> GET /api/v5/market/books?sz=limit (or the live ``books5``/``books`` stream)."""
+        inst_id = self.inst_id(symbol)
+        limit = min(limit, OKX_MAX_DEPTH)
+        book = self.client.stream.depth(inst_id, limit) if self.client.stream else None
+        if book is None:
+            book = self._first(self._market("/api/v5/market/books", {"instId": inst_id, "sz": limit}), "order book")
+        data = {"time": _ms(book.get("ts")),
+                "asks": [[level[0], level[1]] for level in book.get("asks", [])[:limit]],
+                "bids": [[level[0], level[1]] for level in book.get("bids", [])[:limit]]}
+        return data, book
+
+    def trades(self, symbol, limit):
+        """trades -> GET /api/v5/market/trades (or the live ``trades`` stream)."""
+        inst_id = self.inst_id(symbol)
+        rows = self.client.stream.trades(inst_id, limit) if self.client.stream else None
+        if rows is None:
+            rows = self._market("/api/v5/market/trades", {"instId": inst_id, "limit": limit})
+        data = [{"id": row.get("tradeId", ""), "time": _ms(row.get("ts")), "price": row.get("px", ""),
+                 "amount": row.get("sz", ""), "type": row.get("side", "")} for row in rows[:limit]]
+        return data, rows
+
+    def records(self, symbol, period, limit):
+        """records -> GET /api/v5/market/candles, then /market/history-candles ``after`` the oldest bar
+        until ``limit`` bars are found (OKX gives at most 300 and 100 a call)."""
+        inst_id, bar = self.inst_id(symbol), okx_bar(period)
+        bars = {}
+        rows = self._market("/api/v5/market/candles",
+                            {"instId": inst_id, "bar": bar, "limit": min(limit, OKX_CANDLES_PAGE)})
+        while True:
+            fresh = 0
+            for row in rows:
+                if isinstance(row, list) and len(row) >= 6 and row[0] not in bars:
+                    bars[row[0]] = row
+                    fresh += 1
+            if len(bars) >= limit or not fresh:
+                break
+            oldest = min(bars, key=int)
+            rows = self._market("/api/v5/market/history-candles",
+                                {"instId": inst_id, "bar": bar, "after": oldest,
+                                 "limit": min(limit - len(bars), OKX_HISTORY_CANDLES_PAGE)})
+        ordered = sorted(bars.values(), key=lambda row: int(row[0]))[-limit:]
+        data = [[int(row[0]) // 1000, row[1], row[2], row[3], row[4], row[5]] for row in ordered]
+        return data, None
+
+    def _inst_type(self, contract):
+        if not contract:
+            return "SPOT"
+        if contract == "swap":
+            return "SWAP"
+        if contract in FUTURES_ALIASES or contract == "futures":
+            return "FUTURES"
+        raise BadRequest("unknown contract type %r: use spot, swap or futures" % contract)
+
+    def tickers(self, contract):
+        """tickers -> GET /api/v5/market/tickers?instType=SPOT (SWAP/FUTURES with a contract type)."""
+        rows = self._market("/api/v5/market/tickers", {"instType": self._inst_type(contract)})
+        data = [self._ticker_data(self.fmz_symbol(row["instId"]), row) for row in rows if "instId" in row]
+        return data, None
+
+    def markets(self, contract):
+        """markets -> GET /api/v5/public/instruments (cached), keyed by FMZ symbol."""
+        inst_type = self._inst_type(contract)
+        data = {}
+        for inst_id, row in self.client.instruments(inst_type, self.deadline).items():
+            fmz_symbol = fmz_symbol_of(inst_id, row.get("alias", ""))
+            if inst_type == "SPOT":
+                base, quote = row.get("baseCcy", ""), row.get("quoteCcy", "")
+                ct_val, ct_val_ccy, max_notional = "1", base, row.get("maxMktSz", "")
+            else:
+                base, _, quote = (row.get("instFamily") or row.get("uly") or "-").partition("-")
+                ct_val, ct_val_ccy, max_notional = row.get("ctVal", ""), row.get("ctValCcy", ""), row.get("maxMktAmt", "")
+            data[fmz_symbol] = {
+                "symbol": fmz_symbol, "baseAsset": base, "quoteAsset": quote,
+                "tickSize": row.get("tickSz", ""), "amountSize": row.get("lotSz", ""),
+                "pricePrecision": _precision(row.get("tickSz")), "amountPrecision": _precision(row.get("lotSz")),
+                "minQty": row.get("minSz", ""), "maxQty": row.get("maxLmtSz", ""),
+                "minNotional": "0", "maxNotional": _zero_if_empty(max_notional),
+                "ctVal": ct_val, "ctValCcy": ct_val_ccy,
+            }
+        return data, None
+
+    # --- account --------------------------------------------------------------------------------------
+    def accounts(self):
+        """accounts -> GET /api/v5/account/balance: free = availBal, frozen = frozenBal."""
+        rows = self._private("GET", "/api/v5/account/balance")
+        details = self._first(rows, "balance").get("details", [])
+        data = [{"currency": row.get("ccy", ""), "free": _zero_if_empty(row.get("availBal")),
+                 "frozen": _zero_if_empty(row.get("frozenBal"))} for row in details]
+        return data, rows
+
+    def assets(self):
+        """assets -> the same as accounts."""
+        return self.accounts()
+
+    # --- orders ---------------------------------------------------------------------------------------
+    def trade(self, symbol, type, price, amount, direction=None, leverage=None):
+        """trade -> POST /api/v5/trade/order with a clOrdId from the nonce and OKX's expTime.
+
+        Spot: tdMode cash; price "-1" is a market order whose buy amount is in the quote currency.
+        Futures: amount in contracts; tdMode from --margin-mode; buy/sell open, closebuy/closesell close
+        (posSide in long/short mode, reduceOnly in net mode).
+        """
+        inst_id = self.inst_id(symbol)
+        side, pos_side, reduce_only = self._order_direction(symbol, type, direction)
+        clord_id = clord_id_for(self.request.nonce)
+        body = {"instId": inst_id, "clOrdId": clord_id, "side": side, "sz": amount}
+        if price == "-1":
+            body["ordType"] = "market"
+        else:
+            body.update(ordType="limit", px=price)
+        if symbol.contract:
+            mgn_mode = self.client.config.margin_mode
+            body["tdMode"] = mgn_mode
+            if self._hedge_mode():
+                body["posSide"] = pos_side
+            elif reduce_only:
+                body["reduceOnly"] = True
+            if leverage is not None:   # set once per contract and value, not before every order
+                self.client.cached("leverage", (self.credentials.api_key, inst_id, mgn_mode, leverage),
+                                   ACCOUNT_CONFIG_TTL, lambda: self.set_margin_level(symbol, leverage))
+        else:
+            body["tdMode"] = "cash"
+            if body["ordType"] == "market":
+                body["tgtCcy"] = "quote_ccy" if side == "buy" else "base_ccy"
+        memory_key = (self.credentials.api_key, clord_id)
+        order_id = self.client.orders.begin(memory_key)
+        if order_id is not None:
+            log.info("order %s (clOrdId %s) was already placed by this request's nonce", order_id, clord_id)
+            return {"id": order_id}, None
+        order_id = None
+        try:
+            order_id, raw = self._place(inst_id, clord_id, body)
+            return {"id": order_id}, raw
+        finally:
+            self.client.orders.end(memory_key, order_id)
+
+    def _order_direction(self, symbol, type, direction):
+        """(side, posSide, reduceOnly) of an order type: buy, sell, closebuy, closesell."""
+        kind = type.lower()
+        if direction and kind in ("buy", "sell"):
+            wanted = direction.lower()
+            if wanted in ("closebuy", "closesell"):
+                if (wanted == "closebuy") != (kind == "sell"):
+                    raise BadRequest("direction %s closes with %s, not %s"
+                                     % (wanted, "sell" if wanted == "closebuy" else "buy", kind))
+                kind = wanted
+            elif wanted not in ("buy", "sell"):
+                raise BadRequest("direction must be buy, sell, closebuy or closesell, got %r" % direction)
+        table = {"buy": ("buy", "long", False), "sell": ("sell", "short", False),
+                 "closebuy": ("sell", "long", True), "closesell": ("buy", "short", True)}
+        if kind not in table or (not symbol.contract and kind not in ("buy", "sell")):
+            allowed = "buy, sell, closebuy or closesell" if symbol.contract else "buy or sell"
+            raise BadRequest("type must be %s, got %r" % (allowed, type))
+        return table[kind]
+
+    def _hedge_mode(self):
+        """True when the account keeps long and short positions apart (posMode long_short_mode)."""
+        config = self.client.account_config(self.credentials, self.deadline)
+        return config.get("posMode") == "long_short_mode"
+
+    def _place(self, inst_id, clord_id, body):
+        """Place one order and return ``(docker id, raw)``; never twice.
+
+        When the answer is lost (timeout, reset, 5xx, OKX 50004/51149) the order is looked up by its
+        clOrdId. When OKX says the clOrdId is taken (51016), the order is the one this request placed.
+        """
+        try:
+            status, envelope = self.client.request("POST", "/api/v5/trade/order", body=body,
+                                                   credentials=self.credentials, deadline=self.deadline,
+                                                   exp_time=True)
+            raise_for_code(envelope, status, "/api/v5/trade/order")
+        except TransportError as exc:
+            if not exc.maybe_sent:
+                raise
+            return self._recover(inst_id, clord_id, str(exc))
+        except ExchangeError as exc:
+            if exc.code in ("50004", "51149", "50013", "50026", "50001") or exc.http_status >= 500:
+                return self._recover(inst_id, clord_id, str(exc))
+            if exc.code == "51016":
+                return self._recover(inst_id, clord_id, str(exc))
+            raise
+        row = self._first(envelope.get("data"), "order id")
+        return "%s,%s" % (inst_id, row["ordId"]), envelope
+
+    def _recover(self, inst_id, clord_id, reason):
+        """Find an order whose placing answer was lost; raise a clear error when it cannot be found."""
+        log.warning("placing order %s gave no clear answer (%s): asking OKX for it", clord_id, reason)
+        deadline = max(self.deadline, time.monotonic() + min(5.0, self.client.config.timeout))
+        try:
+            rows = self.client.call("GET", "/api/v5/trade/order", {"instId": inst_id, "clOrdId": clord_id},
+                                    credentials=self.credentials, deadline=deadline)
+        except ExchangeError as exc:
+            if exc.code == "51603":
+                raise TransportError("the order was not placed: %s; OKX has no order with clOrdId %s, "
+                                     "it was not sent again" % (reason, clord_id)) from None
+            raise TransportError("the order's outcome is unknown: %s; asking OKX for clOrdId %s failed "
+                                 "too (%s): check open orders before placing it again"
+                                 % (reason, clord_id, exc)) from None
+        except ProtocolError as exc:
+            raise TransportError("the order's outcome is unknown: %s; asking OKX for clOrdId %s failed "
+                                 "too (%s): check open orders before placing it again"
+                                 % (reason, clord_id, exc)) from None
+        row = self._first(rows, "order")
+        log.info("order %s was placed: OKX ordId %s", clord_id, row.get("ordId"))
+        return "%s,%s" % (inst_id, row["ordId"]), {"code": "0", "data": rows, "msg": ""}
+
+    def _order_data(self, row):
+        inst_id = row.get("instId", "")
+        data = {
+            "id": "%s,%s" % (inst_id, row.get("ordId", "")),
+            "symbol": self.fmz_symbol(inst_id),
+            "amount": row.get("sz", ""),
+            "price": _zero_if_empty(row.get("px")),
+            "deal_amount": _zero_if_empty(row.get("accFillSz")),
+            "avg_price": _zero_if_empty(row.get("avgPx")),
+            "type": row.get("side", ""),
+            "status": fmz_order_status(row.get("state"), row.get("accFillSz")),
+        }
+        if inst_type_of(inst_id) != "SPOT":
+            closing = row.get("reduceOnly") == "true" or (row.get("posSide"), row.get("side")) in (
+                ("long", "sell"), ("short", "buy"))
+            data["offset"] = "close" if closing else "open"
+        return data
+
+    def _split_order_id(self, order_id, symbol):
+        """(instId, ordId) of a docker order id ``INSTID,ORDID`` (or a bare ordId and the symbol)."""
+        inst_id, sep, ord_id = order_id.partition(",")
+        if not sep:
+            if symbol is None:
+                raise BadRequest("order id %r is not 'INSTID,ORDID' and no symbol was given" % order_id)
+            inst_id, ord_id = self.inst_id(symbol), order_id
+        if not inst_id or not ord_id:
+            raise BadRequest("order id %r is not 'INSTID,ORDID'" % order_id)
+        return inst_id.strip().upper(), ord_id.strip()
+
+    def _paged(self, path, params, limit=None):
+        """Every row of an ordId-paged list (orders-pending, -history, -archive), newest first."""
+        rows = []
+        after = None
+        while limit is None or len(rows) < limit:
+            page_params = dict(params, limit=OKX_ORDERS_PAGE if limit is None
+                               else min(OKX_ORDERS_PAGE, limit - len(rows)))
+            if after:
+                page_params["after"] = after
+            page = self._private("GET", path, page_params)
+            rows.extend(page)
+            if len(page) < page_params["limit"] or not page:
+                break
+            after = page[-1].get("ordId")
+        return rows
+
+    def orders(self, symbol):
+        """orders -> GET /api/v5/trade/orders-pending, every page."""
+        params = {}
+        if symbol is not None:
+            inst_id = self.inst_id(symbol)
+            params = {"instType": inst_type_of(inst_id), "instId": inst_id}
+        rows = self._paged("/api/v5/trade/orders-pending", params)
+        return [self._order_data(row) for row in rows], rows
+
+    def order(self, id, symbol):
+        """order -> GET /api/v5/trade/order?instId&ordId."""
+        inst_id, ord_id = self._split_order_id(id, symbol)
+        try:
+            rows = self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id})
+        except ExchangeError as exc:
+            if exc.code == "51603":
+                raise ExchangeError(exc.code, "order %s,%s not found (%s) - OKX forgets canceled orders "
+                                    "without fills after 2 hours" % (inst_id, ord_id, exc.message),
+                                    exc.http_status) from None
+            raise
+        row = self._first(rows, "order")
+        return self._order_data(row), row
+
+    def historyorders(self, symbol, since, limit):
+        """historyorders -> GET /api/v5/trade/orders-history (7 days), then /orders-history-archive
+        (3 months) when more is wanted or ``since`` is older; newest first."""
+        limit = limit or DEFAULT_HISTORY_ORDERS
+        params = {"instType": "SPOT"}
+        if symbol is not None:
+            inst_id = self.inst_id(symbol)
+            params = {"instType": inst_type_of(inst_id), "instId": inst_id}
+        if since:
+            params["begin"] = since
+        rows = self._paged("/api/v5/trade/orders-history", params, limit)
+        week_ago = self.client.clock.now_ms() - HISTORY_DAYS * 86400000
+        if len(rows) < limit and (not since or since < week_ago):
+            seen = set(row.get("ordId") for row in rows)
+            archive = self._paged("/api/v5/trade/orders-history-archive", params, limit)
+            rows.extend(row for row in archive if row.get("ordId") not in seen)
+        rows = rows[:limit]
+        return [self._order_data(row) for row in rows], rows
+
+    def cancel(self, id, symbol):
+        """cancel -> POST /api/v5/trade/cancel-order."""
+        inst_id, ord_id = self._split_order_id(id, symbol)
+        rows = self._private("POST", "/api/v5/trade/cancel-order", body={"instId": inst_id, "ordId": ord_id})
+        return True, rows
+
+    # --- futures --------------------------------------------------------------------------------------
+    def positions(self, symbol):
+        """positions -> GET /api/v5/account/positions (SWAP and FUTURES; one symbol when given)."""
+        params = {}
+        if symbol is not None:
+            if not symbol.contract:
+                raise BadRequest("positions exist for swaps and futures, not for spot %s" % symbol.fmz)
+            params["instId"] = self.inst_id(symbol)
+        rows = self._private("GET", "/api/v5/account/positions", params)
+        data = []
+        for row in rows:
+            inst_id = row.get("instId", "")
+            if inst_type_of(inst_id) == "SPOT" or row.get("pos") in ("", None) or Decimal(row["pos"]) == 0:
+                continue
+            pos = Decimal(row["pos"])
+            is_short = row.get("posSide") == "short" or (row.get("posSide") == "net" and pos < 0)
+            amount = format(abs(pos), "f")
+            available = row.get("availPos")
+            frozen = format(abs(pos) - Decimal(available), "f") if available not in ("", None) else "0"
+            fmz_symbol = self.fmz_symbol(inst_id)
+            data.append({
+                "symbol": fmz_symbol, "margin_level": _zero_if_empty(row.get("lever")), "amount": amount,
+                "frozen_amount": frozen, "price": _zero_if_empty(row.get("avgPx")),
+                "profit": _zero_if_empty(row.get("upl")),
+                "margin": _zero_if_empty(row.get("margin") or row.get("imr")),
+                "type": 1 if is_short else 0, "contract_type": fmz_symbol.partition(".")[2],
+            })
+        return data, rows
+
+    def set_margin_level(self, symbol, margin_level):
+        """SetMarginLevel -> POST /api/v5/account/set-leverage for the contract and --margin-mode
+        (isolated margin in long/short mode: once for each side)."""
+        inst_id = self.inst_id(symbol)
+        if not symbol.contract:
+            raise BadRequest("leverage applies to swaps and futures, not to spot %s" % symbol.fmz)
+        mgn_mode = self.client.config.margin_mode
+        body = {"instId": inst_id, "lever": str(margin_level), "mgnMode": mgn_mode}
+        if mgn_mode == "isolated" and self._hedge_mode():
+            rows = [self._private("POST", "/api/v5/account/set-leverage", body=dict(body, posSide=side))
+                    for side in ("long", "short")]
+        else:
+            rows = self._private("POST", "/api/v5/account/set-leverage", body=body)
+        return True, rows
+
+    def fundings(self, symbol):
+        """fundings -> GET /api/v5/public/funding-rate (one swap, or every swap: instId ANY)."""
+        inst_id = self.inst_id(symbol) if symbol is not None else "ANY"
+        if symbol is not None and inst_type_of(inst_id) != "SWAP":
+            raise BadRequest("funding rates exist for perpetual swaps only, not for %s" % symbol.fmz)
+        rows = self._market("/api/v5/public/funding-rate", {"instId": inst_id})
+        data = [{"symbol": fmz_symbol_of(row.get("instId", "")), "rate": row.get("fundingRate", ""),
+                 "time": _ms(row.get("fundingTime")), "next_time": _ms(row.get("nextFundingTime")),
+                 "interval": _ms(row.get("nextFundingTime")) - _ms(row.get("fundingTime"))} for row in rows]
+        return data, rows
+
+    # --- exchange.IO("api", verb, path, query) --------------------------------------------------------
+    def api(self, path, params):
+        """``__api_<path>`` -> that OKX path, signed when the request has a key; OKX's JSON as ``data``.
+
+        The verb comes from the docker's ``Http-Method`` header (GET when absent). GET and DELETE send the
+        params as the query string, POST as the JSON body.
+        """
+        if not path.startswith("/api/"):
+            raise BadRequest("exchange.IO path must start with /api/ (e.g. /api/v5/account/balance), got %r" % path)
+        verb = (self.request.http_method or "GET").upper()
+        if verb not in ("GET", "POST", "DELETE"):
+            raise BadRequest("Http-Method must be GET, POST or DELETE, got %r" % verb)
+        credentials = self.credentials if self.request.access_key else None
+        status, envelope = self.client.request(
+            verb, path, params=params if verb != "POST" else None, body=params if verb == "POST" else None,
+            credentials=credentials, deadline=self.deadline)
+        raise_for_code(envelope, status, path)
+        return envelope, None
+
+
+# =====================================================================================================
+# DISPATCH: docker method -> handler and parameters
+# =====================================================================================================
+
+_REQUIRED = object()
+
+
+class Param:
+    """One parameter of a docker method: where it is read (``name`` and other accepted spellings),
+    how it is parsed (``parse(value, params)``), and its default (none: it is required)."""
+
+    def __init__(self, name, parse, default=_REQUIRED, aliases=(), arg=None):
+        self.name, self.parse, self.default = name, parse, default
+        self.spellings = (name,) + tuple(aliases)
+        self.arg = arg or name
+
+    def read(self, params):
+        for spelling in self.spellings:
+            value = params.get(spelling)
+            if value is not None and value != "":
+                return self.parse(value, params, spelling)
+        if self.default is _REQUIRED:
+            raise BadRequest("params.%s is required" % self.name)
+        return self.default
+
+
+def _symbol(value, params, name):
+    return Symbol(*split_symbol(value, params.get("contract_type") or params.get("contractType")))
+
+
+def _contract(value, params, name):
+    if not isinstance(value, str):
+        raise BadRequest("%s must be a string like swap, got %s" % (name, _describe(value)))
+    value = value.strip().lower()
+    return "" if value == "spot" else value
+
+
+def _text(value, params, name):
+    if not isinstance(value, str):
+        raise BadRequest("%s must be a string, got %s" % (name, _describe(value)))
+    return value.strip()
+
+
+def _order_id(value, params, name):
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadRequest("%s must be an order id like ETH-USDT,123456, got %s" % (name, _describe(value)))
+    return str(value).strip()
+
+
+def _price(value, params, name):
+    return decimal_text(value, name, allow_negative_one=True)
+
+
+def _amount(value, params, name):
+    return decimal_text(value, name)
+
+
+def _count(minimum, maximum, zero_means=None):
+    """A whole number within bounds; 0 stands for ``zero_means`` when given (FMZ's "default")."""
+    def parse(value, params, name):
+        number = parse_int(value, name, 0 if zero_means is not None else minimum, maximum)
+        return zero_means if number == 0 and zero_means is not None else number
+    return parse
+
+
+SYMBOL = Param("symbol", _symbol)
+OPTIONAL_SYMBOL = Param("symbol", _symbol, default=None)
+CONTRACT = Param("contract_type", _contract, default="", aliases=("contractType", "instType"), arg="contract")
+ORDER_ID = Param("id", _order_id, aliases=("orderId", "order_id"))
+LEVERAGE = ("marginLevel", "margin_level", "leverage")
+
+# The docker's method names (case-insensitive; "Get" + name is accepted too) and, for each, the
+# handler of BaseProtocol/OKX that serves it with the parameters it reads.
+DISPATCH = {
+    "ticker": ("ticker", [SYMBOL]),
+    "depth": ("depth", [SYMBOL, Param("limit", _count(1, None, zero_means=DEFAULT_DEPTH), DEFAULT_DEPTH)]),
+    "trades": ("trades", [SYMBOL, Param("limit", _count(1, OKX_MAX_TRADES, zero_means=100), 100)]),
+    "records": ("records", [SYMBOL, Param("period", _count(1, None)),
+                            Param("limit", _count(1, MAX_RECORDS, zero_means=DEFAULT_RECORDS), DEFAULT_RECORDS)]),
+    "tickers": ("tickers", [CONTRACT]),
+    "markets": ("markets", [CONTRACT]),
+    "accounts": ("accounts", []),
+    "assets": ("assets", []),
+    "trade": ("trade", [SYMBOL, Param("type", _text), Param("price", _price), Param("amount", _amount),
+                        Param("direction", _text, default=None),
+                        Param(LEVERAGE[0], _amount, default=None, aliases=LEVERAGE[1:], arg="leverage")]),
+    "orders": ("orders", [OPTIONAL_SYMBOL]),
+    "order": ("order", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "historyorders": ("historyorders", [OPTIONAL_SYMBOL, Param("since", _count(0, None), 0),
+                                        Param("limit", _count(0, 1000), 0)]),
+    "cancel": ("cancel", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "positions": ("positions", [OPTIONAL_SYMBOL]),
+    "setmarginlevel": ("set_margin_level", [SYMBOL, Param(LEVERAGE[0], _amount, aliases=LEVERAGE[1:],
+                                                          arg="margin_level")]),
+    "fundings": ("fundings", [OPTIONAL_SYMBOL]),
+}
+
+# Other spellings of the same methods, from FMZ's strategy functions and the reference example.
+METHOD_SPELLINGS = {
+    "getaccount": "accounts", "createorder": "trade", "cancelorder": "cancel",
+    "getposition": "positions", "position": "positions",
+    "marginlevel": "setmarginlevel", "margin_level": "setmarginlevel", "setleverage": "setmarginlevel",
+    "getfunding": "fundings", "funding": "fundings",
+}
+
+API_PREFIX = "__api_"           # exchange.IO("api", verb, path, ...) arrives as method "__api_" + path
+
+
+def resolve_method(method):
+    """The DISPATCH key of a docker method name, accepting its other spellings; BadRequest if unknown."""
+    if not isinstance(method, str) or not method.strip():
+        raise BadRequest("method must be a non-empty string, got %s" % _describe(method))
+    name = method.strip().lower()
+    name = METHOD_SPELLINGS.get(name, name)
+    if name not in DISPATCH and name.startswith("get"):
+        name = METHOD_SPELLINGS.get(name[3:], name[3:])
+    if name not in DISPATCH:
+        raise BadRequest("unknown method %r; known: %s, and %s<path> for exchange.IO"
+                         % (method, ", ".join(sorted(DISPATCH)), API_PREFIX))
+    return name
+
+
+def dispatch(protocol, method, params):
+    """Run one docker method on a protocol instance; returns ``(data, raw)``."""
+    if method.startswith(API_PREFIX):
+        return protocol.api(method[len(API_PREFIX):], params)
+    handler, spec = DISPATCH[resolve_method(method)]
+    arguments = {param.arg: param.read(params) for param in spec}
+    return getattr(protocol, handler)(**arguments)
+
+
+# =====================================================================================================
+# The HTTP server the docker talks to
+# =====================================================================================================
+
+class Config:
+    """The plugin's settings (the command line's flags)."""
+
+    def __init__(self, api_base=DEFAULT_API_BASE, timeout=DEFAULT_TIMEOUT, margin_mode="cross", proxy=None,
+                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE):
+        self.api_base, self.timeout, self.margin_mode = api_base, timeout, margin_mode
+        self.proxy, self.ca_file = proxy, ca_file
+        self.ws_base, self.stream, self.stream_idle = ws_base, stream, stream_idle
+
+
+EXCHANGES = {"okx": (OKX, OKXClient)}   # last path segment of the service address -> (protocol, client)
+
+_context = threading.local()             # the docker method being served, for log lines
+
+
+class _MethodLogFilter(logging.Filter):
+    """Adds ``%(docker_method)s`` to every log record: the docker method its thread is serving."""
+
+    def filter(self, record):
+        record.docker_method = getattr(_context, "method", "-")
+        return True
+
+
+class DockerHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the FMZ docker: ``POST /<Exchange>`` with a JSON body, answered with JSON.
+
+    Connections are kept alive (HTTP/1.1). Every answer is HTTP 200 with ``{"data": ..., "raw": ...}`` or
+    ``{"error": "..."}``, including for malformed requests; only a request whose body cannot be read
+    (no or a false Content-Length, too large, too slow) also closes the connection.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "fmz-okx-plugin/" + __version__
+    timeout = CLIENT_READ_TIMEOUT         # bounds reading a request and idle keep-alive time
+    disable_nagle_algorithm = True        # answers go out at once, not after a delayed ACK
+
+    def do_POST(self):
+        started = time.monotonic()
+        _context.method = "-"
+        try:
+            body = self._read_body()
+            exchange, request, method, params = self._parse(body)
+            _context.method = method
+            protocol_class, _ = EXCHANGES[exchange]
+            data, raw = dispatch(protocol_class(request, self.server.clients[exchange]), method, params)
+            answer = {"data": data}
+            if raw is not None:
+                answer["raw"] = raw
+        except ProtocolError as exc:
+            answer = {"error": str(exc)}
+        except Exception as exc:  # a bug must not kill the server nor hide what happened
+            log.exception("internal error")
+            answer = {"error": "internal error in the plugin (%s); see the plugin's log" % type(exc).__name__}
+        elapsed = (time.monotonic() - started) * 1000
+        if "error" in answer:
+            log.warning("answered error in %.1f ms: %s", elapsed, answer["error"])
+        else:
+            log.info("answered in %.1f ms", elapsed)
+        self._answer(answer)
+        _context.method = "-"
+
+    def _read_body(self):
+        """The request body, or BadRequest (closing the connection when the body cannot be framed)."""
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            self.close_connection = True
+            raise BadRequest("chunked request bodies are not supported: send Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.strip().isdigit():
+            self.close_connection = True
+            raise BadRequest("Content-Length header is missing or not a number")
+        length = int(length_text)
+        if length > MAX_REQUEST_BYTES:
+            self.close_connection = True
+            raise BadRequest("request body of %d bytes is larger than the %d allowed" % (length, MAX_REQUEST_BYTES))
+        try:
+            body = self.rfile.read(length)
+        except (socket.timeout, OSError):
+            self.close_connection = True
+            raise BadRequest("request body did not arrive within %.0f s" % self.timeout) from None
+        if len(body) < length:
+            self.close_connection = True
+            raise BadRequest("request body is shorter than its Content-Length")
+        return body
+
+    def _parse(self, body):
+        """``(exchange, DockerRequest, method, params)`` of a request body; BadRequest when malformed."""
+        exchange = urllib.parse.urlsplit(self.path).path.strip("/").lower()
+        if exchange not in EXCHANGES:
+            raise BadRequest("unknown exchange %r in the path: use /%s"
+                             % (exchange, " or /".join(name.upper() for name in EXCHANGES)))
+        try:
+            envelope = json.loads(body.decode("utf-8"), parse_float=Decimal, parse_constant=_no_constants)
+        except UnicodeDecodeError:
+            raise BadRequest("request body is not UTF-8 text") from None
+        except ValueError as exc:
+            raise BadRequest("request body is not JSON (%s)" % exc) from None
+        if not isinstance(envelope, dict):
+            raise BadRequest("request body must be a JSON object, got %s" % type(envelope).__name__)
+        method = envelope.get("method")
+        if not isinstance(method, str) or not method.strip():
+            raise BadRequest("method is missing or not a string")
+        params = envelope.get("params")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise BadRequest("params must be a JSON object, got %s" % type(params).__name__)
+        for field in ("access_key", "secret_key"):
+            if not isinstance(envelope.get(field, ""), str):
+                raise BadRequest("%s must be a string" % field)
+        request = DockerRequest(envelope.get("access_key", ""), envelope.get("secret_key", ""),
+                                envelope.get("nonce"), self.headers.get("Http-Method"),
+                                time.monotonic() + self.server.config.timeout)
+        return exchange, request, method.strip(), params
+
+    def _answer(self, answer, status=200):
+        body = json.dumps(answer, separators=(",", ":"), default=json_default).encode("utf-8")
+        head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                "Server: " + self.version_string(), "Date: " + self.date_time_string(),
+                "Content-Type: application/json", "Content-Length: %d" % len(body)]
+        if self.close_connection:
+            head.append("Connection: close")
+        try:
+            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError:            # the docker went away; nothing to tell it
+            self.close_connection = True
+
+    def _wrong_verb(self):
+        _context.method = "-"
+        self.close_connection = True
+        self._answer({"error": "only POST is supported: the FMZ docker sends POST /<Exchange> with a JSON body"})
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _wrong_verb
+
+    def send_error(self, code, message=None, explain=None):
+        """Malformed HTTP (bad request line, headers too long): a JSON error, then close."""
+        self.close_connection = True
+        self._answer({"error": "malformed HTTP request: %s" % (message or self.responses.get(code, ("",))[0])},
+                     status=code)
+
+    def log_message(self, format, *args):
+        log.debug("docker %s: " + format, self.address_string(), *args)
+
+
+def _no_constants(name):
+    raise ValueError("%s is not a number" % name)
+
+
+class PluginServer(http.server.ThreadingHTTPServer):
+    """The plugin: a threaded HTTP server (a thread per docker connection, at most
+    MAX_DOCKER_CONNECTIONS at once) with one shared client per exchange."""
+
+    daemon_threads = True
+    block_on_close = False                # threads are not tracked: none is leaked or waited for
+
+    def __init__(self, address, config, handler=DockerHandler):
+        self.config = config
+        self.clients = {name: client_class(config) for name, (_, client_class) in EXCHANGES.items()}
+        self._active = 0
+        self._active_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._active_lock:
+            full = self._active >= MAX_DOCKER_CONNECTIONS
+            if not full:
+                self._active += 1
+        if full:
+            log.warning("more than %d docker connections at once: closing a new one", MAX_DOCKER_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            with self._active_lock:
+                self._active -= 1
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def server_close(self):
+        super().server_close()
+        for client in self.clients.values():
+            client.close()
+
+
+# =====================================================================================================
+# Command line
+# =====================================================================================================
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a wrong flag in one line, pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def build_parser():
+    parser = _OneLineParser(
+        prog="fmz_custom_protocol.py",
+        description="FMZ Quant custom-protocol plugin for OKX v5 (spot, perpetual swaps, delivery futures). "
+                    "In FMZ, add a Custom Protocol exchange with service address http://ADDRESS:PORT/OKX, "
+                    "Access Key = OKX API key, Secret Key = SECRET,PASSPHRASE (append ,simulate for demo trading).")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help="address to listen on (default %(default)s: only this machine; anything else "
+                             "lets others use your keys' plugin)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default %(default)s)")
+    parser.add_argument("--api-base", default=DEFAULT_API_BASE, metavar="URL",
+                        help="OKX REST base URL (default %(default)s; https://eea.okx.com for EEA keys, "
+                             "https://us.okx.com for OKX US keys)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="longest time one docker call may take, OKX round trips included "
+                             "(default %(default)s)")
+    parser.add_argument("--margin-mode", choices=("cross", "isolated"), default="cross",
+                        help="margin mode of swap and futures orders and leverage (default %(default)s)")
+    parser.add_argument("--proxy", metavar="URL",
+                        help="HTTP proxy to reach OKX through, http://[user:password@]host:port "
+                             "(default: HTTPS_PROXY / https_proxy unless NO_PROXY matches)")
+    parser.add_argument("--ca-file", metavar="PATH",
+                        help="extra trusted CA certificates (PEM), e.g. of a TLS-inspecting proxy; "
+                             "certificates are always verified")
+    parser.add_argument("--ws-base", metavar="URL",
+                        help="OKX public WebSocket base (default follows --api-base: wss://ws.okx.com:8443, "
+                             "demo keys wss://wspap.okx.com:8443)")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="answer ticker, depth and trades from REST only (no live stream)")
+    parser.add_argument("--stream-idle", type=float, default=DEFAULT_STREAM_IDLE, metavar="SECONDS",
+                        help="unsubscribe an instrument nobody asked about for this long (default %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        type=str.lower, help="log detail on stderr (default %(default)s); never shows secrets")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def configure_logging(level):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(docker_method)s] %(message)s"))
+    handler.addFilter(_MethodLogFilter())
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def config_from_args(args, parser):
+    """Config from parsed flags; a bad value ends the program with one line."""
+    parts = urllib.parse.urlsplit(args.api_base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        parser.error("--api-base must be an http(s) URL such as https://www.okx.com")
+    if args.timeout <= 0:
+        parser.error("--timeout must be greater than 0")
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        parser.error("--ca-file %s does not exist" % args.ca_file)
+    if args.proxy:
+        try:
+            Proxy(args.proxy)
+        except ValueError as exc:
+            parser.error("--proxy: %s" % exc)
+    if args.ws_base and urllib.parse.urlsplit(args.ws_base).scheme not in ("ws", "wss"):
+        parser.error("--ws-base must be a ws:// or wss:// URL")
+    if args.stream_idle <= 0:
+        parser.error("--stream-idle must be greater than 0")
+    return Config(api_base=args.api_base, timeout=args.timeout, margin_mode=args.margin_mode, proxy=args.proxy,
+                  ca_file=args.ca_file, ws_base=args.ws_base, stream=not args.no_stream,
+                  stream_idle=args.stream_idle)
+
+
+def _stop(signum, frame):
+    raise SystemExit(0)
+
+
+def main(argv=None):
+    """Run the plugin until SIGTERM or Ctrl-C; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+    configure_logging(args.log_level)
+    try:
+        server = PluginServer((args.address, args.port), config)
+    except OSError as exc:
+        sys.stderr.write("fmz_custom_protocol.py: error: cannot listen on %s:%d: %s\n"
+                         % (args.address, args.port, _os_error_text(exc)))
+        return 1
+    except (ValueError, ssl.SSLError) as exc:
+        sys.stderr.write("fmz_custom_protocol.py: error: %s\n" % exc)
+        return 1
+    if args.address not in ("127.0.0.1", "localhost", "::1") and not args.address.startswith("127."):
+        log.warning("listening on %s: anyone who reaches this address can use the plugin; "
+                    "keep it behind a firewall or use --address 127.0.0.1", args.address)
+    signal.signal(signal.SIGTERM, _stop)
+    log.info("fmz_custom_protocol %s listening on http://%s:%d/OKX (OKX at %s)",
+             __version__, args.address, server.server_address[1], config.api_base)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.server_close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

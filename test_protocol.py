@@ -1,0 +1,1754 @@
+"""Tests for fmz_custom_protocol, the FMZ custom-protocol plugin for OKX.
+
+Run with `python3 -m unittest test_protocol` (add `-v` to see every test by name).
+
+The tests talk to the plugin the way FMZ's docker does, and point the plugin at a fake OKX defined in
+this file (section "Fake OKX"):
+
+- `FakeOKX` is an OKX v5 REST exchange on 127.0.0.1: public market data (instruments, tickers, books,
+  trades, candles, funding) and the signed account and trade endpoints, with OKX's field names,
+  string-typed numbers, error codes and HTTP statuses. It keeps balances, orders, positions and leverage
+  per API key, records every request, and can inject faults (timeouts, resets, 5xx, garbage, 429),
+  clock skew, latency and OKX's rate limits.
+- `FakeProxy` is an HTTP CONNECT proxy (optionally with Basic authentication) for the proxy tests.
+- `okx_request()` signs and sends one request straight to the fake; `FakeSelfTest` uses it to check the
+  fake itself, so that a failing plugin test is never the fake's fault.
+"""
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import http.client
+import json
+import math
+import os
+import re
+import select
+import socket
+import socketserver
+import ssl
+import struct
+import tempfile
+import threading
+import time
+import traceback
+import unittest
+import urllib.parse
+from collections import deque, namedtuple
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# ---- Fake OKX ----
+
+# A self-signed certificate for CN 127.0.0.1 (subjectAltName IP:127.0.0.1, DNS:localhost; RSA 2048,
+# valid 100 years), made once with:
+#   openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj /CN=127.0.0.1 \
+#       -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout key.pem -out cert.pem
+TEST_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIDJzCCAg+gAwIBAgIUZCSeojDWJqCQsbKA6Mm4bfudcBkwDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyNTE1NTIzNloYDzIxMjYx
+MTAxMTU1MjM2WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQClx2rMcRFm21JglN6hbWJbWjgghlPHz9uDtmwUtjOb
+0ikahUETs/KlecT1pto+579QMgZPVhQmgTaMEgNKhKJWfCIx8HiyO1TQUGJ9I3rg
+C6LlJPG0eXTDosWkrRHfc8U45gRIJvd0vS9pAlKz0IJPgCWIweo6OWzBCoe9XP7h
+rW1XiVlCM3pIZJ7SPhijs6yMJ9lfgyVBTrTdoCWHe5KhiTUEBYPMJrE2xg+nzx7W
+Zv8Js/T+0K2HiINCeU/QNcKYJmPrvNHEK8Xn2DrLOcBMdjx/tVH8q/7wD5c35b9c
+dc/olYFM692X89PcuOpG2ZFyGlpJ6Oq70b5f1lAG7JirAgMBAAGjbzBtMB0GA1Ud
+DgQWBBRTxlm5nw58v+JoYzuZg0nhnHUknjAfBgNVHSMEGDAWgBRTxlm5nw58v+Jo
+YzuZg0nhnHUknjAPBgNVHRMBAf8EBTADAQH/MBoGA1UdEQQTMBGHBH8AAAGCCWxv
+Y2FsaG9zdDANBgkqhkiG9w0BAQsFAAOCAQEAWVOH0A0AQdNXyt24IkluEL2SkGR0
+bTm8YSsoLuB5CSQR0EZo9lRTu29jcSGfz+Y70axm6i6D4dbghcLkiwu705FSZ49A
+RhYY8dMp9M7RPoo3BF7Opjmb2uF97/JeV9S14GwgJwEmxn2kKP07V9MxnSbI9E4F
+4pDuUoCSIPRHZWNDWV/LvlMuXtumHJaizt5T8l68IPy9yrN9WYMwe7yIW2qTXoHr
+OuAIHIX3YxnchRTJXKN/ujwLFrSLRWwtzfBLWJZJRkNlmfLxKL4kL8KjI3ao5K9v
+SMz7unxEbvCK8ZmJ9JaDtBmXFmIrs/okujbNrOMkOMQqJ5CLV9jQRh8DIQ==
+-----END CERTIFICATE-----
+"""
+
+TEST_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQClx2rMcRFm21Jg
+lN6hbWJbWjgghlPHz9uDtmwUtjOb0ikahUETs/KlecT1pto+579QMgZPVhQmgTaM
+EgNKhKJWfCIx8HiyO1TQUGJ9I3rgC6LlJPG0eXTDosWkrRHfc8U45gRIJvd0vS9p
+AlKz0IJPgCWIweo6OWzBCoe9XP7hrW1XiVlCM3pIZJ7SPhijs6yMJ9lfgyVBTrTd
+oCWHe5KhiTUEBYPMJrE2xg+nzx7WZv8Js/T+0K2HiINCeU/QNcKYJmPrvNHEK8Xn
+2DrLOcBMdjx/tVH8q/7wD5c35b9cdc/olYFM692X89PcuOpG2ZFyGlpJ6Oq70b5f
+1lAG7JirAgMBAAECggEAG5yYZuQvlXsoQFqWA5B4K7uzfNoCxaq9kYrme5imsJMT
+h42e+4zNoyQiBcG8Y3KEGfO1u1ccqhZ8IwkJBUthd+2Ftd2rV2cBxw9B0ugARPrg
+hIa1FMM6Cy+8TaO0m2GT/YMflB5Gub9HpezeINcKLVBXGsJ5pH2rZd0UI2/ZgCBM
+XDq4vEULsA/USKYccqce9NMauA4KmlZQnB3oqVnTJNOkp7cTxjp8IN3erc6nLhrO
+2Knt63dbXl3r702RrI+556fq0zSe8vGMiVGlkDdoHolB0SV1OyK+F2rvqWjYqExz
+5BAnJt8jdqtCkVMEtBDPOm4y72ZwiKyNyrItvVFumQKBgQDU0fsqTgn7FiDkcaNN
+cIifCS/92MTAWMDJqdwhMsCbw7A97HMQi5Q9eXwE5mWgMgspf7va7VpAXMNQ66yD
+n2lYiEPuwDFjMN7EHG5vMNbcrjUhQwaaTRp0RX+XvgaQc3hWMLuAXW6UKkiDD8U1
+m526y3tOpI+yqmjtp88IgOVz/wKBgQDHahUvUEXsHX03vE137uxxlbaRjab3HkU5
+mAlbCWWv6Ev1ERb+D4LZCcya5v+rWyXk+6waGRgEq0iKE9jKS7RtVCC4f9qWonyC
+tVsT5RFSOL4xo/ACIjiCsksZshlcDYbPHMRMFavPDL8Snz6wzhh7FijIDKnrtDL/
+GCM5fr7rVQKBgE7AQNu/suvJnXRLJK2UNcn7wVmCrBOtA/HbvAxA1osNF5ticpWt
+wLYazSyXAQYNXpoFnUL+z4W/jbrU6qpuA7JyAglH7z6QJ+6Twr28adWRVTGwtrHE
+VESwLu28sHslb2Mdd1ShvjhviROOc2BJ7Ezh3QgV1uK7Mka28OJpp/6LAoGAMO2G
+ZSV9AoH5x0McfuDQgs4JDY2D+f4jXg4/vWaA3LhSar7WtV9462fMG/WxpYmnspdN
+ktm1Wu/rzHUyK/CHRIvvu1UjfPJBOpDk1+zMYzAo+mUO7ncXBnpYkuVv83YeLZMR
+Vtm6XgLyns8Twq3Os+Sr/Omeh4afPJffjKvcjEECgYEAywuPKAtgGsjvKtUWjSEB
+QgWgQHqPB4U/0Z9IKI7nc3hF+z6t26uWEqLShkyTSsMvKGcIPTNUQdnO14sQ5Htb
+ToR7UBNtT7P9cbupGYwIP9Yz/IGhkmoiSo0WyzmCeew8OZB3tCnrUOgOZ65qrPsK
+F/lYiNRd4aevQ46wxcDPla4=
+-----END PRIVATE KEY-----
+"""
+
+def write_test_cert(folder):
+    """Write TEST_CERT_PEM and TEST_KEY_PEM into `folder`; return (cert_path, key_path).
+
+    A client trusts the fake by using cert_path as its CA file (e.g. `SSL_CERT_FILE=cert_path`).
+    """
+    cert_path = os.path.join(folder, "fake-okx-cert.pem")
+    key_path = os.path.join(folder, "fake-okx-key.pem")
+    for path, text in ((cert_path, TEST_CERT_PEM), (key_path, TEST_KEY_PEM)):
+        with open(path, "w") as pem_file:
+            pem_file.write(text)
+    return cert_path, key_path
+
+
+# A live-trading key and a demo-trading key (demo requests must carry `x-simulated-trading: 1`).
+KEY, SECRET, PASSPHRASE = "6f1d3c2a-7b4e-4c1a-9e2f-0a1b2c3d4e5f", "3E0F7A9C1B2D4E6F8A0B1C2D3E4F5A6B", "Live-Pass-1"
+DEMO_KEY, DEMO_SECRET, DEMO_PASSPHRASE = ("0d9e8f7a-6b5c-4d3e-8f2a-1b0c9d8e7f6a", "A1B2C3D4E5F60718293A4B5C6D7E8F90",
+                                          "Demo-Pass-1")
+LIVE_BALANCES = {"USDT": "10000", "BTC": "0.5", "ETH": "3"}
+DEMO_BALANCES = {"USDT": "100000", "BTC": "5", "ETH": "50"}
+
+DAY_MS = 86400000
+SIGN_WINDOW_MS = 30000              # OKX rejects a signature timestamp further than this from its clock
+CANCELED_KEPT_MS = 2 * 3600000      # canceled orders without fills vanish from orders-history after 2 h
+HISTORY_DAYS, ARCHIVE_DAYS = 7, 90  # reach of orders-history and orders-history-archive
+CANDLES_REACH, HISTORY_CANDLES_REACH = 1440, 5000   # bars back from now served by each candle endpoint
+CANDLES_FLOOR_MS = 1483228800000    # 2017-01-01: no candles before this
+BOOK_LEVELS = 400
+DEFAULT_LEVER = Decimal("10")
+MMR_RATE = Decimal("0.004")         # maintenance margin rate used for mmr and liqPx
+
+INST_TYPES = ("SPOT", "MARGIN", "SWAP", "FUTURES", "OPTION")
+ORDER_TYPES = ("limit", "market", "post_only", "ioc", "fok")
+PENDING, FINISHED = ("live", "partially_filled"), ("filled", "canceled", "mmp_canceled")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,32}$")
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9]{1,16}$")
+PLAIN_DECIMAL = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+TIMESTAMP_PATTERN = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+# Spot: instId, tickSz, lotSz, minSz, max lever, starting bid, ask
+SPOT_SPECS = [
+    ("BTC-USDT", "0.1", "0.00000001", "0.00001", "10", "43000.1", "43000.2"),
+    ("ETH-USDT", "0.01", "0.000001", "0.001", "10", "2922.18", "2922.19"),
+    ("LTC-USDT", "0.01", "0.000001", "0.001", "5", "70.12", "70.13"),
+    ("ETH-BTC", "0.00001", "0.000001", "0.001", "5", "0.06795", "0.06796"),
+]
+# Contracts: underlying, ctType, ctVal, ctValCcy, settleCcy, tickSz, starting bid, ask
+CONTRACT_SPECS = [
+    ("BTC-USDT", "linear", "0.01", "BTC", "USDT", "0.1", "43010.5", "43010.6"),
+    ("ETH-USDT", "linear", "0.1", "ETH", "USDT", "0.01", "2923.5", "2923.51"),
+    ("BTC-USD", "inverse", "100", "USD", "BTC", "0.1", "43012.3", "43012.4"),
+]
+FUTURES_UNDERLYINGS = ("BTC-USD", "BTC-USDT")
+FUTURES_PREMIUM = {"this_week": "20", "next_week": "45", "quarter": "180", "next_quarter": "400"}
+SWAP_FUNDING_RATES = {"BTC-USDT-SWAP": "0.0001", "ETH-USDT-SWAP": "0.00008", "BTC-USD-SWAP": "-0.00002"}
+
+# Candle sizes OKX accepts (case-sensitive): (unit, size, hours the open is shifted from UTC).
+# Without the "utc" suffix, bars of 6 hours and more open on Hong Kong time (UTC+8).
+CANDLE_BARS = {
+    "1s": ("ms", 1000, 0), "1m": ("ms", 60000, 0), "3m": ("ms", 180000, 0), "5m": ("ms", 300000, 0),
+    "15m": ("ms", 900000, 0), "30m": ("ms", 1800000, 0), "1H": ("ms", 3600000, 0), "2H": ("ms", 7200000, 0),
+    "4H": ("ms", 14400000, 0), "6H": ("ms", 21600000, 8), "12H": ("ms", 43200000, 8), "1D": ("ms", DAY_MS, 8),
+    "2D": ("ms", 2 * DAY_MS, 8), "3D": ("ms", 3 * DAY_MS, 8), "1W": ("week", 7 * DAY_MS, 8),
+    "1M": ("month", 1, 8), "3M": ("month", 3, 8), "6Hutc": ("ms", 21600000, 0), "12Hutc": ("ms", 43200000, 0),
+    "1Dutc": ("ms", DAY_MS, 0), "2Dutc": ("ms", 2 * DAY_MS, 0), "3Dutc": ("ms", 3 * DAY_MS, 0),
+    "1Wutc": ("week", 7 * DAY_MS, 0), "1Mutc": ("month", 1, 0), "3Mutc": ("month", 3, 0),
+}
+
+# Canned answers of the faults that answer without processing: (HTTP status, Content-Type, body).
+CANNED_FAULTS = {
+    "http500": (500, "text/html", b"<html><head><title>500 Internal Server Error</title></head>"
+                                  b"<body><h1>500 Internal Server Error</h1></body></html>"),
+    "http502_empty": (502, "text/html", b""),
+    "http503": (503, "application/json",
+                b'{"code":"50001","msg":"Service temporarily unavailable. Please try again later.","data":[]}'),
+    "garbage": (200, "application/json", b"{not json"),
+    "ratelimit": (429, "application/json", b'{"code":"50011","msg":"Too Many Requests","data":[]}'),
+}
+FAULT_KINDS = tuple(CANNED_FAULTS) + ("timeout", "reset", "slow", "timeout_after_process", "reset_after_process")
+
+
+# -- small pure helpers ------------------------------------------------------------------------------------
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def fmt(value):
+    """A Decimal as OKX writes it: plain notation without trailing zeros ("0.00001", "100", "-2.5")."""
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")
+
+
+def rounded(value, places=12):
+    """Cut a computed amount (a quotient, a weighted average) to a sensible number of decimals."""
+    return value.quantize(Decimal(1).scaleb(-places))
+
+
+def okx_timestamp(ms=None):
+    """The OK-ACCESS-TIMESTAMP form of `ms` (default: now): `2020-12-08T09:08:57.715Z`."""
+    ms = now_ms() if ms is None else ms
+    moment = dt.datetime.fromtimestamp(ms // 1000, dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + ".%03dZ" % (ms % 1000)
+
+
+def sign_okx(secret, timestamp, method, request_path, body=""):
+    """OK-ACCESS-SIGN: Base64(HMAC-SHA256(secret, timestamp + METHOD + path-with-query + body))."""
+    prehash = timestamp + method.upper() + request_path + body
+    return base64.b64encode(hmac.new(secret.encode(), prehash.encode(), hashlib.sha256).digest()).decode()
+
+
+class OkxError(Exception):
+    """An OKX error answer: `code` and `msg` of the envelope and the HTTP status OKX sends with it."""
+
+    def __init__(self, code, msg, status=200):
+        super().__init__(code, msg)
+        self.code, self.msg, self.status = code, msg, status
+
+
+def param_error(name):
+    return OkxError("51000", "Parameter %s error" % name, 400)
+
+
+def param_missing(name):
+    return OkxError("50014", "Parameter %s can not be empty." % name, 400)
+
+
+def text_param(params, name, required=True):
+    """A string parameter; "" when absent. 50014 when required and empty, 51000 when not a string."""
+    value = params.get(name, "")
+    if not isinstance(value, str):
+        raise param_error(name)
+    if required and value == "":
+        raise param_missing(name)
+    return value
+
+
+def decimal_param(params, name, required=True):
+    """A positive amount sent as a plain decimal string ("0.001"; never a number, never "1e-05")."""
+    text = text_param(params, name, required)
+    if text == "":
+        return None
+    if not PLAIN_DECIMAL.match(text) or Decimal(text) <= 0:
+        raise param_error(name)
+    return Decimal(text)
+
+
+def int_param(params, name, default, low, high):
+    text = text_param(params, name, required=False)
+    if text == "":
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise param_error(name)
+    return int(text)
+
+
+def ms_param(params, name):
+    """An optional ms timestamp or ordId cursor: an int, or None."""
+    text = text_param(params, name, required=False)
+    if text and not text.isdigit():
+        raise param_error(name)
+    return int(text) if text else None
+
+
+def page_by_ord_id(orders, params):
+    """Newest first, cut by the `after`/`before` ordId cursors (exclusive) and `limit` (max 100)."""
+    after, before = ms_param(params, "after"), ms_param(params, "before")
+    limit = int_param(params, "limit", 100, 1, 100)
+    rows = sorted(orders, key=lambda order: int(order["ordId"]), reverse=True)
+    rows = [o for o in rows if (after is None or int(o["ordId"]) < after)
+            and (before is None or int(o["ordId"]) > before)]
+    return rows[:limit]
+
+
+def public_order(order):
+    """The OKX view of a stored order (the fake keeps its own bookkeeping in keys starting with "_")."""
+    return {name: value for name, value in order.items() if not name.startswith("_")}
+
+
+# -- instruments and market data ---------------------------------------------------------------------------
+
+def make_instrument(inst_type, inst_id, tick, lot, min_sz, lever, base="", quote="", uly="", settle="",
+                    ct_type="", ct_val="", ct_val_ccy="", alias="", exp_time="", list_time="1606468572000"):
+    """One row of /public/instruments: every field of OKX.md §4, strings as OKX sends them."""
+    spot = inst_type == "SPOT"
+    return {
+        "alias": alias, "auctionEndTime": "", "baseCcy": base, "category": "1", "ctMult": "" if spot else "1",
+        "ctType": ct_type, "ctVal": ct_val, "ctValCcy": ct_val_ccy, "expTime": exp_time,
+        "futureSettlement": False, "instFamily": uly, "instId": inst_id, "instType": inst_type, "lever": lever,
+        "listTime": list_time, "lotSz": lot, "maxIcebergSz": "9999999999", "maxLmtAmt": "20000000",
+        "maxLmtSz": "9999999999" if spot else "100000", "maxMktAmt": "1000000",
+        "maxMktSz": "1000000" if spot else "5000", "maxStopSz": "" if spot else "5000",
+        "maxTriggerSz": "9999999999" if spot else "100000", "maxTwapSz": "9999999999" if spot else "100000",
+        "minSz": min_sz, "openType": "", "optType": "", "quoteCcy": quote, "ruleType": "normal",
+        "settleCcy": settle, "state": "live", "stk": "", "tickSz": tick,
+        "tradeQuoteCcyList": [quote] if spot else [], "uly": uly,
+    }
+
+
+def futures_expiries(now):
+    """Expiry moments (Fridays 08:00 UTC) of the this_week, next_week, quarter and next_quarter contracts."""
+    def friday_8am(day):
+        return dt.datetime(day.year, day.month, day.day, 8, tzinfo=dt.timezone.utc)
+
+    this_week = now.date() + dt.timedelta(days=(4 - now.weekday()) % 7)
+    if friday_8am(this_week) <= now:
+        this_week += dt.timedelta(days=7)
+    next_week = this_week + dt.timedelta(days=7)
+    quarters, year, month = [], now.year, (now.month - 1) // 3 * 3 + 3
+    while len(quarters) < 2:
+        first_of_next = dt.date(year + month // 12, month % 12 + 1, 1)
+        last_friday = first_of_next - dt.timedelta(days=(first_of_next.weekday() - 4) % 7 or 7)
+        if last_friday > next_week:
+            quarters.append(last_friday)
+        year, month = (year + 1, month - 9) if month == 12 else (year, month + 3)
+    days = [this_week, next_week] + quarters
+    return {alias: friday_8am(day) for alias, day in zip(FUTURES_PREMIUM, days)}
+
+
+def build_instruments(at_ms):
+    """All instruments of the fake, keyed by instId, with their starting (bid, ask)."""
+    instruments, prices = {}, {}
+    for inst_id, tick, lot, min_sz, lever, bid, ask in SPOT_SPECS:
+        base, quote = inst_id.split("-")
+        instruments[inst_id] = make_instrument("SPOT", inst_id, tick, lot, min_sz, lever, base=base, quote=quote)
+        prices[inst_id] = (bid, ask)
+    specs = {spec[0]: spec for spec in CONTRACT_SPECS}
+    for uly, ct_type, ct_val, ct_val_ccy, settle, tick, bid, ask in CONTRACT_SPECS:
+        inst_id = uly + "-SWAP"
+        instruments[inst_id] = make_instrument("SWAP", inst_id, tick, "1", "1", "100", uly=uly, settle=settle,
+                                               ct_type=ct_type, ct_val=ct_val, ct_val_ccy=ct_val_ccy,
+                                               list_time="1573557408000")
+        prices[inst_id] = (bid, ask)
+    expiries = futures_expiries(dt.datetime.fromtimestamp(at_ms / 1000, dt.timezone.utc))
+    for uly in FUTURES_UNDERLYINGS:
+        _, ct_type, ct_val, ct_val_ccy, settle, tick, bid, ask = specs[uly]
+        for alias, expiry in expiries.items():
+            inst_id = uly + expiry.strftime("-%y%m%d")
+            exp_ms = int(expiry.timestamp() * 1000)
+            instruments[inst_id] = make_instrument(
+                "FUTURES", inst_id, tick, "1", "1", "100", uly=uly, settle=settle, ct_type=ct_type, ct_val=ct_val,
+                ct_val_ccy=ct_val_ccy, alias=alias, exp_time=str(exp_ms), list_time=str(exp_ms - 120 * DAY_MS))
+            premium = Decimal(FUTURES_PREMIUM[alias])
+            prices[inst_id] = (fmt(Decimal(bid) + premium), fmt(Decimal(ask) + premium))
+    return instruments, prices
+
+
+class BarGrid:
+    """The bar-open times of one candle size: bar number n opens at open_ms(n); index(ts) holds ts."""
+
+    def __init__(self, bar):
+        self.unit, self.size, hours = CANDLE_BARS[bar]
+        self.shift = hours * 3600000
+        if self.unit == "week":           # weeks open on Monday; 1970-01-01 was a Thursday
+            self.shift -= 4 * DAY_MS
+
+    def index(self, ts):
+        if self.unit != "month":
+            return (ts + self.shift) // self.size
+        local = dt.datetime.fromtimestamp((ts + self.shift) / 1000, dt.timezone.utc)
+        return (local.year * 12 + local.month - 1) // self.size
+
+    def open_ms(self, n):
+        if self.unit != "month":
+            return n * self.size - self.shift
+        year, month = divmod(n * self.size, 12)
+        return int(dt.datetime(year, month + 1, 1, tzinfo=dt.timezone.utc).timestamp() * 1000) - self.shift
+
+
+def wave_price(base, tick, ts):
+    """A deterministic price path: the same ts always gives the same price."""
+    factor = 1 + 0.04 * math.sin(ts / 2.9e9) + 0.01 * math.sin(ts / 3.1e7) + 0.003 * math.sin(ts / 4.1e5)
+    return (base * Decimal("%.9f" % factor)).quantize(tick)
+
+
+# -- accounts -----------------------------------------------------------------------------------------------
+
+def new_account(secret, passphrase, demo, uid, balances):
+    """One API key's account. Amounts are Decimals; orders and positions use OKX's field names."""
+    return {
+        "secret": secret, "passphrase": passphrase, "demo": demo, "uid": uid,
+        "pos_mode": "net_mode",       # or "long_short_mode"
+        "acct_lv": "2",               # "1" spot mode (availEq "", no derivatives), "2" futures mode
+        "balances": {ccy: [Decimal(amount), Decimal(0)] for ccy, amount in balances.items()},  # [avail, frozen]
+        "orders": {},                 # ordId -> order (OKX fields + "_reserve", "_target")
+        "positions": {},              # (instId, mgnMode, posSide) -> position with Decimal pos/avgPx/margin
+        "leverage": {},               # (instId, mgnMode, posSide) -> Decimal lever
+    }
+
+
+Call = namedtuple("Call", "params account headers")
+
+# The fake's endpoints. limit/window/per: OKX.md §8's rate limit, counted per client IP ("ip"), per IP
+# and a parameter ("ip+instType"), per API key ("key") or per key and instrument ("key+instId").
+Route = namedtuple("Route", "handler signed limit window per")
+ROUTES = {
+    ("GET", "/api/v5/public/time"): Route("public_time", False, 10, 2, "ip"),
+    ("GET", "/api/v5/public/instruments"): Route("instruments", False, 20, 2, "ip+instType"),
+    ("GET", "/api/v5/public/funding-rate"): Route("funding_rate", False, 10, 2, "ip+instId"),
+    ("GET", "/api/v5/market/ticker"): Route("ticker", False, 20, 2, "ip"),
+    ("GET", "/api/v5/market/tickers"): Route("tickers", False, 20, 2, "ip"),
+    ("GET", "/api/v5/market/books"): Route("books", False, 40, 2, "ip"),
+    ("GET", "/api/v5/market/trades"): Route("trades", False, 100, 2, "ip"),
+    ("GET", "/api/v5/market/candles"): Route("candles", False, 40, 2, "ip"),
+    ("GET", "/api/v5/market/history-candles"): Route("history_candles", False, 20, 2, "ip"),
+    ("GET", "/api/v5/account/balance"): Route("balance", True, 10, 2, "key"),
+    ("GET", "/api/v5/account/config"): Route("config", True, 5, 2, "key"),
+    ("GET", "/api/v5/account/positions"): Route("positions", True, 10, 2, "key"),
+    ("POST", "/api/v5/account/set-leverage"): Route("set_leverage", True, 20, 2, "key"),
+    ("GET", "/api/v5/account/leverage-info"): Route("leverage_info", True, 20, 2, "key"),
+    ("POST", "/api/v5/account/set-position-mode"): Route("set_position_mode", True, 5, 2, "key"),
+    ("POST", "/api/v5/trade/order"): Route("place_order", True, 60, 2, "key+instId"),
+    ("GET", "/api/v5/trade/order"): Route("get_order", True, 60, 2, "key+instId"),
+    ("POST", "/api/v5/trade/cancel-order"): Route("cancel_order", True, 60, 2, "key+instId"),
+    ("GET", "/api/v5/trade/orders-pending"): Route("orders_pending", True, 60, 2, "key"),
+    ("GET", "/api/v5/trade/orders-history"): Route("orders_history", True, 40, 2, "key"),
+    ("GET", "/api/v5/trade/orders-history-archive"): Route("orders_history_archive", True, 20, 2, "key"),
+}
+KNOWN_PATHS = {path for _, path in ROUTES}
+
+
+# -- the exchange -------------------------------------------------------------------------------------------
+
+class FakeOKX:
+    """A fake OKX v5 REST exchange on 127.0.0.1, run by a ThreadingHTTPServer in a background thread.
+
+        with FakeOKX(tls=True) as fake:          # or fake = FakeOKX().start(); ...; fake.stop()
+            fake.base_url, fake.cert_path        # "https://127.0.0.1:N", a CA file that trusts it
+
+    Accounts: `KEY` (live, net mode, futures account level "2") and `DEMO_KEY` (demo trading). Answers
+    are OKX's envelope `{"code","msg","data"}` with every number a string; errors carry OKX's code and
+    the HTTP status of OKX.md §2. Everything below is guarded by one lock, so tests may change the fake
+    while the plugin is talking to it. Orders rest until a cross of the book at placement or `fill()`:
+    moving the price with `set_price()` fills nothing by itself.
+    """
+
+    def __init__(self, tls=False, latency_ms=0, handshake_ms=0):
+        self.tls = tls
+        self.latency_ms = latency_ms        # slept before every answer (simulated round trip)
+        self.handshake_ms = handshake_ms    # slept once per new connection (TCP + TLS set-up)
+        self.clock_skew_ms = 0              # the exchange's "now" is the real now plus this
+        self.enforce_rate_limits = False    # count requests in OKX's windows and answer 429 / 50011 past them
+        self.rate_limited = 0               # 50011 answers sent (including the "ratelimit" fault)
+        self.fee_rate = Decimal("0.001")    # taker fee on every fill, charged in what is received / settle ccy
+        self.requests = []                  # {method, path, query, headers, body} of every request
+        self.connections = 0                # connections accepted
+        self.cert_path = None
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._faults = []
+        self._rate_windows = {}
+        self._sockets = set()
+        self._server = None
+        self._seq = 0
+        self._instruments, prices = build_instruments(now_ms())
+        self._market = {}
+        for inst_id, (bid, ask) in prices.items():
+            self._market[inst_id] = {"bid": Decimal(bid), "ask": Decimal(ask), "last": Decimal(bid),
+                                     "base": Decimal(bid), "seq": 1000}
+        next_funding = (now_ms() // (8 * 3600000) + 1) * 8 * 3600000
+        self._funding = {inst_id: (Decimal(rate), next_funding, next_funding + 8 * 3600000)
+                         for inst_id, rate in SWAP_FUNDING_RATES.items()}
+        self.accounts = {
+            KEY: new_account(SECRET, PASSPHRASE, False, "44705892343619584", LIVE_BALANCES),
+            DEMO_KEY: new_account(DEMO_SECRET, DEMO_PASSPHRASE, True, "55816903454720695", DEMO_BALANCES),
+        }
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    def start(self):
+        """Listen on a free port of 127.0.0.1 and serve in a daemon thread; returns self."""
+        self._server = _FakeOKXServer(("127.0.0.1", 0), _FakeOKXHandler)
+        self._server.fake = self
+        if self.tls:
+            self.cert_path, key_path = write_test_cert(tempfile.mkdtemp(prefix="fake-okx-"))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.cert_path, key_path)
+            self._server.ssl_context = context
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        return self
+
+    def stop(self):
+        """Stop listening and drop every open connection (hanging faults end at once)."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        _drop_sockets(self._lock, self._sockets)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def base_url(self):
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self._server.server_address[1])
+
+    def now_ms(self):
+        """The exchange's clock: real time plus clock_skew_ms."""
+        return now_ms() + self.clock_skew_ms
+
+    # -- test helpers -----------------------------------------------------------------------------------
+
+    def clear_requests(self):
+        with self._lock:
+            del self.requests[:]
+
+    def fault(self, path_prefix, kind, count=1):
+        """Give the next `count` requests whose path starts with `path_prefix` the fault `kind`:
+        timeout, reset, http500, http502_empty, http503, garbage, ratelimit, slow, timeout_after_process
+        or reset_after_process (see _FakeOKXHandler)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError("unknown fault kind %r" % kind)
+        with self._lock:
+            self._faults.append({"prefix": path_prefix, "kind": kind, "count": count})
+
+    def clear_faults(self):
+        with self._lock:
+            del self._faults[:]
+
+    def set_position_mode(self, mode, key=KEY):
+        assert mode in ("net_mode", "long_short_mode"), mode
+        with self._lock:
+            self.accounts[key]["pos_mode"] = mode
+
+    def set_account_level(self, acct_lv, key=KEY):
+        """"1" spot mode (no derivatives, availEq ""), "2" futures mode."""
+        with self._lock:
+            self.accounts[key]["acct_lv"] = acct_lv
+
+    def set_balance(self, ccy, avail, frozen="0", key=KEY):
+        with self._lock:
+            self.accounts[key]["balances"][ccy] = [Decimal(avail), Decimal(frozen)]
+
+    def balance(self, ccy, key=KEY):
+        """(avail, frozen) Decimals of one currency."""
+        with self._lock:
+            return tuple(self.accounts[key]["balances"].get(ccy, [Decimal(0), Decimal(0)]))
+
+    def orders(self, key=KEY):
+        """Every order of the account (OKX fields, newest first), whatever its state or age."""
+        with self._lock:
+            orders = sorted(self.accounts[key]["orders"].values(), key=lambda o: int(o["ordId"]), reverse=True)
+            return [public_order(order) for order in orders]
+
+    def positions(self, key=KEY):
+        """The account's open positions as /account/positions rows."""
+        with self._lock:
+            account = self.accounts[key]
+            return [self._position_row(account, p) for p in account["positions"].values()]
+
+    def set_price(self, inst_id, bid, ask, last=None):
+        """Move the book and the ticker of an instrument (last defaults to bid)."""
+        with self._lock:
+            market = self._market[inst_id]
+            market.update(bid=Decimal(bid), ask=Decimal(ask), last=Decimal(last if last is not None else bid))
+            market["seq"] += 7
+
+    def fill(self, ord_id, sz=None, px=None, key=KEY):
+        """Fill a pending order fully (sz None) or by `sz`, at `px` (default: the order's price)."""
+        with self._lock:
+            account = self.accounts[key]
+            order = account["orders"][ord_id]
+            if order["state"] not in PENDING:
+                raise ValueError("order %s is %s" % (ord_id, order["state"]))
+            remaining = order["_target"] - Decimal(order["accFillSz"])
+            qty = remaining if sz is None else Decimal(sz)
+            if not 0 < qty <= remaining:
+                raise ValueError("fill size %s out of (0, %s]" % (qty, remaining))
+            self._fill(account, order, qty, Decimal(px if px is not None else order["px"]))
+            return public_order(order)
+
+    def add_history_order(self, inst_id="BTC-USDT", side="buy", sz="0.01", px="40000", ord_type="limit",
+                          age_days=1, state="filled", acc_fill_sz=None, cl_ord_id="", key=KEY):
+        """Store a finished order placed `age_days` ago (a float: 0.05 is 72 minutes) without touching
+        balances; acc_fill_sz defaults to sz when filled, else "0". Returns its ordId."""
+        with self._lock:
+            inst = self._instruments[inst_id]
+            ctime = self.now_ms() - int(age_days * DAY_MS)
+            filled = Decimal(acc_fill_sz if acc_fill_sz is not None else (sz if state == "filled" else "0"))
+            order = self._new_order_row(self.accounts[key], inst, ctime, cl_ord_id, "", side, ord_type,
+                                        Decimal(sz), Decimal(px) if ord_type != "market" else None,
+                                        "cash" if inst["instType"] == "SPOT" else "cross", "net", "", False)
+            order.update(state=state, uTime=str(ctime + 1000), accFillSz=fmt(filled))
+            if filled:
+                order.update(avgPx=px, fillPx=px, fillSz=fmt(filled), fillTime=str(ctime + 1000),
+                             tradeId=self._next_id(900000000))
+            self.accounts[key]["orders"][order["ordId"]] = order
+            return order["ordId"]
+
+    def set_funding(self, inst_id, rate, funding_time_ms, next_funding_time_ms):
+        with self._lock:
+            self._funding[inst_id] = (Decimal(rate), int(funding_time_ms), int(next_funding_time_ms))
+
+    # -- dispatch -----------------------------------------------------------------------------------------
+
+    def _take_fault(self, path):
+        with self._lock:
+            for fault in self._faults:
+                if fault["count"] > 0 and path.startswith(fault["prefix"]):
+                    fault["count"] -= 1
+                    if fault["kind"] == "ratelimit":
+                        self.rate_limited += 1
+                    return fault["kind"]
+        return None
+
+    def _dispatch(self, method, target, headers, body, client_ip):
+        """Answer one request: (HTTP status, JSON-able body)."""
+        path, _, query = target.partition("?")
+        route = ROUTES.get((method, path))
+        if route is None:
+            if path in KNOWN_PATHS:
+                return 405, {"code": "50115", "msg": "Invalid request method.", "data": []}
+            return 404, {"msg": "Not Found", "code": "404"}
+        try:
+            with self._lock:
+                params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+                self._count_request(route, method, path, params, headers, body, client_ip)
+                account = self._authenticate(method, target, headers, body) if route.signed else None
+                if method == "POST":
+                    params = self._post_params(headers, body)
+                answer = getattr(self, "_api_" + route.handler)(Call(params, account, headers))
+            return 200, answer if isinstance(answer, dict) else {"code": "0", "msg": "", "data": answer}
+        except OkxError as error:
+            return error.status, {"code": error.code, "msg": error.msg, "data": []}
+        except Exception:                  # a bug of the fake: show it, and answer as OKX's own failures do
+            traceback.print_exc()
+            return 500, {"code": "50026", "msg": "System error. Try again later", "data": []}
+
+    def _count_request(self, route, method, path, params, headers, body, client_ip):
+        if not self.enforce_rate_limits:
+            return
+        if method == "POST":
+            try:
+                params = json.loads(body)
+            except ValueError:
+                params = {}
+            params = params if isinstance(params, dict) else {}
+        who = headers.get("OK-ACCESS-KEY", "") if route.per.startswith("key") else client_ip
+        extra = route.per.partition("+")[2]
+        bucket = (method, path, who, str(params.get(extra, "")) if extra else "")
+        stamps = self._rate_windows.setdefault(bucket, deque())
+        moment = time.monotonic()
+        while stamps and stamps[0] <= moment - route.window:
+            stamps.popleft()
+        if len(stamps) >= route.limit:
+            self.rate_limited += 1
+            raise OkxError("50011", "Too Many Requests", 429)
+        stamps.append(moment)
+
+    def _authenticate(self, method, target, headers, body):
+        """Check OKX's signature rules; return the account of the key or raise the error OKX gives."""
+        for name, code in (("OK-ACCESS-KEY", "50103"), ("OK-ACCESS-PASSPHRASE", "50104"),
+                           ("OK-ACCESS-SIGN", "50106"), ("OK-ACCESS-TIMESTAMP", "50107")):
+            if not headers.get(name):
+                raise OkxError(code, 'Request header "%s" cannot be empty.' % name, 401)
+        stamp = headers["OK-ACCESS-TIMESTAMP"]
+        try:
+            if not TIMESTAMP_PATTERN.match(stamp):
+                raise ValueError(stamp)
+            moment = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            raise OkxError("50112", "Invalid OK-ACCESS-TIMESTAMP.", 401)
+        account = self.accounts.get(headers["OK-ACCESS-KEY"])
+        if account is None:
+            raise OkxError("50111", "Invalid OK-ACCESS-KEY.", 401)
+        if headers["OK-ACCESS-PASSPHRASE"] != account["passphrase"]:
+            raise OkxError("50105", 'Request header "OK-ACCESS-PASSPHRASE" incorrect.', 401)
+        if (headers.get("x-simulated-trading") == "1") != account["demo"]:
+            raise OkxError("50101", "APIKey does not match current environment.", 401)
+        if abs(moment.timestamp() * 1000 - self.now_ms()) > SIGN_WINDOW_MS:
+            raise OkxError("50102", "Timestamp request expired", 401)
+        expected = sign_okx(account["secret"], stamp, method, target, body)
+        if not hmac.compare_digest(expected, headers["OK-ACCESS-SIGN"]):
+            raise OkxError("50113", "Invalid Sign", 401)
+        return account
+
+    @staticmethod
+    def _post_params(headers, body):
+        if headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+            raise OkxError("50006", 'Invalid Content-Type, please use "application/json" format.', 400)
+        if not body:
+            raise OkxError("50000", "Body for POST request cannot be empty.", 400)
+        try:
+            params = json.loads(body)
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            raise OkxError("50002", "Json data format error.", 400)
+        return params
+
+    # -- shared pieces ------------------------------------------------------------------------------------
+
+    def _next_id(self, base):
+        self._seq += 1
+        return str(base + self._seq)
+
+    def _instrument(self, inst_id):
+        inst = self._instruments.get(inst_id)
+        if inst is None:
+            raise OkxError("51001", "Instrument ID, Instrument ID code or Spread ID doesn't exist.")
+        return inst
+
+    def _inst_type_param(self, params, required=True, allowed=INST_TYPES):
+        inst_type = text_param(params, "instType", required)
+        if inst_type and inst_type not in allowed:
+            raise param_error("instType")
+        return inst_type
+
+    @staticmethod
+    def _contract_size(inst):
+        return Decimal(inst["ctVal"]) * Decimal(inst["ctMult"])
+
+    def _notional(self, inst, qty, price):
+        """Value of `qty` contracts in the settle currency (USDT for linear, the coin for inverse)."""
+        if inst["ctType"] == "inverse":
+            return rounded(qty * self._contract_size(inst) / price)
+        return qty * self._contract_size(inst) * price
+
+    def _pnl(self, inst, long, entry, exit_px, qty):
+        if inst["ctType"] == "inverse":
+            gain = rounded(qty * self._contract_size(inst) * (1 / entry - 1 / exit_px))
+        else:
+            gain = (exit_px - entry) * qty * self._contract_size(inst)
+        return gain if long else -gain
+
+    def _usd_price(self, ccy):
+        if ccy in ("USDT", "USD"):
+            return Decimal(1)
+        market = self._market.get(ccy + "-USDT")
+        return market["last"] if market else Decimal(0)
+
+    # -- public market data ----------------------------------------------------------------------------------
+
+    def _api_public_time(self, call):
+        return [{"ts": str(self.now_ms())}]
+
+    def _api_instruments(self, call):
+        inst_type = self._inst_type_param(call.params)
+        inst_id = text_param(call.params, "instId", required=False)
+        family = text_param(call.params, "instFamily", required=False) or text_param(call.params, "uly", False)
+        if inst_type == "OPTION" and not family:
+            raise param_missing("instFamily")
+        if inst_id:
+            inst = self._instrument(inst_id)
+            rows = [inst] if inst["instType"] == inst_type else []
+        else:
+            rows = [inst for inst in self._instruments.values() if inst["instType"] == inst_type]
+        return [dict(inst) for inst in rows if not family or inst["instFamily"] == family]
+
+    def _book_side(self, inst, side, depth):
+        """`depth` levels of one side, generated from the best price: asks ascending, bids descending."""
+        tick, unit = Decimal(inst["tickSz"]), Decimal(inst["minSz"])
+        if inst["instType"] == "SPOT":
+            unit *= 50
+        best = self._market[inst["instId"]][side]
+        step = tick if side == "ask" else -tick
+        return [[fmt(best + step * level), fmt(unit * (1 + (level * 7 + 3) % 11)), "0", str(1 + level % 5)]
+                for level in range(depth)]
+
+    def _ticker_row(self, inst):
+        market, spot = self._market[inst["instId"]], inst["instType"] == "SPOT"
+        tick, base, last = Decimal(inst["tickSz"]), market["base"], market["last"]
+        vol = Decimal("10474.12353007") if spot else Decimal("2317451")
+        if spot:
+            vol_ccy = vol * last
+        elif inst["ctType"] == "inverse":
+            vol_ccy = vol * self._contract_size(inst) / last
+        else:
+            vol_ccy = vol * self._contract_size(inst)
+        ask_row, bid_row = self._book_side(inst, "ask", 1)[0], self._book_side(inst, "bid", 1)[0]
+        return {
+            "instType": inst["instType"], "instId": inst["instId"], "last": fmt(last),
+            "lastSz": fmt(Decimal(inst["minSz"]) * 49) if spot else "3",
+            "askPx": ask_row[0], "askSz": ask_row[1], "bidPx": bid_row[0], "bidSz": bid_row[1],
+            "open24h": fmt((base * Decimal("0.98")).quantize(tick)),
+            "high24h": fmt(max(market["ask"], (base * Decimal("1.02")).quantize(tick))),
+            "low24h": fmt(min(market["bid"], (base * Decimal("0.97")).quantize(tick))),
+            "volCcy24h": fmt(rounded(vol_ccy, 9)), "vol24h": fmt(vol),
+            "ts": str(self.now_ms()), "sodUtc0": fmt((base * Decimal("0.99")).quantize(tick)),
+            "sodUtc8": fmt((base * Decimal("1.01")).quantize(tick)),
+        }
+
+    def _api_ticker(self, call):
+        return [self._ticker_row(self._instrument(text_param(call.params, "instId")))]
+
+    def _api_tickers(self, call):
+        inst_type = self._inst_type_param(call.params, allowed=("SPOT", "SWAP", "FUTURES", "OPTION"))
+        family = text_param(call.params, "instFamily", required=False)
+        return [self._ticker_row(inst) for inst in self._instruments.values()
+                if inst["instType"] == inst_type and (not family or inst["instFamily"] == family)]
+
+    def _api_books(self, call):
+        inst = self._instrument(text_param(call.params, "instId"))
+        depth = int_param(call.params, "sz", 1, 1, BOOK_LEVELS)
+        return [{"asks": self._book_side(inst, "ask", depth), "bids": self._book_side(inst, "bid", depth),
+                 "ts": str(self.now_ms()), "seqId": self._market[inst["instId"]]["seq"]}]
+
+    def _api_trades(self, call):
+        """The last trades, one a second, newest first; tradeId is the second they happened in."""
+        inst = self._instrument(text_param(call.params, "instId"))
+        limit = int_param(call.params, "limit", 100, 1, 500)
+        market, unit = self._market[inst["instId"]], Decimal(inst["minSz"])
+        newest = self.now_ms() // 1000
+        rows = []
+        for second in range(newest, newest - limit, -1):
+            side = "sell" if second % 3 == 0 else "buy"
+            rows.append({"instId": inst["instId"], "tradeId": str(second),
+                         "px": fmt(market["ask"] if side == "buy" else market["bid"]),
+                         "sz": fmt(unit * (second % 17 + 1)), "side": side, "source": "0",
+                         "ts": str(second * 1000 + 137)})
+        return rows
+
+    def _candles(self, call, reach, max_limit, bars=CANDLE_BARS):
+        params = call.params
+        inst = self._instrument(text_param(params, "instId"))
+        bar = text_param(params, "bar", required=False) or "1m"
+        if bar not in bars:
+            raise param_error("bar")
+        after, before = ms_param(params, "after"), ms_param(params, "before")
+        limit = int_param(params, "limit", 100, 1, max_limit)
+        grid = BarGrid(bar)
+        newest = grid.index(self.now_ms())
+        top, bottom = newest, max(newest - reach + 1, grid.index(CANDLES_FLOOR_MS) + 1)
+        if after is not None:
+            top = min(top, grid.index(after - 1))           # bars opening strictly before `after`
+        if before is not None:
+            bottom = max(bottom, grid.index(before) + 1)    # bars opening strictly after `before`
+        return [self._candle_row(inst, grid, n, n == newest)
+                for n in range(top, max(bottom, top - limit + 1) - 1, -1)]
+
+    def _candle_row(self, inst, grid, n, forming):
+        """Bar n, a pure function of its open time: its close is the next bar's open price."""
+        market, tick = self._market[inst["instId"]], Decimal(inst["tickSz"])
+        opened = grid.open_ms(n)
+        open_px = wave_price(market["base"], tick, opened)
+        close_px = wave_price(market["base"], tick, grid.open_ms(n + 1))
+        spread = (market["base"] * Decimal("0.001") * (1 + n % 5)).quantize(tick)
+        if inst["instType"] == "SPOT":
+            vol = Decimal(inst["minSz"]) * 100 * (n % 89 + 11)
+            vol_ccy = vol_quote = vol * close_px
+        else:
+            vol = Decimal(10 * (n % 89 + 11))
+            if inst["ctType"] == "inverse":
+                vol_ccy, vol_quote = rounded(vol * self._contract_size(inst) / close_px, 8), vol * 100
+            else:
+                vol_ccy = vol * self._contract_size(inst)
+                vol_quote = vol_ccy * close_px
+        return [str(opened), fmt(open_px), fmt(max(open_px, close_px) + spread),
+                fmt(min(open_px, close_px) - spread), fmt(close_px), fmt(vol), fmt(vol_ccy), fmt(vol_quote),
+                "0" if forming else "1"]
+
+    def _api_candles(self, call):
+        bars = {name: spec for name, spec in CANDLE_BARS.items() if name != "1s"}
+        return self._candles(call, CANDLES_REACH, 300, bars)
+
+    def _api_history_candles(self, call):
+        return self._candles(call, HISTORY_CANDLES_REACH, 100)
+
+    def _api_funding_rate(self, call):
+        inst_id = text_param(call.params, "instId")
+        if inst_id == "ANY":
+            inst_ids = [i for i, inst in self._instruments.items() if inst["instType"] == "SWAP"]
+        elif self._instrument(inst_id)["instType"] != "SWAP":
+            raise OkxError("51001", "Instrument ID, Instrument ID code or Spread ID doesn't exist.")
+        else:
+            inst_ids = [inst_id]
+        rows = []
+        for inst_id in inst_ids:
+            rate, funding_time, next_time = self._funding.get(inst_id, (Decimal("0.0001"), 0, 0))
+            rows.append({
+                "formulaType": "noRate", "fundingRate": fmt(rate), "fundingTime": str(funding_time),
+                "impactValue": "", "instId": inst_id, "instType": "SWAP", "interestRate": "",
+                "maxFundingRate": "0.00375", "method": "current_period", "minFundingRate": "-0.00375",
+                "nextFundingRate": "", "nextFundingTime": str(next_time), "premium": "0.0000910113652644",
+                "settFundingRate": fmt(rate), "settState": "settled", "ts": str(self.now_ms())})
+        return rows
+
+    # -- account ---------------------------------------------------------------------------------------
+
+    def _api_balance(self, call):
+        account, spot_mode = call.account, call.account["acct_lv"] == "1"
+        wanted = set(filter(None, text_param(call.params, "ccy", required=False).split(",")))
+        upl, ord_frozen = {}, {}
+        for position in account["positions"].values():
+            row = self._position_row(account, position)
+            upl[row["ccy"]] = upl.get(row["ccy"], Decimal(0)) + Decimal(row["upl"])
+        for order in account["orders"].values():
+            if order["_reserve"]:
+                ccy, amount = order["_reserve"]
+                ord_frozen[ccy] = ord_frozen.get(ccy, Decimal(0)) + amount
+        details, total_usd, upl_usd, stamp = [], Decimal(0), Decimal(0), str(self.now_ms())
+        for ccy in sorted(account["balances"]):
+            avail, frozen = account["balances"][ccy]
+            cash, ccy_upl = avail + frozen, upl.get(ccy, Decimal(0))
+            equity = cash + ccy_upl
+            if (cash == 0 and equity == 0) or (wanted and ccy not in wanted):
+                continue
+            eq_usd = rounded(equity * self._usd_price(ccy), 8)
+            total_usd += eq_usd
+            upl_usd += ccy_upl * self._usd_price(ccy)
+            details.append({
+                "availBal": fmt(avail), "availEq": "" if spot_mode else fmt(avail + ccy_upl), "borrowFroz": "",
+                "cashBal": fmt(cash), "ccy": ccy, "crossLiab": "", "disEq": fmt(eq_usd), "eq": fmt(equity),
+                "eqUsd": fmt(eq_usd), "fixedBal": "0", "frozenBal": fmt(frozen),
+                "imr": "", "interest": "", "isoEq": "0", "isoLiab": "", "isoUpl": "0", "liab": "",
+                "maxLoan": "", "mgnRatio": "", "mmr": "", "notionalLever": "",
+                "ordFrozen": fmt(ord_frozen.get(ccy, Decimal(0))), "stgyEq": "0", "twap": "0",
+                "uTime": stamp, "upl": fmt(ccy_upl), "uplLiab": ""})
+        return [{"adjEq": "", "availEq": "", "borrowFroz": "", "details": details, "imr": "", "isoEq": "0",
+                 "mgnRatio": "", "mmr": "", "notionalUsd": "", "ordFroz": "", "totalEq": fmt(total_usd),
+                 "uTime": stamp, "upl": fmt(rounded(upl_usd, 8))}]
+
+    def _api_config(self, call):
+        account = call.account
+        return [{"acctLv": account["acct_lv"], "acctStpMode": "cancel_maker", "autoLoan": False,
+                 "ctIsoMode": "automatic", "enableSpotBorrow": False, "greeksType": "PA", "ip": "",
+                 "kycLv": "3", "label": "fake okx demo" if account["demo"] else "fake okx", "level": "Lv1",
+                 "levelTmp": "", "liquidationGear": "-1", "mainUid": account["uid"], "mgnIsoMode": "automatic",
+                 "opAuth": "1", "perm": "read_only,withdraw,trade", "posMode": account["pos_mode"],
+                 "roleType": "0", "spotBorrowAutoRepay": False, "spotOffsetType": "", "spotRoleType": "0",
+                 "spotTraderInsts": [], "traderInsts": [], "type": "0", "uid": account["uid"]}]
+
+    def _position_row(self, account, position):
+        inst = self._instruments[position["instId"]]
+        market, tick = self._market[inst["instId"]], Decimal(inst["tickSz"])
+        size, avg, lever, mark = abs(position["pos"]), position["avgPx"], position["lever"], market["last"]
+        long = position["posSide"] == "long" or (position["posSide"] == "net" and position["pos"] > 0)
+        upl = self._pnl(inst, long, avg, mark, size)
+        notional = self._notional(inst, size, mark)
+        edge = 1 / lever - MMR_RATE
+        liq_px = (avg * (1 - edge if long else 1 + edge)).quantize(tick)
+        isolated = position["mgnMode"] == "isolated"
+        margin = fmt(rounded(position["margin"], 10))
+        return {
+            "adl": "1", "availPos": "" if position["posSide"] == "net" else fmt(self._closable(
+                account, inst["instId"], position["mgnMode"], position["posSide"], long)), "avgPx": fmt(avg),
+            "cTime": str(position["cTime"]), "ccy": inst["settleCcy"], "imr": "" if isolated else margin,
+            "instId": inst["instId"], "instType": inst["instType"], "interest": "", "last": fmt(mark),
+            "lever": fmt(lever), "liab": "", "liabCcy": "", "liqPx": fmt(liq_px), "margin": margin if isolated else "",
+            "markPx": fmt(mark), "mgnMode": position["mgnMode"],
+            "mgnRatio": fmt(rounded((position["margin"] + upl) / (notional * MMR_RATE), 8)) if notional else "",
+            "mmr": fmt(rounded(notional * MMR_RATE, 10)),
+            "notionalUsd": fmt(rounded(size * self._contract_size(inst) * (mark if inst["ctType"] == "linear" else 1),
+                                       8)),
+            "pos": fmt(position["pos"]), "posCcy": "", "posId": position["posId"], "posSide": position["posSide"],
+            "realizedPnl": fmt(rounded(position["realizedPnl"], 10)), "uTime": str(position["uTime"]),
+            "upl": fmt(rounded(upl, 10)), "uplRatio": fmt(rounded(upl / position["margin"], 8))
+            if position["margin"] else "0",
+        }
+
+    def _api_positions(self, call):
+        inst_type = self._inst_type_param(call.params, False, ("MARGIN", "SWAP", "FUTURES", "OPTION"))
+        inst_ids = set(filter(None, text_param(call.params, "instId", required=False).split(",")))
+        rows = [self._position_row(call.account, p) for p in call.account["positions"].values()
+                if (not inst_ids or p["instId"] in inst_ids)
+                and (not inst_type or self._instruments[p["instId"]]["instType"] == inst_type)]
+        return sorted(rows, key=lambda row: int(row["cTime"]), reverse=True)
+
+    def _lever_sides(self, account, inst, mgn_mode, pos_side=""):
+        """The posSide keys a leverage setting applies to."""
+        if pos_side:
+            return [pos_side]
+        if account["pos_mode"] == "long_short_mode" and inst["instType"] != "SPOT":
+            return ["long", "short"]
+        return ["net"]
+
+    def _api_set_leverage(self, call):
+        params, account = call.params, call.account
+        lever_text = str(params.get("lever", ""))       # ccxt sends a JSON number here; OKX takes both
+        if lever_text == "":
+            raise param_missing("lever")
+        try:
+            lever = Decimal(lever_text)
+        except InvalidOperation:
+            raise param_error("lever")
+        mgn_mode = text_param(params, "mgnMode")
+        if mgn_mode not in ("cross", "isolated"):
+            raise param_error("mgnMode")
+        inst = self._instrument(text_param(params, "instId"))
+        if not lever.is_finite() or lever < 1:
+            raise param_error("lever")
+        if lever > Decimal(inst["lever"]):
+            raise OkxError("59102", "Leverage exceeds the maximum leverage. Adjust the leverage.")
+        pos_side = text_param(params, "posSide", required=False)
+        hedged_isolated = (account["pos_mode"] == "long_short_mode" and mgn_mode == "isolated"
+                           and inst["instType"] != "SPOT")
+        if pos_side and (not hedged_isolated or pos_side not in ("long", "short")):
+            raise param_error("posSide")
+        if hedged_isolated and not pos_side:
+            raise param_missing("posSide")
+        for side in self._lever_sides(account, inst, mgn_mode, pos_side):
+            account["leverage"][(inst["instId"], mgn_mode, side)] = lever
+            position = account["positions"].get((inst["instId"], mgn_mode, side))
+            if position:
+                position["lever"] = lever
+        return [{"lever": fmt(lever), "mgnMode": mgn_mode, "instId": inst["instId"], "posSide": pos_side}]
+
+    def _api_leverage_info(self, call):
+        params, account = call.params, call.account
+        mgn_mode = text_param(params, "mgnMode")
+        if mgn_mode not in ("cross", "isolated"):
+            raise param_error("mgnMode")
+        inst_ids = text_param(params, "instId").split(",")
+        if len(inst_ids) > 20:
+            raise param_error("instId")
+        rows = []
+        for inst_id in inst_ids:
+            inst = self._instrument(inst_id)
+            for side in self._lever_sides(account, inst, mgn_mode):
+                lever = account["leverage"].get((inst_id, mgn_mode, side), DEFAULT_LEVER)
+                rows.append({"instId": inst_id, "mgnMode": mgn_mode, "posSide": side, "lever": fmt(lever)})
+        return rows
+
+    def _api_set_position_mode(self, call):
+        mode = text_param(call.params, "posMode")
+        if mode not in ("net_mode", "long_short_mode"):
+            raise param_error("posMode")
+        busy = call.account["positions"] or any(
+            o["state"] in PENDING and o["instType"] != "SPOT" for o in call.account["orders"].values())
+        if busy:
+            raise OkxError("59000", "Settings failed. Close any open positions or orders before modifying settings.")
+        call.account["pos_mode"] = mode
+        return [{"posMode": mode}]
+
+    # -- trading ---------------------------------------------------------------------------------------
+
+    def _new_order_row(self, account, inst, ctime, cl_ord_id, tag, side, ord_type, sz, px, td_mode, pos_side,
+                       tgt_ccy, reduce_only):
+        spot = inst["instType"] == "SPOT"
+        base, quote = inst["instId"].split("-")[:2]
+        fee_ccy = (base if side == "buy" else quote) if spot else inst["settleCcy"]
+        lever = "" if spot else fmt(account["leverage"].get((inst["instId"], td_mode, pos_side), DEFAULT_LEVER))
+        order = dict.fromkeys(("algoClOrdId", "algoId", "attachAlgoClOrdId", "cancelSource", "cancelSourceReason",
+                               "ccy", "pxType", "pxUsd", "pxVol", "quickMgnType", "slOrdPx", "slTriggerPx",
+                               "slTriggerPxType", "source", "stpId", "tpOrdPx", "tpTriggerPx", "tpTriggerPxType",
+                               "avgPx", "fillPx", "fillTime", "tradeId"), "")
+        order.update({
+            "accFillSz": "0", "attachAlgoOrds": [], "cTime": str(ctime), "category": "normal",
+            "clOrdId": cl_ord_id, "fee": "0", "feeCcy": fee_ccy, "fillSz": "0", "instId": inst["instId"],
+            "instType": inst["instType"],
+            "isTpLimit": "false", "lever": lever, "linkedAlgoOrd": {"algoId": ""},
+            "ordId": str(ctime * 1000000 + self._seq % 1000000), "ordType": ord_type, "pnl": "0",
+            "posSide": pos_side, "px": "" if px is None else fmt(px), "rebate": "0",
+            "rebateCcy": quote if spot else inst["settleCcy"], "reduceOnly": "true" if reduce_only else "false",
+            "side": side, "state": "live", "stpMode": "cancel_maker", "sz": fmt(sz), "tag": tag,
+            "tdMode": td_mode, "tgtCcy": tgt_ccy, "tradeQuoteCcy": quote if spot else "", "uTime": str(ctime),
+            "_reserve": None,     # (ccy, amount) still frozen for the unfilled rest of the order
+            "_target": sz,        # fill size (base ccy or contracts) that completes the order
+        })
+        self._seq += 1
+        return order
+
+    def _closable(self, account, inst_id, td_mode, pos_side, long):
+        """Contracts of a position that may still be closed: its size minus pending closing orders."""
+        position = account["positions"].get((inst_id, td_mode, pos_side))
+        if not position or (pos_side == "net" and (position["pos"] > 0) != long):
+            return Decimal(0)
+        claimed = sum(o["_target"] - Decimal(o["accFillSz"]) for o in account["orders"].values()
+                      if o["state"] in PENDING and o["instId"] == inst_id and o["tdMode"] == td_mode
+                      and o["posSide"] == pos_side and self._is_closing(account, o))
+        return abs(position["pos"]) - claimed
+
+    @staticmethod
+    def _is_closing(account, order):
+        if account["pos_mode"] == "long_short_mode":
+            return (order["side"] == "sell") == (order["posSide"] == "long")
+        return order["reduceOnly"] == "true"
+
+    def _place(self, account, params, headers):
+        """Place an order as OKX does: check its parameters, reserve funds or margin, store it and fill
+        what crosses the book. An OkxError raised here becomes the answer's sCode/sMsg."""
+        exp_time = headers.get("expTime", "")
+        if exp_time:
+            if not exp_time.isdigit():
+                raise param_error("expTime")
+            if self.now_ms() > int(exp_time):
+                raise OkxError("50037", "Order expired.")
+        inst = self._instrument(text_param(params, "instId"))
+        inst_id, spot = inst["instId"], inst["instType"] == "SPOT"
+        td_mode = text_param(params, "tdMode")
+        if td_mode not in (("cash",) if spot else ("cross", "isolated")):
+            raise param_error("tdMode")
+        if not spot and account["acct_lv"] == "1":
+            raise OkxError("51010", "You can't complete this request under your current account mode.")
+        side = text_param(params, "side")
+        if side not in ("buy", "sell"):
+            raise param_error("side")
+        ord_type = text_param(params, "ordType")
+        if ord_type not in ORDER_TYPES:
+            raise param_error("ordType")
+        cl_ord_id = text_param(params, "clOrdId", required=False)
+        if cl_ord_id and not ID_PATTERN.match(cl_ord_id):
+            raise param_error("clOrdId")
+        tag = text_param(params, "tag", required=False)
+        if tag and not TAG_PATTERN.match(tag):
+            raise param_error("tag")
+        reduce_only = params.get("reduceOnly", False)
+        if not isinstance(reduce_only, bool):
+            raise param_error("reduceOnly")
+        hedge = account["pos_mode"] == "long_short_mode" and not spot
+        pos_side = text_param(params, "posSide", required=False)
+        if pos_side not in (("long", "short") if hedge else ("", "net")):
+            raise param_error("posSide")
+        pos_side = pos_side or "net"
+        sz = decimal_param(params, "sz")
+        tgt_ccy = text_param(params, "tgtCcy", required=False)
+        if tgt_ccy and (tgt_ccy not in ("base_ccy", "quote_ccy") or not spot or ord_type != "market"):
+            raise param_error("tgtCcy")
+        if spot and ord_type == "market" and not tgt_ccy:
+            tgt_ccy = "quote_ccy" if side == "buy" else "base_ccy"
+        tick, lot, min_sz = Decimal(inst["tickSz"]), Decimal(inst["lotSz"]), Decimal(inst["minSz"])
+        px = None
+        if ord_type != "market":
+            px = decimal_param(params, "px")
+            if px % tick:
+                raise param_error("px")
+        market = self._market[inst_id]
+        best = market["ask"] if side == "buy" else market["bid"]
+        crosses = ord_type == "market" or (px >= best if side == "buy" else px <= best)
+        if cl_ord_id and any(o["clOrdId"] == cl_ord_id and o["state"] in PENDING for o in account["orders"].values()):
+            raise OkxError("51016", "Client order ID already exists.")
+        target = sz
+        if tgt_ccy == "quote_ccy":                       # sz is an amount of quote currency
+            target = (sz / best).quantize(lot, ROUND_DOWN)
+        elif sz % lot:
+            raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+        if target < min_sz:
+            raise OkxError("51020", "Your order should meet or exceed the minimum order amount.")
+        if ord_type == "post_only" and crosses:
+            raise OkxError("51019", "Order failed. The post-only order would take liquidity.")
+        price = px if px is not None else best
+
+        # What the order freezes until it fills: the quote (buy) or base (sell) of a spot order, the
+        # initial margin of the part of a derivative order that opens a position.
+        if spot:
+            base, quote = inst_id.split("-")
+            if side == "buy":
+                reserve = (quote, sz if tgt_ccy == "quote_ccy" else target * price)
+            else:
+                reserve = (base, target)
+        else:
+            closing = self._is_closing(account, {"side": side, "posSide": pos_side,
+                                                 "reduceOnly": "true" if reduce_only else "false"})
+            position = account["positions"].get((inst_id, td_mode, pos_side))
+            if closing:
+                long = pos_side == "long" if hedge else side == "sell"
+                closable = self._closable(account, inst_id, td_mode, pos_side, long)
+                if not position or (not hedge and (position["pos"] > 0) != long):
+                    raise OkxError("51169", "Order failed because you don't have any positions in this direction"
+                                            " for this contract to reduce or close.")
+                if sz > closable:
+                    raise OkxError("51170", "Order failed. The reduce-only order size exceeds the closable"
+                                            " position.")
+                opening = Decimal(0)
+            elif not hedge and position and (position["pos"] > 0) != (side == "buy"):
+                opening = max(Decimal(0), sz - abs(position["pos"]))
+            else:
+                opening = sz
+            lever = account["leverage"].get((inst_id, td_mode, pos_side), DEFAULT_LEVER)
+            reserve = (inst["settleCcy"], rounded(self._notional(inst, opening, price) / lever))
+        ccy, amount = reserve
+        balance = account["balances"].setdefault(ccy, [Decimal(0), Decimal(0)])
+        if balance[0] < amount:
+            raise OkxError("51008", "Order failed. Insufficient %s balance in account." % ccy)
+
+        order = self._new_order_row(account, inst, self.now_ms(), cl_ord_id, tag, side, ord_type, sz, px,
+                                    td_mode, pos_side, tgt_ccy, reduce_only)
+        order.update(_target=target, _reserve=reserve)
+        balance[0] -= amount
+        balance[1] += amount
+        account["orders"][order["ordId"]] = order
+        if crosses:                 # takers fill at once, all of it, at the best price
+
+            self._fill(account, order, target, best)
+        if ord_type in ("market", "ioc", "fok") and order["state"] in PENDING:
+            self._cancel(account, order)
+        return order
+
+    def _fill(self, account, order, qty, price):
+        """Fill `qty` of an order at `price`: balances, fee, position and the order's fill fields."""
+        inst = self._instruments[order["instId"]]
+        filled_before = Decimal(order["accFillSz"])
+        remaining = order["_target"] - filled_before
+        if order["_reserve"]:                  # unfreeze this fill's share of the reservation
+            ccy, amount = order["_reserve"]
+            released = amount if qty == remaining else rounded(amount * qty / remaining)
+            balance = account["balances"][ccy]
+            balance[0] += released
+            balance[1] -= released
+            order["_reserve"] = (ccy, amount - released) if qty < remaining else None
+        pnl = Decimal(0)
+        if inst["instType"] == "SPOT":
+            base, quote = inst["instId"].split("-")
+            value = qty * price
+            balances = account["balances"]
+            for ccy in (base, quote):
+                balances.setdefault(ccy, [Decimal(0), Decimal(0)])
+            if order["side"] == "buy":
+                fee = qty * self.fee_rate
+                balances[quote][0] -= value
+                balances[base][0] += qty - fee
+            else:
+                fee = value * self.fee_rate
+                balances[base][0] -= qty
+                balances[quote][0] += value - fee
+        else:
+            fee = self._notional(inst, qty, price) * self.fee_rate
+            pnl = self._move_position(account, inst, order, qty, price)
+            account["balances"][inst["settleCcy"]][0] -= fee
+        filled = filled_before + qty
+        old_avg = Decimal(order["avgPx"] or 0)
+        stamp = str(self.now_ms())
+        order.update(
+            accFillSz=fmt(filled), avgPx=fmt(rounded((old_avg * filled_before + price * qty) / filled, 10)),
+            fillPx=fmt(price), fillSz=fmt(qty), fillTime=stamp, tradeId=self._next_id(900000000),
+            fee=fmt(Decimal(order["fee"]) - fee), pnl=fmt(Decimal(order["pnl"]) + pnl), uTime=stamp,
+            state="filled" if filled >= order["_target"] else "partially_filled")
+
+    def _move_position(self, account, inst, order, qty, price):
+        """Apply a derivative fill to the position; returns the realised profit (settle currency)."""
+        hedge = account["pos_mode"] == "long_short_mode"
+        key = (inst["instId"], order["tdMode"], order["posSide"])
+        position = account["positions"].get(key)
+        if position is None:
+            position = account["positions"][key] = {
+                "instId": inst["instId"], "mgnMode": order["tdMode"], "posSide": order["posSide"],
+                "pos": Decimal(0), "avgPx": price, "margin": Decimal(0), "realizedPnl": Decimal(0),
+                "lever": Decimal(order["lever"]), "posId": self._next_id(int(self.now_ms()) * 100000),
+                "cTime": self.now_ms(), "uTime": self.now_ms()}
+        buy, pnl = order["side"] == "buy", Decimal(0)
+        if hedge:
+            sign = 1
+            closing = min(qty, position["pos"]) if self._is_closing(account, order) else Decimal(0)
+            opening = qty - closing if not self._is_closing(account, order) else Decimal(0)
+        else:
+            sign = 1 if buy else -1
+            against = position["pos"] != 0 and (position["pos"] > 0) != buy
+            closing = min(qty, abs(position["pos"])) if against else Decimal(0)
+            opening = qty - closing
+        balance = account["balances"].setdefault(inst["settleCcy"], [Decimal(0), Decimal(0)])
+        if closing:
+            size = abs(position["pos"])
+            long = order["posSide"] == "long" or (order["posSide"] == "net" and position["pos"] > 0)
+            margin = rounded(position["margin"] * closing / size)
+            pnl = self._pnl(inst, long, position["avgPx"], price, closing)
+            position["margin"] -= margin
+            position["realizedPnl"] += pnl
+            position["pos"] += -closing if hedge else closing * sign
+            balance[0] += margin + pnl
+            balance[1] -= margin
+        if opening:
+            size = abs(position["pos"])
+            position["avgPx"] = rounded((position["avgPx"] * size + price * opening) / (size + opening), 10)
+            margin = rounded(self._notional(inst, opening, price) / position["lever"])
+            position["margin"] += margin
+            position["pos"] += opening * sign
+            balance[0] -= margin
+            balance[1] += margin
+        position["uTime"] = self.now_ms()
+        if position["pos"] == 0:
+            del account["positions"][key]
+        return pnl
+
+    def _cancel(self, account, order):
+        if order["_reserve"]:
+            ccy, amount = order["_reserve"]
+            account["balances"][ccy][0] += amount
+            account["balances"][ccy][1] -= amount
+            order["_reserve"] = None
+        order.update(state="canceled", uTime=str(self.now_ms()))
+
+    def _find_order(self, account, inst_id, ord_id, cl_ord_id):
+        """By ordId, or else the latest order with that clOrdId; None when unknown."""
+        if ord_id:
+            order = account["orders"].get(ord_id)
+            return order if order and order["instId"] == inst_id else None
+        same = [o for o in account["orders"].values() if o["clOrdId"] == cl_ord_id and o["instId"] == inst_id]
+        return max(same, key=lambda o: int(o["ordId"])) if same else None
+
+    def _kept(self, order, now, days, unfilled_canceled):
+        """Whether a finished order is still listed: placed within `days`; a canceled order without fills
+        only when `unfilled_canceled` and canceled less than 2 hours ago."""
+        if int(order["cTime"]) < now - days * DAY_MS:
+            return False
+        if order["state"] in ("canceled", "mmp_canceled") and Decimal(order["accFillSz"]) == 0:
+            return unfilled_canceled and int(order["uTime"]) >= now - CANCELED_KEPT_MS
+        return True
+
+    def _trade_answer(self, code, row, in_time):
+        return {"code": code, "msg": "", "data": [row], "inTime": str(in_time),
+                "outTime": str(int(time.time() * 1000000))}
+
+    def _api_place_order(self, call):
+        in_time, params = int(time.time() * 1000000), call.params
+        try:
+            order = self._place(call.account, params, call.headers)
+        except OkxError as error:
+            return self._trade_answer("1", {"ordId": "", "clOrdId": str(params.get("clOrdId", "")),
+                                            "tag": str(params.get("tag", "")), "ts": str(self.now_ms()),
+                                            "sCode": error.code, "sMsg": error.msg}, in_time)
+        return self._trade_answer("0", {"ordId": order["ordId"], "clOrdId": order["clOrdId"], "tag": order["tag"],
+                                        "ts": order["cTime"], "sCode": "0", "sMsg": "Order placed"}, in_time)
+
+    def _api_cancel_order(self, call):
+        in_time, params = int(time.time() * 1000000), call.params
+        ord_id, cl_ord_id = str(params.get("ordId", "")), str(params.get("clOrdId", ""))
+        try:
+            inst = self._instrument(text_param(params, "instId"))
+            if not ord_id and not cl_ord_id:
+                raise param_missing("ordId")
+            order = self._find_order(call.account, inst["instId"], ord_id, cl_ord_id)
+            if order is None or order["state"] not in PENDING:
+                raise OkxError("51400", "Order cancellation failed as the order has been filled, canceled or does"
+                                        " not exist.")
+        except OkxError as error:
+            return self._trade_answer("1", {"ordId": ord_id, "clOrdId": cl_ord_id, "ts": str(self.now_ms()),
+                                            "sCode": error.code, "sMsg": error.msg}, in_time)
+        self._cancel(call.account, order)
+        return self._trade_answer("0", {"ordId": order["ordId"], "clOrdId": order["clOrdId"],
+                                        "ts": str(self.now_ms()), "sCode": "0", "sMsg": ""}, in_time)
+
+    def _api_get_order(self, call):
+        params = call.params
+        inst = self._instrument(text_param(params, "instId"))
+        ord_id = text_param(params, "ordId", required=False)
+        cl_ord_id = text_param(params, "clOrdId", required=False)
+        if not ord_id and not cl_ord_id:
+            raise param_missing("ordId")
+        order = self._find_order(call.account, inst["instId"], ord_id, cl_ord_id)
+        if order is None or (order["state"] in FINISHED and not self._kept(order, self.now_ms(), ARCHIVE_DAYS, True)):
+            raise OkxError("51603", "Order does not exist.")
+        return [public_order(order)]
+
+    def _order_filters(self, params, states):
+        """The instType/instId/ordType/state filters shared by the order lists, as a predicate."""
+        inst_type = self._inst_type_param(params, required=False)
+        inst_id = text_param(params, "instId", required=False)
+        ord_type = text_param(params, "ordType", required=False)
+        state = text_param(params, "state", required=False)
+        if state and state not in states:
+            raise param_error("state")
+
+        def wanted(order):
+            return (order["state"] in ((state,) if state else states)
+                    and inst_type in ("", order["instType"]) and inst_id in ("", order["instId"])
+                    and ord_type in ("", order["ordType"]))
+        return wanted
+
+    def _api_orders_pending(self, call):
+        wanted = self._order_filters(call.params, PENDING)
+        return [public_order(o) for o in page_by_ord_id(filter(wanted, call.account["orders"].values()),
+                                                        call.params)]
+
+    def _finished_orders(self, call, days, unfilled_canceled):
+        params = call.params
+        self._inst_type_param(params)
+        wanted = self._order_filters(params, FINISHED)
+        begin, end, now = ms_param(params, "begin"), ms_param(params, "end"), self.now_ms()
+        rows = [o for o in call.account["orders"].values() if wanted(o) and self._kept(o, now, days, unfilled_canceled)
+                and (begin is None or int(o["cTime"]) >= begin) and (end is None or int(o["cTime"]) <= end)]
+        return [public_order(o) for o in page_by_ord_id(rows, params)]
+
+    def _api_orders_history(self, call):
+        return self._finished_orders(call, HISTORY_DAYS, True)
+
+    def _api_orders_history_archive(self, call):
+        return self._finished_orders(call, ARCHIVE_DAYS, False)
+
+
+# -- HTTP plumbing ------------------------------------------------------------------------------------------
+
+def _drop_sockets(lock, sockets):
+    """Shut down every tracked socket so that the threads serving them return at once."""
+    with lock:
+        open_sockets = list(sockets)
+        sockets.clear()
+    for sock in open_sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _reset(sock):
+    """Close a socket with a TCP RST instead of a FIN (SO_LINGER on, timeout 0)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class _FakeOKXServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    ssl_context = None
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.ssl_context is not None:      # the handshake itself runs in the handler's thread
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request, client_address):
+        pass      # clients that hang up or reject the certificate are part of the tests
+
+
+class _FakeOKXHandler(BaseHTTPRequestHandler):
+    """Serves one connection for a FakeOKX: HTTP/1.1 keep-alive, Content-Length on every answer.
+
+    Faults, taken in order by path prefix: `timeout` (no answer; the connection closes after 30 s or when
+    the fake stops), `reset` (RST, no answer), `slow` (2 s delay, then a normal answer), the canned answers
+    of CANNED_FAULTS, and `timeout_after_process` / `reset_after_process`, which first carry the request
+    out (an order really is placed) and then hang or reset instead of answering.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeOKX/1.0"
+    disable_nagle_algorithm = True
+
+    def setup(self):
+        fake = self.server.fake
+        with fake._lock:
+            fake.connections += 1
+            fake._sockets.add(self.request)
+        try:
+            if fake.handshake_ms:
+                time.sleep(fake.handshake_ms / 1000)
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.do_handshake()
+        except (OSError, ValueError):
+            with fake._lock:
+                fake._sockets.discard(self.request)
+            raise
+        super().setup()
+
+    def finish(self):
+        try:
+            super().finish()
+        except OSError:
+            pass
+        with self.server.fake._lock:
+            self.server.fake._sockets.discard(self.request)
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_GET(self):
+        self._serve(self.command)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def _hang(self, fake):
+        fake._stopping.wait(30)
+        self.close_connection = True
+
+    def _serve(self, method):
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        path, _, query = self.path.partition("?")
+        with fake._lock:
+            fake.requests.append({"method": method, "path": path, "query": query,
+                                  "headers": dict(self.headers.items()), "body": body})
+        if fake.latency_ms:
+            time.sleep(fake.latency_ms / 1000)
+        kind = fake._take_fault(path)
+        if kind == "timeout":
+            return self._hang(fake)
+        if kind == "reset":
+            self.close_connection = True
+            return _reset(self.connection)
+        if kind in CANNED_FAULTS:
+            return self._send(*CANNED_FAULTS[kind])
+        if kind == "slow":
+            fake._stopping.wait(2)
+        status, answer = fake._dispatch(method, self.path, self.headers, body, self.client_address[0])
+        if kind == "timeout_after_process":
+            return self._hang(fake)
+        if kind == "reset_after_process":
+            self.close_connection = True
+            return _reset(self.connection)
+        self._send(status, "application/json", json.dumps(answer, separators=(",", ":")).encode())
+
+    def _send(self, status, content_type, body):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+# -- CONNECT proxy ------------------------------------------------------------------------------------------
+
+class _ProxyServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+class _ProxyHandler(socketserver.BaseRequestHandler):
+    """One client of a FakeProxy: read the CONNECT request, check it, then relay bytes both ways."""
+
+    def handle(self):
+        proxy, client = self.server.proxy, self.request
+        with proxy._lock:
+            proxy._sockets.add(client)
+        try:
+            self._tunnel(proxy, client)
+        finally:
+            with proxy._lock:
+                proxy._sockets.discard(client)
+
+    @staticmethod
+    def _reply(client, status, extra=""):
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        client.sendall(("HTTP/1.1 %d %s\r\n%sContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        % (status, phrase, extra)).encode("latin-1"))
+
+    def _tunnel(self, proxy, client):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk or len(head) > 65536:
+                return
+            head += chunk
+        head, _, early_bytes = head.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target = (lines[0].split(" ") + ["", ""])[:2]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        auth = headers.get("proxy-authorization")
+        with proxy._lock:
+            if auth is not None:
+                proxy.auth_seen.append(auth)
+        if method.upper() != "CONNECT":
+            return self._reply(client, 405)
+        if proxy.refuse_status:
+            return self._reply(client, proxy.refuse_status)
+        if proxy.user is not None and auth != proxy.expected_auth:
+            return self._reply(client, 407, 'Proxy-Authenticate: Basic realm="fake-proxy"\r\n')
+        host, _, port = target.rpartition(":")
+        try:
+            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+        except (OSError, ValueError):
+            return self._reply(client, 502)
+        upstream.settimeout(None)
+        with proxy._lock:
+            proxy.tunnels += 1
+            proxy._sockets.add(upstream)
+        try:
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if early_bytes:
+                upstream.sendall(early_bytes)
+            self._relay(client, upstream)
+        finally:
+            with proxy._lock:
+                proxy._sockets.discard(upstream)
+            upstream.close()
+
+    @staticmethod
+    def _relay(client, upstream):
+        peers = {client: upstream, upstream: client}
+        while True:
+            readable, _, _ = select.select(list(peers), [], [], 1.0)
+            for sock in readable:
+                try:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    peers[sock].sendall(data)
+                except OSError:
+                    return
+
+
+class FakeProxy:
+    """An HTTP CONNECT proxy on 127.0.0.1 for the proxy tests.
+
+    With `user`/`password` it answers `407 Proxy Authentication Required` (and `Proxy-Authenticate: Basic`)
+    to a CONNECT without those Basic credentials; with `refuse_status` (e.g. 403 or 502) it refuses every
+    CONNECT with that status. After `200 Connection established` it relays bytes until either side closes.
+    `url` has no credentials; `tunnels` counts accepted CONNECTs; `auth_seen` lists the
+    Proxy-Authorization headers received.
+    """
+
+    def __init__(self, user=None, password=None, refuse_status=None):
+        self.user, self.password, self.refuse_status = user, password, refuse_status
+        credentials = "%s:%s" % (user, password or "")
+        self.expected_auth = "Basic " + base64.b64encode(credentials.encode()).decode()
+        self.tunnels = 0
+        self.auth_seen = []
+        self._lock = threading.Lock()
+        self._sockets = set()
+        self._server = None
+
+    def start(self):
+        self._server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
+        self._server.proxy = self
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        return self
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        _drop_sockets(self._lock, self._sockets)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self._server.server_address[1]
+
+
+# -- a direct OKX client, for tests of the fake ----------------------------------------------------------
+
+def okx_request(base_url, method, request_path, body=None, key=KEY, secret=None, passphrase=None,
+                timestamp=None, simulated=None, signed=True, headers=None, proxy=None, cafile=None, timeout=5):
+    """Send one request straight to a FakeOKX and return (HTTP status, parsed JSON or the raw text).
+
+    `request_path` includes the query string; `body` is a dict (sent as compact JSON) or a string.
+    Signed requests use the secret and passphrase of `key` unless given; `simulated` defaults to
+    whether `key` is DEMO_KEY. `proxy` is a proxy url to tunnel through (`http://user:password@host:port`
+    sends Basic credentials); `cafile` trusts an https fake. A refused CONNECT raises OSError.
+    """
+    known = {KEY: (SECRET, PASSPHRASE), DEMO_KEY: (DEMO_SECRET, DEMO_PASSPHRASE)}.get(key, ("", ""))
+    secret = known[0] if secret is None else secret
+    passphrase = known[1] if passphrase is None else passphrase
+    text = body if isinstance(body, str) or body is None else json.dumps(body, separators=(",", ":"))
+    send_headers = {"Content-Type": "application/json"} if method != "GET" else {}
+    if signed:
+        timestamp = timestamp or okx_timestamp()
+        send_headers.update({"OK-ACCESS-KEY": key, "OK-ACCESS-PASSPHRASE": passphrase, "OK-ACCESS-TIMESTAMP": timestamp,
+                             "OK-ACCESS-SIGN": sign_okx(secret, timestamp, method, request_path, text or "")})
+    if simulated if simulated is not None else key == DEMO_KEY:
+        send_headers["x-simulated-trading"] = "1"
+    send_headers.update(headers or {})
+    target = urllib.parse.urlsplit(base_url)
+    connect_to = urllib.parse.urlsplit(proxy) if proxy else target
+    if target.scheme == "https":
+        context = ssl.create_default_context(cafile=cafile)
+        conn = http.client.HTTPSConnection(connect_to.hostname, connect_to.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(connect_to.hostname, connect_to.port, timeout=timeout)
+    if proxy:
+        tunnel_headers = {}
+        if connect_to.username is not None:
+            credentials = "%s:%s" % (urllib.parse.unquote(connect_to.username),
+                                     urllib.parse.unquote(connect_to.password or ""))
+            tunnel_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        conn.set_tunnel(target.hostname, target.port, headers=tunnel_headers)
+    try:
+        conn.request(method, request_path, body=text.encode() if text is not None else None, headers=send_headers)
+        response = conn.getresponse()
+        raw = response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(raw)
+    except ValueError:
+        return response.status, raw
+
+
+# ---- Tests ----
+
+class FakeSelfTest(unittest.TestCase):
+    """The fake checked on its own, with a signing helper independent of the plugin."""
+
+    def setUp(self):
+        self.fake = FakeOKX().start()
+        self.addCleanup(self.fake.stop)
+
+    def test_signed_balance_call_succeeds(self):
+        status, answer = okx_request(self.fake.base_url, "GET", "/api/v5/account/balance")
+        self.assertEqual((status, answer["code"]), (200, "0"))
+        usdt = [row for row in answer["data"][0]["details"] if row["ccy"] == "USDT"][0]
+        self.assertEqual((usdt["availBal"], usdt["frozenBal"]), ("10000", "0"))
+
+    def test_wrong_signature_is_50113_with_http_401(self):
+        status, answer = okx_request(self.fake.base_url, "GET", "/api/v5/account/balance", secret="not-the-secret")
+        self.assertEqual((status, answer["code"], answer["msg"]), (401, "50113", "Invalid Sign"))
+
+    def test_timestamp_outside_30_seconds_is_50102(self):
+        self.fake.clock_skew_ms = 45000
+        status, answer = okx_request(self.fake.base_url, "GET", "/api/v5/account/config")
+        self.assertEqual((status, answer["code"]), (401, "50102"))
+        status, answer = okx_request(self.fake.base_url, "GET", "/api/v5/account/config",
+                                     timestamp=okx_timestamp(self.fake.now_ms()))
+        self.assertEqual((status, answer["code"]), (200, "0"))
+
+    def test_limit_order_rests_is_listed_and_cancels(self):
+        order = {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000",
+                 "sz": "0.01", "clOrdId": "selftest1"}
+        status, placed = okx_request(self.fake.base_url, "POST", "/api/v5/trade/order", order)
+        self.assertEqual((status, placed["code"], placed["data"][0]["sCode"]), (200, "0", "0"))
+        ord_id = placed["data"][0]["ordId"]
+        self.assertEqual(len(ord_id), 19)
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9700"), Decimal("300")))
+        _, pending = okx_request(self.fake.base_url, "GET", "/api/v5/trade/orders-pending?instId=BTC-USDT")
+        self.assertEqual([(o["ordId"], o["state"], o["px"]) for o in pending["data"]], [(ord_id, "live", "30000")])
+        _, again = okx_request(self.fake.base_url, "POST", "/api/v5/trade/order", order)
+        self.assertEqual((again["code"], again["data"][0]["sCode"]), ("1", "51016"))
+        _, canceled = okx_request(self.fake.base_url, "POST", "/api/v5/trade/cancel-order",
+                                  {"instId": "BTC-USDT", "ordId": ord_id})
+        self.assertEqual(canceled["data"][0]["sCode"], "0")
+        _, detail = okx_request(self.fake.base_url, "GET", "/api/v5/trade/order?instId=BTC-USDT&clOrdId=selftest1")
+        self.assertEqual(detail["data"][0]["state"], "canceled")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))
+
+    def test_proxy_tunnels_to_tls_fake_with_credentials(self):
+        fake = FakeOKX(tls=True).start()
+        self.addCleanup(fake.stop)
+        with FakeProxy(user="robot", password="s3cret") as proxy:
+            with self.assertRaises(OSError):        # http.client: "Tunnel connection failed: 407 ..."
+                okx_request(fake.base_url, "GET", "/api/v5/public/time", proxy=proxy.url, cafile=fake.cert_path,
+                            signed=False)
+            with_credentials = proxy.url.replace("http://", "http://robot:s3cret@")
+            status, answer = okx_request(fake.base_url, "GET", "/api/v5/public/time", proxy=with_credentials,
+                                         cafile=fake.cert_path, signed=False)
+        self.assertEqual((status, answer["code"]), (200, "0"))
+        self.assertEqual((proxy.tunnels, fake.connections), (1, 1))
+        self.assertEqual(proxy.auth_seen, ["Basic " + base64.b64encode(b"robot:s3cret").decode()])
+
+    def test_candle_paging_has_no_gaps_or_duplicates(self):
+        seen, after = [], ""
+        while len(seen) < 700:
+            path = "/api/v5/market/%s?instId=BTC-USDT&bar=1H&limit=%d%s" % (
+                "candles" if len(seen) < 300 else "history-candles", 300 if len(seen) < 300 else 100, after)
+            status, answer = okx_request(self.fake.base_url, "GET", path, signed=False)
+            self.assertEqual((status, answer["code"]), (200, "0"))
+            seen += [int(row[0]) for row in answer["data"]]
+            after = "&after=%d" % seen[-1]
+        self.assertEqual(seen, list(range(seen[0], seen[0] - 3600000 * len(seen), -3600000)))
+        self.assertEqual(answer["data"][0][8], "1")
+
+
+if __name__ == "__main__":
+    unittest.main()
