@@ -1679,6 +1679,575 @@ def okx_request(base_url, method, request_path, body=None, key=KEY, secret=None,
 
 # ---- Tests ----
 
+import logging
+import signal
+import subprocess
+import sys
+
+import fmz_custom_protocol as plugin
+
+SECRET_FIELD = SECRET + "," + PASSPHRASE
+DEMO_SECRET_FIELD = DEMO_SECRET + "," + DEMO_PASSPHRASE + ",simulate"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class LogCapture(logging.Handler):
+    """Keeps every formatted plugin log line (at debug level) so tests can read them."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(docker_method)s] %(message)s"))
+        self.addFilter(plugin._MethodLogFilter())
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+LOGS = LogCapture()
+plugin.log.handlers[:] = [LOGS]
+plugin.log.setLevel(logging.DEBUG)
+plugin.log.propagate = False
+
+
+class Docker:
+    """Talks to the plugin as FMZ's docker does: POST /OKX with a JSON body, on a kept-alive connection."""
+
+    def __init__(self, port, exchange="OKX", access_key=KEY, secret_key=SECRET_FIELD, timeout=30):
+        self.port, self.exchange, self.timeout = port, exchange, timeout
+        self.access_key, self.secret_key = access_key, secret_key
+        self.connection = None
+        self.nonce = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
+
+    def send(self, body, path=None, headers=None, verb="POST"):
+        """Send raw bytes; return (HTTP status, parsed JSON answer)."""
+        if self.connection is None:
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        all_headers = {"Content-Type": "application/json"}
+        all_headers.update(headers or {})
+        try:
+            self.connection.request(verb, path or "/" + self.exchange, body=body, headers=all_headers)
+            response = self.connection.getresponse()
+            raw = response.read()
+        except Exception:
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        return response.status, json.loads(raw.decode("utf-8"))
+
+    def call(self, method, params=None, nonce=None, headers=None, **fields):
+        """One docker call; returns the plugin's answer (a dict with "data" or "error")."""
+        if nonce is None:
+            self.nonce += 1
+            nonce = self.nonce
+        body = {"access_key": fields.get("access_key", self.access_key),
+                "secret_key": fields.get("secret_key", self.secret_key),
+                "nonce": nonce, "method": method, "params": {} if params is None else params}
+        status, answer = self.send(json.dumps(body).encode("utf-8"), headers=headers)
+        assert status == 200, (status, answer)
+        return answer
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class PluginTestCase(unittest.TestCase):
+    """Starts a fake OKX and the plugin (in this process, on a free loopback port) for every test."""
+
+    fake_options = {}
+    plugin_options = {}
+
+    def setUp(self):
+        self.fake = FakeOKX(**self.fake_options).start()
+        self.addCleanup(self.fake.stop)
+        self.server = self.start_plugin(**self.plugin_options)
+        self.docker = Docker(self.server.server_address[1])
+        self.addCleanup(self.docker.close)
+        del LOGS.lines[:]
+
+    def start_plugin(self, **options):
+        options.setdefault("api_base", self.fake.base_url)
+        options.setdefault("timeout", 5.0)
+        options.setdefault("stream", False)
+        server = plugin.PluginServer(("127.0.0.1", 0), plugin.Config(**options))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        self.addCleanup(stop)
+        return server
+
+    def data(self, method, params=None, **fields):
+        """The answer's data; fails the test when the plugin answered an error."""
+        answer = self.docker.call(method, params, **fields)
+        self.assertNotIn("error", answer)
+        self.assertIn("data", answer)
+        return answer["data"]
+
+    def error(self, method, params=None, **fields):
+        """The answer's error text; fails the test when the plugin answered data."""
+        answer = self.docker.call(method, params, **fields)
+        self.assertIn("error", answer, answer)
+        self.assertNotIn("data", answer)
+        self.assertIsInstance(answer["error"], str)
+        return answer["error"]
+
+    def okx_calls(self, path):
+        """Requests the fake received for one path."""
+        return [request for request in self.fake.requests if request["path"] == path]
+
+    def place(self, symbol="BTC_USDT", type="buy", price="30000", amount="0.01", **params):
+        """Place an order through the plugin; returns the docker order id."""
+        params.update(symbol=symbol, type=type, price=price, amount=amount)
+        return self.data("trade", params)["id"]
+
+
+# ---- Pure helpers ----
+
+class HelperTest(unittest.TestCase):
+    """The module's pure functions: symbols, decimals, bars, order states, signing."""
+
+    def test_decimal_text_keeps_the_digits_received(self):
+        self.assertEqual(plugin.decimal_text("0.00001", "amount"), "0.00001")
+        self.assertEqual(plugin.decimal_text("100.50", "price"), "100.50")
+        self.assertEqual(plugin.decimal_text(Decimal("1E-5"), "amount"), "0.00001")
+        self.assertEqual(plugin.decimal_text("1e-8", "amount"), "0.00000001")
+        self.assertEqual(plugin.decimal_text(3, "amount"), "3")
+        self.assertEqual(plugin.decimal_text("-1", "price", allow_negative_one=True), "-1")
+
+    def test_decimal_text_refuses_what_is_not_a_positive_number(self):
+        for bad in ("abc", "", "0", "-2", "1.2.3", "NaN", "inf", True, None, [1]):
+            with self.assertRaises(plugin.BadRequest, msg=repr(bad)):
+                plugin.decimal_text(bad, "amount")
+
+    def test_split_symbol(self):
+        self.assertEqual(plugin.split_symbol("eth_usdt"), ("ETH", "USDT", ""))
+        self.assertEqual(plugin.split_symbol("BTC_USDT.swap"), ("BTC", "USDT", "swap"))
+        self.assertEqual(plugin.split_symbol("BTC_USD", "quarter"), ("BTC", "USD", "quarter"))
+        self.assertEqual(plugin.split_symbol("BTC_USDT.spot"), ("BTC", "USDT", ""))
+        for bad in ("USDT", "", "BTC_", "_USDT", 5, None):
+            with self.assertRaises(plugin.BadRequest, msg=repr(bad)):
+                plugin.split_symbol(bad)
+
+    def test_fmz_symbol_of_inst_id(self):
+        self.assertEqual(plugin.fmz_symbol_of("ETH-USDT"), "ETH_USDT")
+        self.assertEqual(plugin.fmz_symbol_of("BTC-USDT-SWAP"), "BTC_USDT.swap")
+        self.assertEqual(plugin.fmz_symbol_of("BTC-USD-250328", "quarter"), "BTC_USD.quarter")
+        self.assertEqual(plugin.fmz_symbol_of("BTC-USD-250328"), "BTC_USD.250328")
+
+    def test_every_fmz_period_has_its_okx_bar(self):
+        expected = {1: "1m", 3: "3m", 5: "5m", 15: "15m", 30: "30m", 60: "1H", 120: "2H", 240: "4H",
+                    360: "6Hutc", 720: "12Hutc", 1440: "1Dutc", 10080: "1Wutc"}
+        for period, bar in expected.items():
+            self.assertEqual(plugin.okx_bar(period), bar)
+            self.assertEqual(plugin.okx_bar(str(period)), bar)
+        for bad in (2, 0, "60m", 43200):
+            with self.assertRaises(plugin.BadRequest):
+                plugin.okx_bar(bad)
+
+    def test_order_status(self):
+        self.assertEqual(plugin.fmz_order_status("live", "0"), "pending")
+        self.assertEqual(plugin.fmz_order_status("partially_filled", "0.1"), "partial-filled")
+        self.assertEqual(plugin.fmz_order_status("filled", "1"), "filled")
+        self.assertEqual(plugin.fmz_order_status("canceled", "0"), "canceled")
+        self.assertEqual(plugin.fmz_order_status("canceled", ""), "canceled")
+        self.assertEqual(plugin.fmz_order_status("canceled", "0.2"), "partial-canceled")
+        self.assertEqual(plugin.fmz_order_status("mmp_canceled", "0"), "canceled")
+
+    def test_signature_of_a_known_request(self):
+        # Computed independently: printf '%s' PREHASH | openssl dgst -sha256 -hmac sk-test -binary | base64
+        signature = plugin.sign_request("sk-test", "2020-12-08T09:08:57.715Z", "GET", "/api/v5/account/balance?ccy=BTC")
+        self.assertEqual(signature, "P2UGqYhTIowK5GY6ojri0bfVBQYU0Tsy86YQSMfxkWk=")
+        self.assertEqual(signature, sign_okx("sk-test", "2020-12-08T09:08:57.715Z", "GET",
+                                             "/api/v5/account/balance?ccy=BTC"))
+
+    def test_timestamp_has_three_millisecond_digits_and_z(self):
+        self.assertEqual(plugin.okx_timestamp(1607418537715), "2020-12-08T09:08:57.715Z")
+        self.assertEqual(plugin.okx_timestamp(1607418537005.9), "2020-12-08T09:08:57.005Z")
+        self.assertEqual(plugin.okx_timestamp(1607418537000), "2020-12-08T09:08:57.000Z")
+
+    def test_clord_id_from_nonce_is_stable_and_okx_valid(self):
+        clord_id = plugin.clord_id_for(1730275031047002000)
+        self.assertEqual(clord_id, "fmz1730275031047002000")
+        self.assertEqual(plugin.clord_id_for("1730275031047002000"), clord_id)
+        self.assertRegex(plugin.clord_id_for(10 ** 40), r"^[A-Za-z0-9]{1,32}$")
+        with self.assertRaises(plugin.BadRequest):
+            plugin.clord_id_for(None)
+
+    def test_secret_field(self):
+        self.assertEqual(plugin.parse_secret_field("s,p"), ("s", "p", False))
+        self.assertEqual(plugin.parse_secret_field("s,p,simulate"), ("s", "p", True))
+        self.assertEqual(plugin.parse_secret_field("s, p ,SIMULATE"), ("s", "p", True))
+        for bad in ("s", "s,", ",p", None):
+            with self.assertRaises(plugin.BadRequest):
+                plugin.parse_secret_field(bad)
+
+
+# ---- The docker's envelope ----
+
+class EnvelopeTest(PluginTestCase):
+    """How the plugin speaks HTTP with the docker: paths, verbs, method spellings, keep-alive."""
+
+    def test_answer_has_data_and_raw(self):
+        answer = self.docker.call("ticker", {"symbol": "BTC_USDT"})
+        self.assertEqual(answer["data"]["symbol"], "BTC_USDT")
+        self.assertEqual(answer["raw"]["instId"], "BTC-USDT")
+
+    def test_method_names_are_case_insensitive_and_accept_get_spelling(self):
+        for method in ("ticker", "TICKER", "GetTicker", "getticker"):
+            self.assertEqual(self.data(method, {"symbol": "ETH_USDT"})["symbol"], "ETH_USDT")
+        self.assertIn("BTC_USDT", self.data("GetMarkets"))
+        self.assertEqual(self.data("getAccount")[0].keys(), {"currency", "free", "frozen"})
+
+    def test_unknown_method_is_an_error_naming_it(self):
+        self.assertIn("'fly'", self.error("fly"))
+        self.assertEqual(self.fake.requests, [])
+
+    def test_unknown_exchange_is_an_error(self):
+        status, answer = self.docker.send(json.dumps({"method": "ticker", "params": {"symbol": "BTC_USDT"}}).encode(),
+                                          path="/Binance")
+        self.assertEqual(status, 200)
+        self.assertIn("unknown exchange", answer["error"])
+        self.assertEqual(self.okx_calls("/api/v5/market/ticker"), [])
+
+    def test_exchange_path_is_case_insensitive(self):
+        status, answer = self.docker.send(json.dumps({"method": "ticker", "params": {"symbol": "BTC_USDT"}}).encode(),
+                                          path="/okx")
+        self.assertEqual(answer["data"]["symbol"], "BTC_USDT")
+
+    def test_verbs_other_than_post_get_an_error(self):
+        for verb in ("GET", "PUT", "DELETE"):
+            status, answer = self.docker.send(b"", verb=verb)
+            self.assertEqual(status, 200)
+            self.assertIn("only POST", answer["error"])
+        self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["symbol"], "BTC_USDT")
+
+    def test_one_connection_serves_many_calls(self):
+        for _ in range(20):
+            self.data("ticker", {"symbol": "BTC_USDT"})
+        self.assertIsNotNone(self.docker.connection)
+        self.assertEqual(self.fake.connections, 1)     # and towards OKX one kept-alive connection
+
+    def test_robots_are_served_concurrently(self):
+        self.fake.latency_ms = 300
+        answers = []
+
+        def robot(method, params):
+            docker = Docker(self.server.server_address[1])
+            answers.append(docker.call(method, params))
+            docker.close()
+        robots = [threading.Thread(target=robot, args=("ticker", {"symbol": "ETH_USDT"})),
+                  threading.Thread(target=robot, args=("depth", {"symbol": "BTC_USDT", "limit": 5})),
+                  threading.Thread(target=robot, args=("accounts", {}))]
+        started = time.monotonic()
+        for thread in robots:
+            thread.start()
+        for thread in robots:
+            thread.join()
+        self.assertLess(time.monotonic() - started, 1.5)    # one after another would take 4 round trips
+        self.assertEqual(len([answer for answer in answers if "data" in answer]), 3)
+
+
+# ---- Market data ----
+
+class MarketDataTest(PluginTestCase):
+    """ticker, depth, trades, records, tickers, markets: public OKX data in the docker's shapes."""
+
+    def okx(self, path):
+        status, answer = okx_request(self.fake.base_url, "GET", path, signed=False)
+        self.assertEqual(answer["code"], "0")
+        return answer["data"]
+
+    def test_ticker_maps_okx_fields(self):
+        self.fake.set_price("ETH-USDT", "2922.18", "2922.19", last="2922.185")
+        ticker = self.data("ticker", {"symbol": "eth_usdt"})
+        row = self.okx("/api/v5/market/ticker?instId=ETH-USDT")[0]
+        self.assertAlmostEqual(ticker.pop("time"), int(row["ts"]), delta=2000)
+        self.assertEqual(ticker, {"symbol": "ETH_USDT", "buy": "2922.18", "sell": "2922.19", "high": row["high24h"],
+                                  "low": row["low24h"], "open": row["open24h"], "last": "2922.185",
+                                  "vol": row["vol24h"]})
+
+    def test_symbol_without_quote_is_an_error_without_calling_okx(self):
+        self.assertIn("'USDT'", self.error("ticker", {"symbol": "USDT"}))
+        self.assertIn("symbol", self.error("ticker", {}))
+        self.assertEqual(self.okx_calls("/api/v5/market/ticker"), [])
+
+    def test_unknown_instrument_answers_okx_code(self):
+        self.assertIn("OKX 51001", self.error("ticker", {"symbol": "NOPE_USDT"}))
+
+    def test_depth_honours_limit_and_orders_levels(self):
+        depth = self.data("depth", {"symbol": "BTC_USDT", "limit": "30"})
+        self.assertEqual((len(depth["asks"]), len(depth["bids"])), (30, 30))
+        asks = [Decimal(price) for price, _ in depth["asks"]]
+        bids = [Decimal(price) for price, _ in depth["bids"]]
+        self.assertEqual(asks, sorted(asks))
+        self.assertEqual(bids, sorted(bids, reverse=True))
+        self.assertLess(bids[0], asks[0])
+        self.assertIsInstance(depth["time"], int)
+        self.assertEqual(self.okx_calls("/api/v5/market/books")[-1]["query"], "instId=BTC-USDT&sz=30")
+        book = self.okx("/api/v5/market/books?instId=BTC-USDT&sz=30")[0]
+        self.assertEqual(depth["asks"][0], book["asks"][0][:2])
+
+    def test_depth_beyond_okx_maximum_is_capped_at_400(self):
+        depth = self.data("depth", {"symbol": "BTC_USDT", "limit": 1000})
+        self.assertEqual(len(depth["asks"]), 400)
+        self.assertIn("limit", self.error("depth", {"symbol": "BTC_USDT", "limit": "lots"}))
+
+    def test_trades_newest_first_with_taker_side(self):
+        trades = self.data("trades", {"symbol": "BTC_USDT"})
+        rows = self.okx("/api/v5/market/trades?instId=BTC-USDT&limit=100")
+        self.assertEqual(len(trades), 100)
+        self.assertEqual(trades[0], {"id": rows[0]["tradeId"], "time": int(rows[0]["ts"]), "price": rows[0]["px"],
+                                     "amount": rows[0]["sz"], "type": rows[0]["side"]})
+        self.assertTrue(all(t["type"] in ("buy", "sell") for t in trades))
+        self.assertGreaterEqual(trades[0]["time"], trades[-1]["time"])
+
+    def test_records_every_period_uses_its_bar(self):
+        for period, bar in plugin.PERIOD_TO_BAR.items():
+            bars = self.data("records", {"symbol": "BTC_USDT", "period": str(period), "limit": "5"})
+            self.assertEqual(len(bars), 5)
+            self.assertIn("bar=%s&" % bar, self.okx_calls("/api/v5/market/candles")[-1]["query"] + "&")
+        self.assertIn("period", self.error("records", {"symbol": "BTC_USDT", "period": "7"}))
+
+    def test_records_beyond_300_page_back_oldest_first(self):
+        bars = self.data("records", {"symbol": "BTC_USDT", "period": 60, "limit": 1000})
+        self.assertEqual(len(bars), 1000)
+        times = [bar[0] for bar in bars]
+        self.assertEqual(times, list(range(times[0], times[0] + 3600 * 1000, 3600)))   # ascending, no gap
+        newest = self.okx("/api/v5/market/candles?instId=BTC-USDT&bar=1H&limit=1")[0]
+        self.assertEqual(bars[-1], [int(newest[0]) // 1000] + newest[1:6])               # unfinished bar last
+        self.assertGreaterEqual(len(self.okx_calls("/api/v5/market/history-candles")), 7)
+
+    def test_tickers_lists_every_spot_instrument(self):
+        tickers = self.data("tickers")
+        symbols = {ticker["symbol"] for ticker in tickers}
+        self.assertTrue({"BTC_USDT", "ETH_USDT", "ETH_BTC"} <= symbols)
+        self.assertTrue(all("." not in symbol for symbol in symbols))
+        self.assertEqual(self.okx_calls("/api/v5/market/tickers")[-1]["query"], "instType=SPOT")
+
+    def test_markets_keyed_by_fmz_symbol_and_cached(self):
+        markets = self.data("markets")
+        btc = markets["BTC_USDT"]
+        self.assertEqual((btc["symbol"], btc["baseAsset"], btc["quoteAsset"]), ("BTC_USDT", "BTC", "USDT"))
+        self.assertEqual((btc["tickSize"], btc["pricePrecision"]), ("0.1", 1))
+        self.assertEqual((btc["amountSize"], btc["amountPrecision"], btc["minQty"]), ("0.00000001", 8, "0.00001"))
+        self.assertEqual(set(btc), {"symbol", "baseAsset", "quoteAsset", "tickSize", "amountSize", "pricePrecision",
+                                    "amountPrecision", "minQty", "maxQty", "minNotional", "maxNotional", "ctVal",
+                                    "ctValCcy"})
+        self.data("markets")
+        self.assertEqual(len(self.okx_calls("/api/v5/public/instruments")), 1)
+
+
+# ---- Account ----
+
+class AccountTest(PluginTestCase):
+    """accounts and assets: the trading account's balances; keys, passphrases and demo trading."""
+
+    def test_accounts_free_and_frozen(self):
+        self.fake.set_balance("USDT", "1234.5", frozen="65.5")
+        balances = {row["currency"]: row for row in self.data("accounts")}
+        self.assertEqual(balances["USDT"], {"currency": "USDT", "free": "1234.5", "frozen": "65.5"})
+        self.assertEqual(balances["BTC"]["free"], "0.5")
+
+    def test_assets_has_the_same_shape(self):
+        self.assertEqual(self.data("assets"), self.data("accounts"))
+
+    def test_frozen_follows_a_resting_order(self):
+        self.place(price="30000", amount="0.01")
+        usdt = [row for row in self.data("accounts") if row["currency"] == "USDT"][0]
+        self.assertEqual((Decimal(usdt["free"]), Decimal(usdt["frozen"])), (Decimal("9700"), Decimal("300")))
+
+    def test_secret_without_passphrase_is_refused_before_okx(self):
+        error = self.error("accounts", secret_key=SECRET)
+        self.assertIn("SECRET,PASSPHRASE", error)
+        self.assertNotIn(SECRET, error.replace("SECRET,PASSPHRASE", ""))
+        self.assertEqual(self.okx_calls("/api/v5/account/balance"), [])
+
+    def test_wrong_secret_answers_okx_code_with_hint(self):
+        error = self.error("accounts", secret_key="wrong," + PASSPHRASE)
+        self.assertIn("OKX 50113", error)
+        self.assertIn("hint", error)
+
+    def test_demo_key_with_simulate_uses_the_demo_header(self):
+        balances = {row["currency"]: row for row in self.data("accounts", access_key=DEMO_KEY,
+                                                              secret_key=DEMO_SECRET_FIELD)}
+        self.assertEqual(balances["USDT"]["free"], "100000")
+        request = self.okx_calls("/api/v5/account/balance")[-1]
+        self.assertEqual(request["headers"].get("x-simulated-trading"), "1")
+
+    def test_demo_key_without_simulate_explains_50101(self):
+        error = self.error("accounts", access_key=DEMO_KEY, secret_key=DEMO_SECRET + "," + DEMO_PASSPHRASE)
+        self.assertIn("OKX 50101", error)
+        self.assertIn(",simulate", error)
+
+
+# ---- Orders ----
+
+class OrderTest(PluginTestCase):
+    """trade, orders, order, historyorders, cancel on spot."""
+
+    def order_body(self):
+        return json.loads(self.okx_calls("/api/v5/trade/order")[-1]["body"])
+
+    def test_limit_order_reaches_okx_with_exact_decimals(self):
+        order_id = self.place(symbol="BTC_USDT", type="buy", price="30000.1", amount="0.00001")
+        body = self.order_body()
+        self.assertEqual((body["px"], body["sz"], body["ordType"], body["tdMode"], body["side"]),
+                         ("30000.1", "0.00001", "limit", "cash", "buy"))
+        inst_id, ord_id = order_id.split(",")
+        self.assertEqual(inst_id, "BTC-USDT")
+        self.assertEqual([o["ordId"] for o in self.fake.orders()], [ord_id])
+
+    def test_json_numbers_never_pass_through_float(self):
+        body = ('{"access_key":"%s","secret_key":"%s","nonce":17,"method":"trade","params":'
+                '{"symbol":"BTC_USDT","type":"buy","price":30000.10,"amount":1e-05}}' % (KEY, SECRET_FIELD))
+        status, answer = self.docker.send(body.encode())
+        self.assertIn("data", answer, answer)
+        self.assertEqual((self.order_body()["px"], self.order_body()["sz"]), ("30000.10", "0.00001"))
+
+    def test_every_order_carries_a_clordid_from_the_nonce(self):
+        self.data("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.01"},
+                  nonce=1730275031047002000)
+        self.assertEqual(self.order_body()["clOrdId"], "fmz1730275031047002000")
+        self.assertEqual(self.fake.orders()[0]["clOrdId"], "fmz1730275031047002000")
+
+    def test_repeated_request_with_the_same_nonce_places_one_order(self):
+        params = {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.01"}
+        first = self.data("trade", params, nonce=42)
+        second = self.data("trade", params, nonce=42)
+        self.assertEqual(first, second)
+        self.assertEqual(len(self.fake.orders()), 1)
+
+    def test_market_buy_amount_is_quote(self):
+        self.place(symbol="ETH_USDT", type="buy", price="-1", amount="100")
+        body = self.order_body()
+        self.assertEqual((body["ordType"], body["tgtCcy"], body["sz"]), ("market", "quote_ccy", "100"))
+        self.assertNotIn("px", body)
+        self.assertEqual(self.fake.orders()[0]["state"], "filled")
+
+    def test_market_sell_amount_is_base(self):
+        self.place(symbol="ETH_USDT", type="sell", price="-1", amount="0.5")
+        body = self.order_body()
+        self.assertEqual((body["ordType"], body["tgtCcy"], body["sz"], body["side"]), ("market", "base_ccy", "0.5", "sell"))
+
+    def test_trade_parameters_are_checked(self):
+        base = {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.01"}
+        for name, value in (("amount", "abc"), ("amount", "-1"), ("amount", "0"), ("price", "0"),
+                            ("type", "hold"), ("type", "closebuy")):
+            self.assertIn(name, self.error("trade", dict(base, **{name: value})))
+        self.assertIn("amount", self.error("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "1"}))
+        self.assertEqual(self.okx_calls("/api/v5/trade/order"), [])
+
+    def test_rejected_order_names_okx_scode(self):
+        error = self.error("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "40000", "amount": "10"})
+        self.assertIn("OKX 51008", error)
+        self.assertIn("Insufficient USDT", error)
+        self.assertEqual(self.fake.orders(), [])
+
+    def test_orders_lists_open_orders(self):
+        order_id = self.place(price="30000", amount="0.01")
+        self.place(symbol="ETH_USDT", type="sell", price="3500", amount="0.1")
+        orders = self.data("orders", {"symbol": "BTC_USDT"})
+        self.assertEqual(orders, [{"id": order_id, "symbol": "BTC_USDT", "amount": "0.01", "price": "30000",
+                                   "deal_amount": "0", "avg_price": "0", "type": "buy", "status": "pending"}])
+        self.assertEqual(len(self.data("orders")), 2)
+
+    def test_orders_reads_every_page(self):
+        self.fake.set_balance("USDT", "1000000")
+        placed = set(self.place(price=str(20000 + n), amount="0.001") for n in range(230))
+        orders = self.data("orders", {"symbol": "BTC_USDT"})
+        self.assertEqual(len(orders), 230)
+        self.assertEqual(set(order["id"] for order in orders), placed)
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/orders-pending")), 3)
+
+    def test_order_follows_fills_and_cancel(self):
+        order_id = self.place(price="30000", amount="0.02")
+        ord_id = order_id.split(",")[1]
+        self.assertEqual(self.data("order", {"id": order_id, "symbol": "BTC_USDT"})["status"], "pending")
+        self.fake.fill(ord_id, sz="0.005")
+        order = self.data("order", {"id": order_id, "symbol": "BTC_USDT"})
+        self.assertEqual((order["status"], order["deal_amount"], order["avg_price"]),
+                         ("partial-filled", "0.005", "30000"))
+        self.assertIs(self.data("cancel", {"id": order_id, "symbol": "BTC_USDT"}), True)
+        self.assertEqual(self.data("order", {"id": order_id})["status"], "partial-canceled")
+
+    def test_cancel_and_cancel_again(self):
+        order_id = self.place(price="30000", amount="0.01")
+        self.assertIs(self.data("cancel", {"id": order_id, "symbol": "BTC_USDT"}), True)
+        self.assertEqual(self.fake.orders()[0]["state"], "canceled")
+        self.assertEqual(self.data("order", {"id": order_id})["status"], "canceled")
+        self.assertIn("OKX 51400", self.error("cancel", {"id": order_id, "symbol": "BTC_USDT"}))
+
+    def test_bare_order_id_uses_the_symbol(self):
+        order_id = self.place(price="30000", amount="0.01")
+        bare = order_id.split(",")[1]
+        self.assertEqual(self.data("order", {"id": bare, "symbol": "BTC_USDT"})["id"], order_id)
+        self.assertIn("INSTID,ORDID", self.error("order", {"id": bare}))
+
+    def test_unknown_order_is_a_clear_error(self):
+        error = self.error("order", {"id": "BTC-USDT,1234567890123456789", "symbol": "BTC_USDT"})
+        self.assertIn("not found", error)
+        self.assertIn("51603", error)
+
+    def test_historyorders_reaches_the_archive_newest_first(self):
+        recent = self.fake.add_history_order("BTC-USDT", age_days=1)
+        older = self.fake.add_history_order("BTC-USDT", age_days=3, state="canceled", acc_fill_sz="0.004")
+        archived = self.fake.add_history_order("BTC-USDT", age_days=20, side="sell")
+        self.fake.add_history_order("ETH-USDT", age_days=1)
+        orders = self.data("historyorders", {"symbol": "BTC_USDT", "since": 0, "limit": 0})
+        self.assertEqual([order["id"] for order in orders],
+                         ["BTC-USDT," + recent, "BTC-USDT," + older, "BTC-USDT," + archived])
+        self.assertEqual([order["status"] for order in orders], ["filled", "partial-canceled", "filled"])
+        self.assertEqual(orders[2]["type"], "sell")
+
+    def test_historyorders_since_and_limit(self):
+        for age in (1, 2, 3, 4):
+            self.fake.add_history_order("BTC-USDT", age_days=age)
+        since = self.fake.now_ms() - int(2.5 * 86400000)
+        self.assertEqual(len(self.data("historyorders", {"symbol": "BTC_USDT", "since": since, "limit": 0})), 2)
+        self.assertEqual(len(self.data("historyorders", {"symbol": "BTC_USDT", "since": 0, "limit": 3})), 3)
+        self.assertEqual(self.okx_calls("/api/v5/trade/orders-history-archive"), [])
+
+
+# ---- exchange.IO passthrough ----
+
+class PassthroughTest(PluginTestCase):
+    """``__api_<path>``: any OKX endpoint, signed, with the verb from the Http-Method header."""
+
+    def test_get_sends_params_as_signed_query(self):
+        self.place(price="30000", amount="0.01")
+        answer = self.data("__api_/api/v5/trade/orders-pending", {"instType": "SPOT", "instId": "BTC-USDT"},
+                           headers={"Http-Method": "GET"})
+        self.assertEqual(answer["code"], "0")
+        self.assertEqual(len(answer["data"]), 1)
+        request = self.okx_calls("/api/v5/trade/orders-pending")[-1]
+        self.assertEqual(urllib.parse.parse_qs(request["query"]), {"instType": ["SPOT"], "instId": ["BTC-USDT"]})
+        self.assertIn("OK-ACCESS-SIGN", request["headers"])
+
+    def test_post_sends_params_as_json_body(self):
+        answer = self.data("__api_/api/v5/trade/order", {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy",
+                                                         "ordType": "limit", "px": "30000", "sz": "0.01"},
+                           headers={"Http-Method": "POST"})
+        self.assertEqual(answer["data"][0]["sCode"], "0")
+        self.assertEqual(len(self.fake.orders()), 1)
+
+    def test_delete_uses_the_delete_verb(self):
+        self.error("__api_/api/v5/trade/order", {"instId": "BTC-USDT"}, headers={"Http-Method": "DELETE"})
+        self.assertEqual(self.okx_calls("/api/v5/trade/order")[-1]["method"], "DELETE")
+
+    def test_okx_error_is_reported_with_its_code(self):
+        self.assertIn("OKX 51001", self.error("__api_/api/v5/market/ticker", {"instId": "NOPE-USDT"}))
+
+    def test_path_must_be_an_api_path(self):
+        self.assertIn("/api/", self.error("__api_/../etc/passwd", {}))
+
+
 class FakeSelfTest(unittest.TestCase):
     """The fake checked on its own, with a signing helper independent of the plugin."""
 
@@ -1748,6 +2317,7 @@ class FakeSelfTest(unittest.TestCase):
             after = "&after=%d" % seen[-1]
         self.assertEqual(seen, list(range(seen[0], seen[0] - 3600000 * len(seen), -3600000)))
         self.assertEqual(answer["data"][0][8], "1")
+
 
 
 if __name__ == "__main__":
