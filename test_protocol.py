@@ -2320,5 +2320,137 @@ class FakeSelfTest(unittest.TestCase):
 
 
 
+# ---- Benchmark: python3 test_protocol.py bench [--rtt-ms 20] [--robots 8] [--calls 40] [NAME=COMMAND ...] ----
+
+def _bench_percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _rss_kb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _timed_calls(docker, method, params, count):
+    latencies, ok = [], 0
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = docker.call(method, params)
+        latencies.append((time.perf_counter() - started) * 1000)
+        ok += "data" in answer
+    return latencies, ok
+
+
+def bench_plugin(name, command, fake, options):
+    """Start one plugin command against the fake and measure it as the docker sees it."""
+    port = _free_port()
+    env = dict(os.environ, SSL_CERT_FILE=fake.cert_path, OKX_API_BASE=fake.base_url)
+    argv = command.format(port=port, api_base=fake.base_url, python=sys.executable).split()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = {"name": name}
+    try:
+        started = time.monotonic()
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("exited with %s" % process.returncode)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() - started > 10:
+                    raise RuntimeError("did not listen within 10 s")
+                time.sleep(0.005)
+        result["start_s"] = round(time.monotonic() - started, 3)
+        result["rss_idle_kb"] = _rss_kb(process.pid)
+        docker = Docker(port)
+        _timed_calls(docker, "ticker", {"symbol": "ETH_USDT"}, 3)
+        connections = fake.connections
+        latencies, ok = _timed_calls(docker, "ticker", {"symbol": "ETH_USDT"}, options.calls)
+        result.update(ticker_p50_ms=round(_bench_percentile(latencies, 0.5), 2),
+                      ticker_p90_ms=round(_bench_percentile(latencies, 0.9), 2),
+                      ticker_ok="%d/%d" % (ok, options.calls),
+                      upstream_conns_per_call=round((fake.connections - connections) / options.calls, 2))
+        latencies, ok = _timed_calls(docker, "accounts", {}, options.calls)
+        result.update(accounts_p50_ms=round(_bench_percentile(latencies, 0.5), 2),
+                      accounts_ok="%d/%d" % (ok, options.calls))
+        docker.close()
+        answers = []
+
+        def robot():
+            robot_docker = Docker(port)
+            for _ in range(options.calls):
+                answers.append("data" in robot_docker.call("ticker", {"symbol": "ETH_USDT"}))
+            robot_docker.close()
+        robots = [threading.Thread(target=robot) for _ in range(options.robots)]
+        started, peak = time.perf_counter(), 0
+        for thread in robots:
+            thread.start()
+        while any(thread.is_alive() for thread in robots):
+            peak = max(peak, _rss_kb(process.pid) or 0)
+            time.sleep(0.02)
+        wall = time.perf_counter() - started
+        result.update(robots=options.robots, robots_calls_per_s=round(answers.count(True) / wall, 1),
+                      robots_errors=answers.count(False), rss_peak_kb=peak)
+    except Exception as exc:    # report the failure in the table rather than hide the other plugins
+        result["failed"] = repr(exc)
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return result
+
+
+def bench_direct(fake, options):
+    """The floor: the same ticker request straight to the fake over one kept-alive TLS connection."""
+    context = ssl.create_default_context(cafile=fake.cert_path)
+    connection = http.client.HTTPSConnection("127.0.0.1", int(fake.base_url.rsplit(":", 1)[1]), context=context)
+    latencies = []
+    for n in range(options.calls + 3):
+        started = time.perf_counter()
+        connection.request("GET", "/api/v5/market/ticker?instId=ETH-USDT")
+        connection.getresponse().read()
+        if n >= 3:
+            latencies.append((time.perf_counter() - started) * 1000)
+    connection.close()
+    return {"name": "direct", "ticker_p50_ms": round(_bench_percentile(latencies, 0.5), 2)}
+
+
+def bench(argv):
+    """Benchmark the plugin (and other plugin commands) against the fake OKX over TLS with a simulated
+    round trip; prints one JSON line per plugin, after the `direct` floor."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python3 test_protocol.py bench")
+    parser.add_argument("--rtt-ms", type=float, default=20, help="simulated network round trip")
+    parser.add_argument("--robots", type=int, default=8, help="robots calling ticker at once")
+    parser.add_argument("--calls", type=int, default=40, help="calls per measurement")
+    parser.add_argument("plugins", nargs="*", metavar="NAME=COMMAND",
+                        help="more plugin commands, with {port}, {api_base} and {python} placeholders")
+    options = parser.parse_args(argv)
+    ours = "ours={python} %s --address 127.0.0.1 --port {port} --api-base {api_base}" % os.path.join(
+        HERE, "fmz_custom_protocol.py")
+    with FakeOKX(tls=True, latency_ms=options.rtt_ms, handshake_ms=2 * options.rtt_ms) as fake:
+        print(json.dumps(bench_direct(fake, options)), flush=True)
+        for spec in [ours] + options.plugins:
+            name, command = spec.split("=", 1)
+            print(json.dumps(bench_plugin(name, command, fake, options)), flush=True)
+
+
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:2] == ["bench"]:
+        bench(sys.argv[2:])
+    else:
+        unittest.main()
