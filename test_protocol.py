@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 import unittest
+import unittest.mock
 import urllib.parse
 from collections import deque, namedtuple
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
@@ -2318,6 +2319,203 @@ class FakeSelfTest(unittest.TestCase):
         self.assertEqual(seen, list(range(seen[0], seen[0] - 3600000 * len(seen), -3600000)))
         self.assertEqual(answer["data"][0][8], "1")
 
+
+
+# ---- Operations: proxies, rate limits, error hints ----
+
+class ProxyTest(PluginTestCase):
+    """OKX reached through an HTTP CONNECT proxy: flag, environment variables, refusals, secrecy."""
+
+    fake_options = {"tls": True}
+
+    def setUp(self):
+        super().setUp()
+        self.proxy = FakeProxy(user="robot", password="pr0xy-s3cret").start()
+        self.addCleanup(self.proxy.stop)
+        self.proxy_url = self.proxy.url.replace("http://", "http://robot:pr0xy-s3cret@")
+
+    def docker_for(self, **options):
+        options.setdefault("ca_file", self.fake.cert_path)
+        server = self.start_plugin(**options)
+        docker = Docker(server.server_address[1])
+        self.addCleanup(docker.close)
+        return docker
+
+    def test_calls_go_through_one_kept_alive_tunnel(self):
+        docker = self.docker_for(proxy=self.proxy_url)
+        for _ in range(5):
+            self.assertIn("data", docker.call("ticker", {"symbol": "BTC_USDT"}))
+        self.assertIn("data", docker.call("accounts"))
+        self.assertEqual((self.proxy.tunnels, self.fake.connections), (1, 1))
+        self.assertEqual(set(self.proxy.auth_seen), {"Basic " + base64.b64encode(b"robot:pr0xy-s3cret").decode()})
+
+    def test_https_proxy_variable_is_used_and_no_proxy_bypasses(self):
+        with unittest.mock.patch.dict(os.environ, {"HTTPS_PROXY": self.proxy_url, "https_proxy": self.proxy_url,
+                                                   "NO_PROXY": "", "no_proxy": ""}):
+            docker = self.docker_for()
+        self.assertIn("data", docker.call("ticker", {"symbol": "BTC_USDT"}))
+        self.assertEqual(self.proxy.tunnels, 1)
+        with unittest.mock.patch.dict(os.environ, {"HTTPS_PROXY": self.proxy_url, "https_proxy": self.proxy_url,
+                                                   "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}):
+            docker = self.docker_for()
+        self.assertIn("data", docker.call("ticker", {"symbol": "BTC_USDT"}))
+        self.assertEqual(self.proxy.tunnels, 1)
+
+    def test_wrong_credentials_name_the_proxy_without_password(self):
+        docker = self.docker_for(proxy=self.proxy.url.replace("http://", "http://robot:wrong-pass@"))
+        error = docker.call("accounts")["error"]
+        self.assertIn("407", error)
+        self.assertIn("proxy " + self.proxy.url.replace("http://", "http://robot@"), error)
+        self.assertNotIn("wrong-pass", error)
+        self.assertNotIn("wrong-pass", "\n".join(LOGS.lines))
+
+    def test_refusing_proxy_is_a_clear_error(self):
+        for status in (403, 502):
+            refusing = FakeProxy(refuse_status=status).start()
+            self.addCleanup(refusing.stop)
+            error = self.docker_for(proxy=refusing.url).call("ticker", {"symbol": "BTC_USDT"})["error"]
+            self.assertIn("refused the tunnel", error)
+            self.assertIn(str(status), error)
+
+    def test_unreachable_proxy_fails_within_the_timeout(self):
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        closed = port.getsockname()[1]
+        port.close()
+        docker = self.docker_for(proxy="http://robot:pr0xy-s3cret@127.0.0.1:%d" % closed, timeout=2)
+        started = time.monotonic()
+        error = docker.call("ticker", {"symbol": "BTC_USDT"})["error"]
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertIn("cannot reach proxy http://robot@127.0.0.1:%d" % closed, error)
+        self.assertNotIn("pr0xy-s3cret", error)
+
+    def test_proxy_password_never_logged_at_debug(self):
+        docker = self.docker_for(proxy=self.proxy_url)
+        docker.call("ticker", {"symbol": "BTC_USDT"})
+        docker.call("accounts")
+        text = "\n".join(LOGS.lines)
+        self.assertIn("DEBUG", text)
+        self.assertNotIn("pr0xy-s3cret", text)
+        self.assertNotIn(base64.b64encode(b"robot:pr0xy-s3cret").decode(), text)
+
+
+class RateLimitTest(PluginTestCase):
+    """OKX's limits kept on our side: robots sharing a key never see 50011, and wait only for their own bucket."""
+
+    def test_limiter_waits_for_a_place_in_the_window(self):
+        limiter = plugin.RateLimiter({("GET", "/x"): (3, 1, "ip")})
+        bucket = limiter.bucket("GET", "/x", None, {})
+        started = time.monotonic()
+        for _ in range(4):
+            limiter.acquire(bucket, started + 5)
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+
+    def test_limiter_refuses_at_once_when_the_wait_exceeds_the_deadline(self):
+        limiter = plugin.RateLimiter({("GET", "/x"): (2, 10, "ip")})
+        bucket = limiter.bucket("GET", "/x", None, {})
+        limiter.acquire(bucket, time.monotonic() + 1)
+        limiter.acquire(bucket, time.monotonic() + 1)
+        started = time.monotonic()
+        with self.assertRaises(plugin.RateLimited) as caught:
+            limiter.acquire(bucket, time.monotonic() + 1)
+        self.assertLess(time.monotonic() - started, 0.1)
+        self.assertIn("2 requests per 10 s", str(caught.exception))
+
+    def test_buckets_are_keyed_as_okx_counts(self):
+        limiter = plugin.RateLimiter()
+        order = limiter.bucket("POST", "/api/v5/trade/order", "key1", {"instId": "BTC-USDT"})
+        self.assertEqual(order, ("POST", "/api/v5/trade/order", "key1", "BTC-USDT"))
+        self.assertNotEqual(order, limiter.bucket("POST", "/api/v5/trade/order", "key1", {"instId": "ETH-USDT"}))
+        self.assertEqual(limiter.bucket("GET", "/api/v5/market/ticker", "key1", {"instId": "BTC-USDT"}),
+                         ("GET", "/api/v5/market/ticker"))
+        self.assertEqual(limiter.bucket("GET", "/api/v5/account/balance", "key2", {}),
+                         ("GET", "/api/v5/account/balance", "key2"))
+        self.assertIsNone(limiter.bucket("GET", "/api/v5/unknown", "key1", {}))
+
+    def test_call_that_cannot_wait_is_refused_without_calling_okx(self):
+        server = self.start_plugin(timeout=1.0)
+        docker = Docker(server.server_address[1])
+        self.addCleanup(docker.close)
+        for _ in range(10):
+            self.assertIn("data", docker.call("accounts"))
+        self.fake.clear_requests()
+        error = docker.call("accounts")["error"]
+        self.assertIn("10 requests per 2 s", error)
+        self.assertIn("OKX was not called", error)
+        self.assertEqual(self.okx_calls("/api/v5/account/balance"), [])
+
+    def test_many_robots_on_one_key_never_see_50011(self):
+        self.fake.enforce_rate_limits = True
+        self.fake.set_balance("USDT", "100000")
+        port = self.start_plugin(timeout=6.0).server_address[1]
+        answers, slow = [], []
+        stop_at = time.monotonic() + 2.5
+
+        def robot(n):
+            docker = Docker(port)
+            calls = [("ticker", {"symbol": "BTC_USDT"}), ("accounts", {}),
+                     ("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "20000", "amount": "0.00001"})]
+            while time.monotonic() < stop_at:
+                method, params = calls[n % 3]
+                started = time.monotonic()
+                answers.append(docker.call(method, params))
+                slow.append(time.monotonic() - started)
+            docker.close()
+        robots = [threading.Thread(target=robot, args=(n,)) for n in range(8)]
+        for thread in robots:
+            thread.start()
+        time.sleep(1.0)
+        other = Docker(port)                      # a robot on an endpoint nobody else uses
+        started = time.monotonic()
+        self.assertIn("data", other.call("depth", {"symbol": "ETH_USDT", "limit": 5}))
+        other_latency = time.monotonic() - started
+        other.close()
+        for thread in robots:
+            thread.join()
+        errors = [answer["error"] for answer in answers if "error" in answer]
+        self.assertEqual(errors, [])
+        self.assertEqual(self.fake.rate_limited, 0)
+        self.assertLess(max(slow), 6.0)
+        self.assertLess(other_latency, 0.5)
+        self.assertGreater(len(answers), 40)
+
+    def test_okx_50011_backs_off_and_retries_once(self):
+        self.fake.fault("/api/v5/account/balance", "ratelimit", count=1)
+        self.assertIn("data", self.docker.call("accounts"))
+        self.assertEqual(len(self.okx_calls("/api/v5/account/balance")), 2)
+
+
+class ErrorHintTest(PluginTestCase):
+    """OKX's code and message are kept, with the likely cause and what to do."""
+
+    def test_every_hinted_code_carries_its_hint(self):
+        for code, hint in plugin.ERROR_HINTS.items():
+            text = str(plugin.ExchangeError(code, "message from OKX", 401, "/api/v5/account/balance"))
+            self.assertTrue(text.startswith("OKX %s: message from OKX" % code), text)
+            self.assertIn(hint, text)
+
+    def test_site_hints_name_the_api_base(self):
+        for code in ("50119", "50111"):
+            text = str(plugin.ExchangeError(code, "x"))
+            self.assertIn("--api-base https://eea.okx.com", text)
+            self.assertIn("us.okx.com", text)
+
+    def test_rate_limit_hint_names_the_endpoint_and_its_limit(self):
+        text = str(plugin.ExchangeError("50011", "Too Many Requests", 429, "/api/v5/market/ticker"))
+        self.assertIn("/api/v5/market/ticker (20 requests per 2 s)", text)
+
+    def test_wrong_key_and_passphrase_through_the_plugin(self):
+        self.assertIn("Access Key", self.error("accounts", access_key="no-such-key"))
+        error = self.error("accounts", secret_key=SECRET + ",wrong-passphrase")
+        self.assertIn("OKX 50105", error)
+        self.assertIn("passphrase", error)
+        self.assertNotIn("wrong-passphrase", error)
+
+    def test_version_flag(self):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "fmz_custom_protocol.py"), "--version"],
+                             capture_output=True, text=True, timeout=10)
+        self.assertEqual(out.returncode, 0)
+        self.assertEqual(out.stdout.strip(), "fmz_custom_protocol.py " + plugin.__version__)
 
 
 # ---- Benchmark: python3 test_protocol.py bench [--rtt-ms 20] [--robots 8] [--calls 40] [NAME=COMMAND ...] ----
