@@ -50,6 +50,7 @@ import logging
 import os
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -90,6 +91,7 @@ POOL_MAX_IDLE = 32                # idle OKX connections kept per origin
 INSTRUMENTS_TTL = 300.0           # seconds an instrument list is reused
 ACCOUNT_CONFIG_TTL = 300.0        # seconds an account's position mode / account level is reused
 CLOCK_RESYNC_INTERVAL = 1800.0    # seconds between background re-syncs with OKX's clock
+ORDER_RECOVERY_SECONDS = 2.0     # of a trade call's time, kept to look for an order whose answer was lost
 ORDER_MEMORY = 10000              # orders remembered by clOrdId, so a repeated request finds its order
 
 OKX_MAX_DEPTH = 400               # /market/books sz maximum
@@ -498,7 +500,8 @@ class ConnectionPool:
         with self._lock:
             while self._idle:
                 connection, last_used = self._idle.pop()
-                if now - last_used <= POOL_IDLE_REUSE and connection.sock is not None:
+                if (now - last_used <= POOL_IDLE_REUSE and connection.sock is not None
+                        and not _closed_by_peer(connection.sock)):
                     return connection, True
                 connection.close()
         return self._open(timeout), False
@@ -552,11 +555,20 @@ class ConnectionPool:
             connection.close()
 
 
+def _closed_by_peer(sock):
+    """True when an idle kept-alive socket is readable: the server closed it (or sent what it should not)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 def _remaining(deadline):
-    """Seconds left until ``deadline``; TransportError when none are (the call ran out of time)."""
+    """Seconds left until ``deadline``; TransportError when none are (checked before sending: not sent)."""
     left = deadline - time.monotonic()
     if left <= 0.001:
-        raise TransportError("no answer from OKX within the timeout", maybe_sent=True)
+        raise TransportError("the call's time ran out before OKX could be asked")
     return left
 
 
@@ -1325,9 +1337,12 @@ class OKX(BaseProtocol):
         When the answer is lost (timeout, reset, 5xx, OKX 50004/51149) the order is looked up by its
         clOrdId. When OKX says the clOrdId is taken (51016), the order is the one this request placed.
         """
+        # Keep part of the call's time to find the order should its answer be lost; OKX will not
+        # execute the order after the expTime that the shortened deadline gives it.
+        reserve = min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.3)
         try:
             status, envelope = self.client.request("POST", "/api/v5/trade/order", body=body,
-                                                   credentials=self.credentials, deadline=self.deadline,
+                                                   credentials=self.credentials, deadline=self.deadline - reserve,
                                                    exp_time=True)
             raise_for_code(envelope, status, "/api/v5/trade/order")
         except TransportError as exc:
@@ -1341,15 +1356,16 @@ class OKX(BaseProtocol):
                 return self._recover(inst_id, clord_id, str(exc))
             raise
         row = self._first(envelope.get("data"), "order id")
+        log.info("placed %s %s %s at %s: order %s,%s (clOrdId %s)", body["side"], body["sz"], inst_id,
+                 body.get("px", "market"), inst_id, row["ordId"], clord_id)
         return "%s,%s" % (inst_id, row["ordId"]), envelope
 
     def _recover(self, inst_id, clord_id, reason):
         """Find an order whose placing answer was lost; raise a clear error when it cannot be found."""
         log.warning("placing order %s gave no clear answer (%s): asking OKX for it", clord_id, reason)
-        deadline = max(self.deadline, time.monotonic() + min(5.0, self.client.config.timeout))
         try:
             rows = self.client.call("GET", "/api/v5/trade/order", {"instId": inst_id, "clOrdId": clord_id},
-                                    credentials=self.credentials, deadline=deadline)
+                                    credentials=self.credentials, deadline=self.deadline)
         except ExchangeError as exc:
             if exc.code == "51603":
                 raise TransportError("the order was not placed: %s; OKX has no order with clOrdId %s, "
@@ -1456,6 +1472,7 @@ class OKX(BaseProtocol):
         """cancel -> POST /api/v5/trade/cancel-order."""
         inst_id, ord_id = self._split_order_id(id, symbol)
         rows = self._private("POST", "/api/v5/trade/cancel-order", body={"instId": inst_id, "ordId": ord_id})
+        log.info("canceled order %s,%s", inst_id, ord_id)
         return True, rows
 
     # --- futures --------------------------------------------------------------------------------------
@@ -1725,7 +1742,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         if "error" in answer:
             log.warning("answered error in %.1f ms: %s", elapsed, answer["error"])
         else:
-            log.info("answered in %.1f ms", elapsed)
+            log.debug("answered in %.1f ms", elapsed)
         self._answer(answer)
         _context.method = "-"
 
