@@ -700,6 +700,7 @@ class OKXClient:
         self.limiter = RateLimiter()
         self.clock = ExchangeClock()
         self.orders = OrderMemory()
+        self.leverage = {}        # (api key, demo, instId, margin mode) -> the leverage last set by the plugin
         self._flights = {}        # shared_call: request key -> _Flight on its way to OKX
         self._flights_lock = threading.Lock()
         self._caches = {}         # (kind, key) -> (expires monotonic, value)
@@ -1141,9 +1142,17 @@ class OKX(BaseProtocol):
         if re.match(r"^\d{6}$", contract):
             return "%s-%s" % (pair, contract)
         if contract in FUTURES_ALIASES:
-            for inst_id, row in self.client.instruments("FUTURES", self.deadline).items():
-                if row.get("alias") == contract and (row.get("instFamily") or row.get("uly")) == pair:
-                    return inst_id
+            for attempt in (1, 2):
+                now, expired = self.client.clock.now_ms(), False
+                for inst_id, row in self.client.instruments("FUTURES", self.deadline).items():
+                    if row.get("alias") == contract and (row.get("instFamily") or row.get("uly")) == pair:
+                        if _ms(row.get("expTime")) > now or not row.get("expTime"):
+                            return inst_id
+                        expired = True
+                if not expired:
+                    break
+                # The contract of that alias expired since the list was read: read the list again.
+                self.client.forget("instruments", "FUTURES")
             raise BadRequest("OKX lists no %s futures contract for %s" % (contract, symbol.fmz))
         raise BadRequest("unknown contract type %r: use swap, %s, or a delivery date YYMMDD"
                          % (contract, ", ".join(FUTURES_ALIASES)))
@@ -1228,6 +1237,8 @@ class OKX(BaseProtocol):
         """tickers -> GET /api/v5/market/tickers?instType=SPOT (SWAP/FUTURES with a contract type)."""
         rows = self._market("/api/v5/market/tickers", {"instType": self._inst_type(contract)})
         data = [self._ticker_data(self.fmz_symbol(row["instId"]), row) for row in rows if "instId" in row]
+        if contract in FUTURES_ALIASES:
+            data = [ticker for ticker in data if ticker["symbol"].endswith("." + contract)]
         return data, None
 
     def markets(self, contract):
@@ -1236,6 +1247,8 @@ class OKX(BaseProtocol):
         data = {}
         for inst_id, row in self.client.instruments(inst_type, self.deadline).items():
             fmz_symbol = fmz_symbol_of(inst_id, row.get("alias", ""))
+            if contract in FUTURES_ALIASES and row.get("alias") != contract:
+                continue
             if inst_type == "SPOT":
                 base, quote = row.get("baseCcy", ""), row.get("quoteCcy", "")
                 ct_val, ct_val_ccy, max_notional = "1", base, row.get("maxMktSz", "")
@@ -1269,43 +1282,59 @@ class OKX(BaseProtocol):
     def trade(self, symbol, type, price, amount, direction=None, leverage=None):
         """trade -> POST /api/v5/trade/order with a clOrdId from the nonce and OKX's expTime.
 
+        A leverage param first sets the contract's leverage (only when it differs from the last one set).
+
         Spot: tdMode cash; price "-1" is a market order whose buy amount is in the quote currency.
         Futures: amount in contracts; tdMode from --margin-mode; buy/sell open, closebuy/closesell close
         (posSide in long/short mode, reduceOnly in net mode).
         """
         inst_id = self.inst_id(symbol)
-        side, pos_side, reduce_only = self._order_direction(symbol, type, direction)
+        direction = self._order_direction(symbol, type, direction)
         clord_id = clord_id_for(self.request.nonce)
+        if symbol.contract and leverage is not None:
+            leverage_key = (self.credentials.api_key, self.credentials.demo, inst_id, self.client.config.margin_mode)
+            if self.client.leverage.get(leverage_key) != Decimal(leverage):   # not before every order
+                self.set_margin_level(symbol, leverage)
+        memory_key = (self.credentials.api_key, clord_id)
+        order_id = self.client.orders.begin(memory_key)
+        if order_id is not None:
+            log.info("order %s (clOrdId %s) was already placed by this request's nonce", order_id, clord_id)
+            return {"id": order_id}, None
+        try:
+            body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
+            try:
+                order_id, raw = self._place(inst_id, clord_id, body)
+            except ExchangeError as exc:
+                if not (symbol.contract and exc.code == "51000" and "posSide" in exc.message):
+                    raise
+                # OKX refused the order (nothing was placed): the account's position mode changed
+                # since it was read. Read it again and place the order once more.
+                self.client.forget("account", (self.credentials.api_key, self.credentials.demo))
+                body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
+                order_id, raw = self._place(inst_id, clord_id, body)
+            return {"id": order_id}, raw
+        finally:
+            self.client.orders.end(memory_key, order_id)
+
+    def _order_body(self, symbol, inst_id, clord_id, direction, price, amount):
+        """The /trade/order body: spot in cash mode; contracts with tdMode and posSide or reduceOnly."""
+        side, pos_side, reduce_only = direction
         body = {"instId": inst_id, "clOrdId": clord_id, "side": side, "sz": amount}
         if price == "-1":
             body["ordType"] = "market"
         else:
             body.update(ordType="limit", px=price)
         if symbol.contract:
-            mgn_mode = self.client.config.margin_mode
-            body["tdMode"] = mgn_mode
+            body["tdMode"] = self.client.config.margin_mode
             if self._hedge_mode():
                 body["posSide"] = pos_side
             elif reduce_only:
                 body["reduceOnly"] = True
-            if leverage is not None:   # set once per contract and value, not before every order
-                self.client.cached("leverage", (self.credentials.api_key, inst_id, mgn_mode, leverage),
-                                   ACCOUNT_CONFIG_TTL, lambda: self.set_margin_level(symbol, leverage))
         else:
             body["tdMode"] = "cash"
             if body["ordType"] == "market":
                 body["tgtCcy"] = "quote_ccy" if side == "buy" else "base_ccy"
-        memory_key = (self.credentials.api_key, clord_id)
-        order_id = self.client.orders.begin(memory_key)
-        if order_id is not None:
-            log.info("order %s (clOrdId %s) was already placed by this request's nonce", order_id, clord_id)
-            return {"id": order_id}, None
-        order_id = None
-        try:
-            order_id, raw = self._place(inst_id, clord_id, body)
-            return {"id": order_id}, raw
-        finally:
-            self.client.orders.end(memory_key, order_id)
+        return body
 
     def _order_direction(self, symbol, type, direction):
         """(side, posSide, reduceOnly) of an order type: buy, sell, closebuy, closesell."""
@@ -1319,6 +1348,8 @@ class OKX(BaseProtocol):
                 kind = wanted
             elif wanted not in ("buy", "sell"):
                 raise BadRequest("direction must be buy, sell, closebuy or closesell, got %r" % direction)
+            elif wanted != kind:
+                raise BadRequest("direction %s contradicts type %s" % (wanted, kind))
         table = {"buy": ("buy", "long", False), "sell": ("sell", "short", False),
                  "closebuy": ("sell", "long", True), "closesell": ("buy", "short", True)}
         if kind not in table or (not symbol.contract and kind not in ("buy", "sell")):
@@ -1453,18 +1484,23 @@ class OKX(BaseProtocol):
         """historyorders -> GET /api/v5/trade/orders-history (7 days), then /orders-history-archive
         (3 months) when more is wanted or ``since`` is older; newest first."""
         limit = limit or DEFAULT_HISTORY_ORDERS
-        params = {"instType": "SPOT"}
         if symbol is not None:
             inst_id = self.inst_id(symbol)
-            params = {"instType": inst_type_of(inst_id), "instId": inst_id}
-        if since:
-            params["begin"] = since
-        rows = self._paged("/api/v5/trade/orders-history", params, limit)
+            queries = [{"instType": inst_type_of(inst_id), "instId": inst_id}]
+        else:
+            queries = [{"instType": inst_type} for inst_type in ("SPOT", "SWAP", "FUTURES")]
         week_ago = self.client.clock.now_ms() - HISTORY_DAYS * 86400000
-        if len(rows) < limit and (not since or since < week_ago):
-            seen = set(row.get("ordId") for row in rows)
-            archive = self._paged("/api/v5/trade/orders-history-archive", params, limit)
-            rows.extend(row for row in archive if row.get("ordId") not in seen)
+        rows = []
+        for params in queries:
+            if since:
+                params["begin"] = since
+            found = self._paged("/api/v5/trade/orders-history", params, limit)
+            if len(found) < limit and (not since or since < week_ago):
+                seen = set(row.get("ordId") for row in found)
+                archive = self._paged("/api/v5/trade/orders-history-archive", params, limit - len(found))
+                found.extend(row for row in archive if row.get("ordId") not in seen)
+            rows.extend(found)
+        rows.sort(key=lambda row: _ms(row.get("cTime")), reverse=True)
         rows = rows[:limit]
         return [self._order_data(row) for row in rows], rows
 
@@ -1517,6 +1553,8 @@ class OKX(BaseProtocol):
                     for side in ("long", "short")]
         else:
             rows = self._private("POST", "/api/v5/account/set-leverage", body=body)
+        self.client.leverage[(self.credentials.api_key, self.credentials.demo, inst_id, mgn_mode)] = Decimal(
+            str(margin_level))
         return True, rows
 
     def fundings(self, symbol):
@@ -1547,6 +1585,9 @@ class OKX(BaseProtocol):
             verb, path, params=params if verb != "POST" else None, body=params if verb == "POST" else None,
             credentials=credentials, deadline=self.deadline)
         raise_for_code(envelope, status, path)
+        if verb == "POST" and path.startswith("/api/v5/account/") and credentials is not None:
+            # e.g. set-position-mode: what the plugin cached of the account may have changed
+            self.client.forget("account", (credentials.api_key, credentials.demo))
         return envelope, None
 
 

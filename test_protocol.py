@@ -2321,6 +2321,569 @@ class FakeSelfTest(unittest.TestCase):
 
 
 
+SWAP_SYMBOLS = {"BTC_USDT.swap", "ETH_USDT.swap", "BTC_USD.swap"}
+POSITION_FIELDS = {"symbol", "margin_level", "amount", "frozen_amount", "price", "profit", "margin", "type",
+                   "contract_type"}
+
+
+# ---- Futures and perpetual swaps ----
+
+class FuturesTestCase(PluginTestCase):
+    """PluginTestCase with helpers for contracts: instrument ids, order bodies, leverage as OKX keeps it."""
+
+    def futures_inst_id(self, family, alias):
+        """The instId OKX lists for a delivery contract type, e.g. ("BTC-USD", "quarter") -> "BTC-USD-261225"."""
+        status, answer = okx_request(self.fake.base_url, "GET", "/api/v5/public/instruments?instType=FUTURES",
+                                     signed=False)
+        ids = [row["instId"] for row in answer["data"] if row["instFamily"] == family and row["alias"] == alias]
+        self.assertEqual(len(ids), 1, (family, alias))
+        return ids[0]
+
+    def order_bodies(self):
+        """The JSON bodies of every order OKX received, oldest first."""
+        return [json.loads(request["body"]) for request in self.okx_calls("/api/v5/trade/order")
+                if request["method"] == "POST"]
+
+    def leverage_bodies(self):
+        return [json.loads(request["body"]) for request in self.okx_calls("/api/v5/account/set-leverage")]
+
+    def lever(self, inst_id, mgn_mode="cross"):
+        """{posSide: lever} of an instrument as the fake's /account/leverage-info reports it."""
+        status, answer = okx_request(self.fake.base_url, "GET",
+                                     "/api/v5/account/leverage-info?instId=%s&mgnMode=%s" % (inst_id, mgn_mode))
+        self.assertEqual(answer["code"], "0", answer)
+        return {row["posSide"]: row["lever"] for row in answer["data"]}
+
+    def market(self, symbol, type, amount, **params):
+        """A market order through the plugin (it fills at once on the fake); returns the docker order id."""
+        return self.place(symbol=symbol, type=type, price="-1", amount=amount, **params)
+
+    def use_plugin(self, **options):
+        """Serve the rest of the test from a second plugin started with `options` (e.g. margin_mode)."""
+        server = self.start_plugin(**options)
+        self.docker = Docker(server.server_address[1])
+        self.addCleanup(self.docker.close)
+
+
+class FuturesMarketDataTest(FuturesTestCase):
+    """Contract symbols and the market-data methods for swaps and delivery futures."""
+
+    def test_swap_symbols_map_to_swap_instruments(self):
+        for symbol, inst_id, bid in (("BTC_USDT.swap", "BTC-USDT-SWAP", "43010.5"),
+                                     ("BTC_USD.swap", "BTC-USD-SWAP", "43012.3"),
+                                     ("eth_usdt.SWAP", "ETH-USDT-SWAP", "2923.5")):
+            answer = self.docker.call("ticker", {"symbol": symbol})
+            self.assertEqual(self.okx_calls("/api/v5/market/ticker")[-1]["query"], "instId=" + inst_id)
+            self.assertEqual(answer["raw"]["instId"], inst_id)
+            self.assertEqual(answer["data"]["buy"], bid)
+        self.assertEqual(answer["data"]["symbol"], "ETH_USDT.swap")
+
+    def test_ticker_volume_of_a_contract_is_in_contracts(self):
+        answer = self.docker.call("ticker", {"symbol": "BTC_USDT.swap"})
+        self.assertEqual(answer["data"]["vol"], answer["raw"]["vol24h"])
+        self.assertEqual(answer["data"]["symbol"], "BTC_USDT.swap")
+
+    def test_delivery_contract_types_resolve_through_the_alias(self):
+        contracts = {"%s.%s" % (family.replace("-", "_"), alias): self.futures_inst_id(family, alias)
+                     for family in ("BTC-USD", "BTC-USDT")
+                     for alias in ("this_week", "next_week", "quarter", "next_quarter")}
+        self.assertEqual(len(set(contracts.values())), 8)
+        self.fake.clear_requests()
+        for symbol, inst_id in contracts.items():
+            ticker = self.data("ticker", {"symbol": symbol})
+            self.assertEqual(self.okx_calls("/api/v5/market/ticker")[-1]["query"], "instId=" + inst_id)
+            self.assertEqual(ticker["symbol"], symbol)
+        self.assertEqual(len(self.okx_calls("/api/v5/public/instruments")), 1)     # the list is cached
+
+    def test_contract_type_may_come_as_a_separate_param(self):
+        quarter = self.futures_inst_id("BTC-USD", "quarter")
+        for params, inst_id, symbol in (({"symbol": "BTC_USD", "contract_type": "quarter"}, quarter, "BTC_USD.quarter"),
+                                        ({"symbol": "BTC_USDT", "contractType": "swap"}, "BTC-USDT-SWAP",
+                                         "BTC_USDT.swap")):
+            self.assertEqual(self.data("ticker", params)["symbol"], symbol)
+            self.assertEqual(self.okx_calls("/api/v5/market/ticker")[-1]["query"], "instId=" + inst_id)
+
+    def test_depth_trades_and_records_of_contracts(self):
+        next_week = self.futures_inst_id("BTC-USD", "next_week")
+        depth = self.data("depth", {"symbol": "BTC_USDT.swap", "limit": "5"})
+        self.assertEqual((len(depth["asks"]), len(depth["bids"])), (5, 5))
+        self.assertEqual(depth["asks"][0][0], "43010.6")
+        self.assertEqual(self.okx_calls("/api/v5/market/books")[-1]["query"], "instId=BTC-USDT-SWAP&sz=5")
+        trades = self.data("trades", {"symbol": "BTC_USD.swap", "limit": "10"})
+        self.assertEqual(len(trades), 10)
+        self.assertIn("instId=BTC-USD-SWAP", self.okx_calls("/api/v5/market/trades")[-1]["query"])
+        bars = self.data("records", {"symbol": "BTC_USD", "contract_type": "next_week", "period": 60, "limit": 3})
+        self.assertEqual(len(bars), 3)
+        self.assertIn("instId=%s&" % next_week, self.okx_calls("/api/v5/market/candles")[-1]["query"])
+
+    def test_tickers_of_swaps_list_swap_symbols(self):
+        tickers = self.data("tickers", {"contract_type": "swap"})
+        self.assertEqual({ticker["symbol"] for ticker in tickers}, SWAP_SYMBOLS)
+        self.assertEqual(self.okx_calls("/api/v5/market/tickers")[-1]["query"], "instType=SWAP")
+        btc = [ticker for ticker in tickers if ticker["symbol"] == "BTC_USDT.swap"][0]
+        self.assertEqual((btc["buy"], btc["sell"]), ("43010.5", "43010.6"))
+
+    def test_tickers_of_futures_name_each_contract_by_its_type(self):
+        tickers = self.data("tickers", {"contractType": "futures"})
+        self.assertEqual({ticker["symbol"] for ticker in tickers},
+                         {"%s.%s" % (pair, alias) for pair in ("BTC_USD", "BTC_USDT")
+                          for alias in ("this_week", "next_week", "quarter", "next_quarter")})
+        self.assertEqual(self.okx_calls("/api/v5/market/tickers")[-1]["query"], "instType=FUTURES")
+
+    def test_markets_of_swaps_carry_ctval_and_sizes_in_contracts(self):
+        markets = self.data("markets", {"contract_type": "swap"})
+        self.assertEqual(set(markets), SWAP_SYMBOLS)
+        linear, inverse = markets["BTC_USDT.swap"], markets["BTC_USD.swap"]
+        self.assertEqual((linear["symbol"], linear["baseAsset"], linear["quoteAsset"]),
+                         ("BTC_USDT.swap", "BTC", "USDT"))
+        self.assertEqual((linear["ctVal"], linear["ctValCcy"]), ("0.01", "BTC"))
+        self.assertEqual((linear["amountSize"], linear["amountPrecision"], linear["minQty"]), ("1", 0, "1"))
+        self.assertEqual((linear["tickSize"], linear["pricePrecision"]), ("0.1", 1))
+        self.assertEqual((inverse["ctVal"], inverse["ctValCcy"], inverse["quoteAsset"]), ("100", "USD", "USD"))
+        self.assertEqual(self.okx_calls("/api/v5/public/instruments")[-1]["query"], "instType=SWAP")
+
+    def test_markets_of_futures_are_keyed_by_contract_type(self):
+        markets = self.data("markets", {"contract_type": "futures"})
+        quarter = markets["BTC_USD.quarter"]
+        self.assertEqual((quarter["symbol"], quarter["ctVal"], quarter["ctValCcy"], quarter["minQty"]),
+                         ("BTC_USD.quarter", "100", "USD", "1"))
+        self.assertIn("BTC_USDT.next_quarter", markets)
+        self.assertEqual(len(markets), 8)
+
+    def test_unknown_contract_type_is_an_error_without_calling_okx(self):
+        self.assertIn("'monthly'", self.error("ticker", {"symbol": "BTC_USDT.monthly"}))
+        self.assertIn("'perpetual'", self.error("ticker", {"symbol": "BTC_USDT", "contract_type": "perpetual"}))
+        self.assertIn("'monthly'", self.error("tickers", {"contract_type": "monthly"}))
+        self.assertEqual(self.okx_calls("/api/v5/market/ticker"), [])
+        self.assertEqual(self.okx_calls("/api/v5/market/tickers"), [])
+
+    def test_contract_type_not_listed_for_the_pair_is_an_error(self):
+        error = self.error("ticker", {"symbol": "ETH_USDT.quarter"})     # the fake lists no ETH futures
+        self.assertIn("quarter", error)
+        self.assertIn("ETH_USDT", error)
+        self.assertEqual(self.okx_calls("/api/v5/market/ticker"), [])
+
+
+class PositionTest(FuturesTestCase):
+    """positions (GetPositions, GetPosition): OKX positions in FMZ's Position shape, in both modes."""
+
+    def assert_matches_okx(self, position, row):
+        self.assertEqual(set(position), POSITION_FIELDS)
+        self.assertEqual((position["price"], position["profit"], position["margin_level"]),
+                         (row["avgPx"], row["upl"], row["lever"]))
+        self.assertEqual(position["margin"], row["margin"] or row["imr"])
+        self.assertGreater(Decimal(position["margin"]), 0)
+
+    def test_net_long_position_in_fmz_shape(self):
+        self.market("BTC_USDT.swap", "buy", "3")
+        positions = self.data("positions", {"symbol": "BTC_USDT.swap"})
+        self.assertEqual(len(positions), 1)
+        position, row = positions[0], self.fake.positions()[0]
+        self.assertEqual((position["symbol"], position["type"], position["amount"], position["frozen_amount"],
+                          position["contract_type"]), ("BTC_USDT.swap", 0, "3", "0", "swap"))
+        self.assert_matches_okx(position, row)
+        self.assertEqual(self.okx_calls("/api/v5/account/positions")[-1]["query"], "instId=BTC-USDT-SWAP")
+
+    def test_net_short_position_has_type_1_and_a_positive_amount(self):
+        self.market("BTC_USDT.swap", "sell", "2")
+        self.assertEqual(self.fake.positions()[0]["pos"], "-2")
+        position = self.data("positions", {"symbol": "BTC_USDT.swap"})[0]
+        self.assertEqual((position["type"], position["amount"]), (1, "2"))
+        self.assert_matches_okx(position, self.fake.positions()[0])
+
+    def test_long_short_mode_lists_each_side(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.market("BTC_USDT.swap", "buy", "2")
+        self.market("BTC_USDT.swap", "sell", "1")
+        positions = self.data("positions", {"symbol": "BTC_USDT.swap"})
+        self.assertEqual(sorted((p["type"], p["amount"]) for p in positions), [(0, "2"), (1, "1")])
+        rows = {row["posSide"]: row for row in self.fake.positions()}
+        for position in positions:
+            self.assert_matches_okx(position, rows["short" if position["type"] else "long"])
+
+    def test_frozen_amount_is_what_pending_closing_orders_hold(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.market("BTC_USDT.swap", "buy", "3")
+        self.place(symbol="BTC_USDT.swap", type="closebuy", price="50000", amount="1")    # rests above the ask
+        position = self.data("positions", {"symbol": "BTC_USDT.swap"})[0]
+        self.assertEqual((position["amount"], position["frozen_amount"]), ("3", "1"))
+
+    def test_every_spelling_lists_swaps_and_futures(self):
+        self.market("BTC_USDT.swap", "buy", "1")
+        self.market("BTC_USD.quarter", "sell", "4")
+        for method in ("positions", "GetPositions", "GetPosition", "getpositions"):
+            positions = {p["symbol"]: p for p in self.data(method)}
+            self.assertEqual(set(positions), {"BTC_USDT.swap", "BTC_USD.quarter"}, method)
+        self.assertEqual((positions["BTC_USD.quarter"]["contract_type"], positions["BTC_USD.quarter"]["type"],
+                          positions["BTC_USD.quarter"]["amount"]), ("quarter", 1, "4"))
+
+    def test_contract_type_param_selects_the_delivery_contract(self):
+        self.market("BTC_USD.quarter", "buy", "2")
+        self.market("BTC_USD.swap", "buy", "5")
+        positions = self.data("GetPosition", {"symbol": "BTC_USD", "contract_type": "quarter"})
+        self.assertEqual([(p["symbol"], p["amount"]) for p in positions], [("BTC_USD.quarter", "2")])
+        self.assertEqual(self.okx_calls("/api/v5/account/positions")[-1]["query"],
+                         "instId=" + self.futures_inst_id("BTC-USD", "quarter"))
+
+    def test_no_position_is_an_empty_list(self):
+        self.assertEqual(self.data("positions", {"symbol": "BTC_USDT.swap"}), [])
+
+    def test_isolated_position_reports_its_own_margin(self):
+        self.use_plugin(margin_mode="isolated")
+        self.market("BTC_USDT.swap", "buy", "2")
+        row = self.fake.positions()[0]
+        self.assertEqual((row["mgnMode"], row["imr"]), ("isolated", ""))
+        position = self.data("positions", {"symbol": "BTC_USDT.swap"})[0]
+        self.assertEqual(position["margin"], row["margin"])
+        self.assertGreater(Decimal(position["margin"]), 0)
+
+    def test_positions_of_a_spot_symbol_is_an_error_without_calling_okx(self):
+        self.assertIn("spot", self.error("positions", {"symbol": "BTC_USDT"}))
+        self.assertEqual(self.okx_calls("/api/v5/account/positions"), [])
+
+
+class FuturesOrderTest(FuturesTestCase):
+    """trade, orders, order, historyorders, cancel on swaps and delivery futures."""
+
+    def trade_sides(self, symbol, types):
+        """Place a market order of 1 contract for each (type, direction); the bodies OKX received."""
+        for type, direction in types:
+            params = {"direction": direction} if direction else {}
+            self.market(symbol, type, "1", **params)
+        return self.order_bodies()[-len(types):]
+
+    def test_net_mode_opens_by_side_and_closes_with_reduce_only(self):
+        bodies = self.trade_sides("BTC_USDT.swap", [("buy", None), ("closebuy", None), ("sell", None),
+                                                    ("closesell", None)])
+        self.assertEqual([(b["side"], b.get("reduceOnly", False)) for b in bodies],
+                         [("buy", False), ("sell", True), ("sell", False), ("buy", True)])
+        self.assertTrue(all("posSide" not in b and b["tdMode"] == "cross" for b in bodies), bodies)
+        self.assertEqual(self.fake.positions(), [])
+        self.assertEqual([o["state"] for o in self.fake.orders()], ["filled"] * 4)
+
+    def test_long_short_mode_opens_and_closes_by_pos_side(self):
+        self.fake.set_position_mode("long_short_mode")
+        bodies = self.trade_sides("BTC_USDT.swap", [("buy", None), ("sell", None), ("closebuy", None),
+                                                    ("closesell", None)])
+        self.assertEqual([(b["side"], b["posSide"]) for b in bodies],
+                         [("buy", "long"), ("sell", "short"), ("sell", "long"), ("buy", "short")])
+        self.assertTrue(all("reduceOnly" not in b and b["tdMode"] == "cross" for b in bodies), bodies)
+        self.assertEqual(self.fake.positions(), [])
+
+    def test_direction_param_closes_with_buy_or_sell(self):
+        bodies = self.trade_sides("BTC_USDT.swap", [("buy", "buy"), ("sell", "closebuy"), ("sell", "sell"),
+                                                    ("buy", "closesell")])
+        self.assertEqual([(b["side"], b.get("reduceOnly", False)) for b in bodies],
+                         [("buy", False), ("sell", True), ("sell", False), ("buy", True)])
+        self.fake.set_position_mode("long_short_mode")
+        self.use_plugin()                          # a fresh plugin reads the new position mode
+        bodies = self.trade_sides("BTC_USDT.swap", [("buy", None), ("sell", "closebuy")])
+        self.assertEqual([(b["side"], b["posSide"]) for b in bodies], [("buy", "long"), ("sell", "long")])
+        self.assertEqual(self.fake.positions(), [])
+
+    def test_direction_that_contradicts_the_type_is_refused_before_okx(self):
+        base = {"symbol": "BTC_USDT.swap", "price": "-1", "amount": "1"}
+        self.assertIn("closebuy", self.error("trade", dict(base, type="buy", direction="closebuy")))
+        self.assertIn("closesell", self.error("trade", dict(base, type="sell", direction="closesell")))
+        self.assertIn("direction", self.error("trade", dict(base, type="buy", direction="hold")))
+        self.assertIn("type", self.error("trade", dict(base, type="open")))
+        self.assertEqual(self.okx_calls("/api/v5/trade/order"), [])
+
+    def test_amount_is_contracts_and_prices_keep_their_digits(self):
+        self.place(symbol="BTC_USDT.swap", type="buy", price="30000.1", amount="7")
+        body = self.order_bodies()[-1]
+        self.assertEqual((body["instId"], body["sz"], body["px"], body["ordType"]),
+                         ("BTC-USDT-SWAP", "7", "30000.1", "limit"))
+        self.assertEqual(self.fake.orders()[0]["sz"], "7")
+        self.assertEqual(self.data("orders", {"symbol": "BTC_USDT.swap"})[0]["amount"], "7")
+
+    def test_isolated_margin_mode_sends_isolated(self):
+        self.use_plugin(margin_mode="isolated")
+        self.market("BTC_USDT.swap", "sell", "2")
+        self.market("BTC_USDT.swap", "closesell", "2")
+        self.assertEqual([b["tdMode"] for b in self.order_bodies()], ["isolated", "isolated"])
+        self.assertEqual([o["tdMode"] for o in self.fake.orders()], ["isolated", "isolated"])
+        self.place(symbol="ETH_USDT", type="buy", price="2000", amount="0.01")
+        self.assertEqual(self.order_bodies()[-1]["tdMode"], "cash")       # spot stays cash
+
+    def test_position_mode_is_read_once_for_several_trades(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.market("BTC_USDT.swap", "buy", "1")
+        self.market("BTC_USD.swap", "sell", "1")
+        self.place(symbol="BTC_USD.quarter", type="buy", price="30000", amount="1")
+        self.market("BTC_USDT.swap", "closebuy", "1")
+        self.assertEqual(len(self.okx_calls("/api/v5/account/config")), 1)
+        self.assertEqual([b["posSide"] for b in self.order_bodies()], ["long", "short", "long", "long"])
+
+    def test_spot_orders_ignore_the_position_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.place(symbol="BTC_USDT", type="buy", price="30000", amount="0.01")
+        body = self.order_bodies()[-1]
+        self.assertEqual(body["tdMode"], "cash")
+        self.assertNotIn("posSide", body)
+        self.assertNotIn("reduceOnly", body)
+
+    def test_closing_what_is_not_open_answers_okx_code(self):
+        error = self.error("trade", {"symbol": "BTC_USDT.swap", "type": "closebuy", "price": "-1", "amount": "1"})
+        self.assertIn("OKX 51169", error)
+        self.market("BTC_USDT.swap", "buy", "1")
+        self.assertIn("OKX 51169", self.error("trade", {"symbol": "BTC_USDT.swap", "type": "closesell",
+                                                         "price": "-1", "amount": "1"}))
+        self.assertIn("OKX 51170", self.error("trade", {"symbol": "BTC_USDT.swap", "type": "closebuy",
+                                                         "price": "-1", "amount": "2"}))
+        self.assertEqual(self.fake.positions()[0]["pos"], "1")
+
+    def test_closing_what_is_not_open_in_long_short_mode_answers_okx_code(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.market("BTC_USDT.swap", "sell", "1")
+        error = self.error("trade", {"symbol": "BTC_USDT.swap", "type": "sell", "direction": "closebuy",
+                                     "price": "-1", "amount": "1"})
+        self.assertIn("OKX 51169", error)
+        self.assertEqual(self.order_bodies()[-1]["posSide"], "long")
+
+    def test_swap_orders_list_with_offset_and_cancel(self):
+        self.market("BTC_USDT.swap", "buy", "2")
+        opening = self.place(symbol="BTC_USDT.swap", type="buy", price="30000", amount="3")
+        closing = self.place(symbol="BTC_USDT.swap", type="closebuy", price="50000", amount="1")
+        self.place(symbol="BTC_USDT", type="buy", price="30000", amount="0.01")
+        orders = {o["id"]: o for o in self.data("orders", {"symbol": "BTC_USDT.swap"})}
+        self.assertEqual(set(orders), {opening, closing})
+        self.assertEqual(orders[opening], {"id": opening, "symbol": "BTC_USDT.swap", "amount": "3", "price": "30000",
+                                           "deal_amount": "0", "avg_price": "0", "type": "buy", "status": "pending",
+                                           "offset": "open"})
+        self.assertEqual((orders[closing]["type"], orders[closing]["offset"]), ("sell", "close"))
+        self.assertEqual(self.okx_calls("/api/v5/trade/orders-pending")[-1]["query"],
+                         "instType=SWAP&instId=BTC-USDT-SWAP&limit=100")
+        self.assertEqual(self.data("order", {"id": closing})["offset"], "close")
+        self.assertIs(self.data("cancel", {"id": closing, "symbol": "BTC_USDT.swap"}), True)
+        self.assertEqual(self.data("order", {"id": closing})["status"], "canceled")
+        self.assertEqual([o["id"] for o in self.data("orders", {"symbol": "BTC_USDT.swap"})], [opening])
+
+    def test_long_short_mode_orders_tell_open_from_close(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.market("BTC_USDT.swap", "sell", "2")
+        closing = self.place(symbol="BTC_USDT.swap", type="closesell", price="30000", amount="2")
+        opening = self.place(symbol="BTC_USDT.swap", type="buy", price="30000", amount="1")
+        order = self.data("order", {"id": closing})
+        self.assertEqual((order["type"], order["offset"], order["symbol"]), ("buy", "close", "BTC_USDT.swap"))
+        self.assertEqual(self.data("order", {"id": opening})["offset"], "open")
+
+    def test_delivery_futures_order_round_trip(self):
+        quarter = self.futures_inst_id("BTC-USD", "quarter")
+        order_id = self.place(symbol="BTC_USD", contract_type="quarter", type="sell", price="60000", amount="5")
+        self.assertTrue(order_id.startswith(quarter + ","), order_id)
+        self.assertEqual(self.order_bodies()[-1]["instId"], quarter)
+        listed = self.data("orders", {"symbol": "BTC_USD.quarter"})
+        self.assertEqual([(o["id"], o["symbol"], o["amount"], o["offset"]) for o in listed],
+                         [(order_id, "BTC_USD.quarter", "5", "open")])
+        bare = order_id.split(",")[1]
+        self.assertEqual(self.data("order", {"id": bare, "symbol": "BTC_USD.quarter"})["id"], order_id)
+        self.fake.fill(bare, sz="2")
+        order = self.data("order", {"id": order_id})
+        self.assertEqual((order["status"], order["deal_amount"], order["avg_price"]), ("partial-filled", "2", "60000"))
+        self.assertIs(self.data("cancel", {"id": order_id}), True)
+        history = self.data("historyorders", {"symbol": "BTC_USD.quarter", "since": 0, "limit": 0})
+        self.assertEqual([(o["id"], o["status"], o["symbol"]) for o in history],
+                         [(order_id, "partial-canceled", "BTC_USD.quarter")])
+        self.assertIn("instType=FUTURES", self.okx_calls("/api/v5/trade/orders-history")[-1]["query"])
+
+    def test_historyorders_of_a_swap(self):
+        self.market("BTC_USDT.swap", "buy", "2")
+        closed = self.market("BTC_USDT.swap", "closebuy", "2")
+        self.place(symbol="BTC_USDT", type="buy", price="-1", amount="100")
+        history = self.data("historyorders", {"symbol": "BTC_USDT.swap", "since": 0, "limit": 0})
+        self.assertEqual([(o["id"], o["status"], o["offset"], o["deal_amount"]) for o in history][0],
+                         (closed, "filled", "close", "2"))
+        self.assertEqual([o["offset"] for o in history], ["close", "open"])
+        self.assertEqual({o["symbol"] for o in history}, {"BTC_USDT.swap"})
+        query = urllib.parse.parse_qs(self.okx_calls("/api/v5/trade/orders-history")[-1]["query"])
+        self.assertEqual((query["instType"], query["instId"]), (["SWAP"], ["BTC-USDT-SWAP"]))
+
+
+class LeverageTest(FuturesTestCase):
+    """SetMarginLevel (margin_level, setleverage) and the leverage param of trade."""
+
+    def test_set_margin_level_sets_the_contract_leverage(self):
+        self.assertIs(self.data("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": "20"}), True)
+        self.assertEqual(self.leverage_bodies(), [{"instId": "BTC-USDT-SWAP", "lever": "20", "mgnMode": "cross"}])
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "20"})
+        self.market("BTC_USDT.swap", "buy", "1")
+        self.assertEqual(self.data("positions", {"symbol": "BTC_USDT.swap"})[0]["margin_level"], "20")
+
+    def test_every_spelling_of_the_method_and_its_param(self):
+        lever = 10
+        for method in ("SetMarginLevel", "setmarginlevel", "margin_level", "MarginLevel", "setleverage",
+                       "SetLeverage"):
+            for name in ("marginLevel", "margin_level", "leverage"):
+                lever += 1
+                self.assertIs(self.data(method, {"symbol": "BTC_USD.swap", name: str(lever)}), True, (method, name))
+                self.assertEqual(self.leverage_bodies()[-1]["lever"], str(lever), (method, name))
+        self.assertEqual(self.lever("BTC-USD-SWAP"), {"net": str(lever)})
+        self.assertIn("marginLevel", self.error("SetMarginLevel", {"symbol": "BTC_USD.swap"}))
+
+    def test_delivery_contract_leverage_by_contract_type(self):
+        quarter = self.futures_inst_id("BTC-USDT", "quarter")
+        self.data("SetMarginLevel", {"symbol": "BTC_USDT", "contract_type": "quarter", "leverage": "3"})
+        self.assertEqual(self.leverage_bodies()[-1]["instId"], quarter)
+        self.assertEqual(self.lever(quarter), {"net": "3"})
+
+    def test_isolated_margin_in_long_short_mode_sets_both_sides(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.use_plugin(margin_mode="isolated")
+        self.assertIs(self.data("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": "7"}), True)
+        self.assertEqual(sorted((b["posSide"], b["mgnMode"], b["lever"]) for b in self.leverage_bodies()),
+                         [("long", "isolated", "7"), ("short", "isolated", "7")])
+        self.assertEqual(self.lever("BTC-USDT-SWAP", "isolated"), {"long": "7", "short": "7"})
+
+    def test_isolated_margin_in_net_mode_sends_no_pos_side(self):
+        self.use_plugin(margin_mode="isolated")
+        self.data("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": "4"})
+        self.assertEqual(self.leverage_bodies(), [{"instId": "BTC-USDT-SWAP", "lever": "4", "mgnMode": "isolated"}])
+        self.assertEqual(self.lever("BTC-USDT-SWAP", "isolated"), {"net": "4"})
+
+    def test_cross_margin_in_long_short_mode_sets_the_contract(self):
+        self.fake.set_position_mode("long_short_mode")
+        self.data("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": "15"})
+        self.assertEqual(self.leverage_bodies(), [{"instId": "BTC-USDT-SWAP", "lever": "15", "mgnMode": "cross"}])
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"long": "15", "short": "15"})
+
+    def test_leverage_above_the_maximum_answers_okx_code_and_message(self):
+        error = self.error("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": "150"})
+        self.assertIn("OKX 59102", error)
+        self.assertIn("Leverage exceeds the maximum leverage", error)
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "10"})
+
+    def test_leverage_that_is_not_a_positive_number_is_refused_before_okx(self):
+        for value in ("0", "-5", "ten"):
+            error = self.error("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": value})
+            self.assertIn("marginLevel", error)
+        self.assertEqual(self.leverage_bodies(), [])
+
+    def test_leverage_of_a_spot_symbol_is_an_error_without_calling_okx(self):
+        self.assertIn("spot", self.error("SetMarginLevel", {"symbol": "BTC_USDT", "marginLevel": "5"}))
+        self.assertEqual(self.leverage_bodies(), [])
+
+    def test_leverage_param_on_trade_sets_it_once(self):
+        for _ in range(3):
+            self.market("BTC_USDT.swap", "buy", "1", leverage="5")
+        self.assertEqual(self.leverage_bodies(), [{"instId": "BTC-USDT-SWAP", "lever": "5", "mgnMode": "cross"}])
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "5"})
+        self.assertEqual([o["lever"] for o in self.fake.orders()], ["5", "5", "5"])
+        self.assertEqual(self.data("positions", {"symbol": "BTC_USDT.swap"})[0]["margin_level"], "5")
+
+    def test_leverage_param_on_trade_accepts_every_spelling(self):
+        for name, lever in (("marginLevel", "6"), ("margin_level", "8"), ("leverage", "9")):
+            self.place(symbol="ETH_USDT.swap", type="buy", price="2000", amount="1", **{name: lever})
+            self.assertEqual(self.lever("ETH-USDT-SWAP"), {"net": lever}, name)
+        self.assertEqual([o["lever"] for o in self.fake.orders()], ["9", "8", "6"])      # newest first
+
+    def test_trade_leverage_going_back_to_an_earlier_value_is_set_again(self):
+        for lever in ("5", "10", "5"):
+            self.market("BTC_USDT.swap", "buy", "1", leverage=lever)
+            self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": lever})
+        self.assertEqual(self.fake.orders()[0]["lever"], "5")
+
+    def test_trade_leverage_after_set_margin_level_is_applied(self):
+        self.market("BTC_USDT.swap", "buy", "1", leverage="5")
+        self.data("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": "20"})
+        self.market("BTC_USDT.swap", "buy", "1", leverage="5")
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "5"})
+
+    def test_refused_trade_leverage_places_no_order(self):
+        error = self.error("trade", {"symbol": "BTC_USDT.swap", "type": "buy", "price": "-1", "amount": "1",
+                                     "leverage": "500"})
+        self.assertIn("OKX 59102", error)
+        self.assertEqual(self.okx_calls("/api/v5/trade/order"), [])
+
+
+class FundingTest(FuturesTestCase):
+    """fundings (GetFundings): funding rates of perpetual swaps."""
+
+    def test_funding_of_one_swap(self):
+        funding_time = (self.fake.now_ms() // 3600000 + 1) * 3600000
+        self.fake.set_funding("BTC-USDT-SWAP", "0.000251", funding_time, funding_time + 8 * 3600000)
+        fundings = self.data("fundings", {"symbol": "BTC_USDT.swap"})
+        self.assertEqual(fundings, [{"symbol": "BTC_USDT.swap", "rate": "0.000251", "time": funding_time,
+                                     "interval": 8 * 3600000, "next_time": funding_time + 8 * 3600000}])
+        self.assertEqual(self.okx_calls("/api/v5/public/funding-rate")[-1]["query"], "instId=BTC-USDT-SWAP")
+
+    def test_funding_of_every_swap(self):
+        fundings = {row["symbol"]: row for row in self.data("GetFundings")}
+        self.assertEqual(set(fundings), SWAP_SYMBOLS)
+        self.assertEqual((fundings["BTC_USD.swap"]["rate"], fundings["ETH_USDT.swap"]["rate"]), ("-0.00002", "0.00008"))
+        self.assertEqual(self.okx_calls("/api/v5/public/funding-rate")[-1]["query"], "instId=ANY")
+
+    def test_interval_follows_the_funding_times(self):
+        funding_time = (self.fake.now_ms() // 3600000 + 1) * 3600000
+        self.fake.set_funding("BTC-USD-SWAP", "0.0003", funding_time, funding_time + 4 * 3600000)
+        funding = self.data("GetFundings", {"symbol": "BTC_USD", "contract_type": "swap"})[0]
+        self.assertEqual((funding["symbol"], funding["rate"], funding["interval"], funding["next_time"]),
+                         ("BTC_USD.swap", "0.0003", 4 * 3600000, funding_time + 4 * 3600000))
+
+    def test_funding_of_spot_or_delivery_futures_is_an_error(self):
+        self.assertIn("BTC_USDT", self.error("fundings", {"symbol": "BTC_USDT"}))
+        self.assertIn("BTC_USD.quarter", self.error("fundings", {"symbol": "BTC_USD.quarter"}))
+        self.assertEqual(self.okx_calls("/api/v5/public/funding-rate"), [])
+
+
+class SwapLifecycleTest(FuturesTestCase):
+    """A swap strategy's whole life through the plugin: leverage, open long, position, close, open short,
+    funding, cancel a resting order; once for each position mode."""
+
+    def live_a_swap_life(self):
+        symbol = "BTC_USDT.swap"
+        self.assertIs(self.data("SetMarginLevel", {"symbol": symbol, "marginLevel": "20"}), True)
+
+        long_id = self.market(symbol, "buy", "4")
+        self.assertEqual(self.data("order", {"id": long_id})["status"], "filled")
+        long = self.data("GetPosition", {"symbol": symbol})
+        self.assertEqual([(p["type"], p["amount"], p["margin_level"], p["price"]) for p in long],
+                         [(0, "4", "20", "43010.6")])
+
+        self.fake.set_price("BTC-USDT-SWAP", "43100.5", "43100.6")
+        self.assertEqual(self.data("positions", {"symbol": symbol})[0]["profit"], self.fake.positions()[0]["upl"])
+        close_id = self.place(symbol=symbol, type="sell", direction="closebuy", price="-1", amount="4")
+        self.assertEqual(self.data("order", {"id": close_id})["offset"], "close")
+        self.assertEqual(self.data("positions", {"symbol": symbol}), [])
+
+        self.market(symbol, "sell", "2")
+        short = self.data("GetPositions", {"symbol": symbol})
+        self.assertEqual([(p["type"], p["amount"], p["margin_level"]) for p in short], [(1, "2", "20")])
+
+        funding = self.data("GetFundings", {"symbol": symbol})
+        self.assertEqual([(f["symbol"], f["rate"]) for f in funding], [(symbol, "0.0001")])
+
+        resting = self.place(symbol=symbol, type="buy", price="40000", amount="1")
+        self.assertEqual([o["id"] for o in self.data("orders", {"symbol": symbol})], [resting])
+        self.assertIs(self.data("cancel", {"id": resting}), True)
+        self.assertEqual(self.data("orders", {"symbol": symbol}), [])
+        self.assertEqual(self.data("order", {"id": resting})["status"], "canceled")
+
+        self.assertEqual([(p["type"], p["amount"]) for p in self.data("positions")], [(1, "2")])
+        self.assertEqual(len(self.okx_calls("/api/v5/account/config")), 1)
+        return self.order_bodies()
+
+    def test_whole_life_in_net_mode(self):
+        bodies = self.live_a_swap_life()
+        self.assertEqual([(b["side"], b.get("reduceOnly", False)) for b in bodies],
+                         [("buy", False), ("sell", True), ("sell", False), ("buy", False)])
+        self.assertTrue(all("posSide" not in b for b in bodies))
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "20"})
+        self.assertEqual(self.fake.positions()[0]["pos"], "-2")
+
+    def test_whole_life_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        bodies = self.live_a_swap_life()
+        self.assertEqual([(b["side"], b["posSide"]) for b in bodies],
+                         [("buy", "long"), ("sell", "long"), ("sell", "short"), ("buy", "long")])
+        self.assertTrue(all("reduceOnly" not in b for b in bodies))
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"long": "20", "short": "20"})
+        self.assertEqual([(r["posSide"], r["pos"]) for r in self.fake.positions()], [("short", "2")])
+
+
+FUTURES_TESTS = (FuturesMarketDataTest, PositionTest, FuturesOrderTest, LeverageTest, FundingTest, SwapLifecycleTest)
+
+
 # ---- Operations: proxies, rate limits, error hints ----
 
 class ProxyTest(PluginTestCase):
