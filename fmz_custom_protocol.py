@@ -38,6 +38,7 @@ under the last path segment of the service address.
 
 import argparse
 import base64
+import bisect
 import collections
 import datetime
 import decimal
@@ -122,6 +123,15 @@ ORDER_STATUS = {
 
 # Delivery futures are named by FMZ contract type; OKX lists the same name as the instrument's alias.
 FUTURES_ALIASES = ("this_week", "next_week", "quarter", "next_quarter")
+
+# OKX's public WebSocket for each REST host: (live keys, demo keys). Another --api-base (a test
+# server, say) has no stream unless --ws-base names one.
+STREAM_BASES = {
+    host: ("wss://ws.okx.com:8443", "wss://wspap.okx.com:8443")
+    for host in ("www.okx.com", "okx.com", "aws.okx.com", "openapi.okx.com")
+}
+STREAM_BASES["eea.okx.com"] = ("wss://wseea.okx.com:8443", "wss://wseeapap.okx.com:8443")
+STREAM_BASES["us.okx.com"] = ("wss://wsus.okx.com:443", "wss://wsuspap.okx.com:443")
 
 # OKX's request limits (OKX.md section 8): (method, path) -> (requests, seconds, scope).
 # Scope says who shares the bucket, as OKX counts: "ip" (everybody on this host), "key" (one API key),
@@ -706,7 +716,8 @@ class OKXClient:
         self._caches = {}         # (kind, key) -> (expires monotonic, value)
         self._cache_locks = collections.defaultdict(threading.Lock)
         self.user_agent = "fmz-okx-plugin/%s" % __version__
-        self.stream = None        # MarketStream, when the live stream is on
+        self._streams = {}        # ws base URL -> MarketStream (live and demo keys use different hosts)
+        self._streams_lock = threading.Lock()
 
     # --- one request ----------------------------------------------------------------------------------
     def request(self, method, path, params=None, body=None, credentials=None, deadline=None,
@@ -861,10 +872,38 @@ class OKXClient:
             return rows[0] if rows else {}
         return self.cached("account", (credentials.api_key, credentials.demo), ACCOUNT_CONFIG_TTL, load)
 
+    def stream(self, demo=False):
+        """The live market stream for live or demo keys, or None when it is off (--no-stream, or an
+        --api-base that is not an OKX site and no --ws-base)."""
+        if not self.config.stream:
+            return None
+        base = self.config.ws_base or STREAM_BASES.get(urllib.parse.urlsplit(self.api_base).hostname,
+                                                       (None, None))[1 if demo else 0]
+        if not base:
+            return None
+        stream = self._streams.get(base)
+        if stream is None:
+            with self._streams_lock:
+                stream = self._streams.get(base)
+                if stream is None:
+                    def rest_book(inst_id):
+                        return self.call("GET", "/api/v5/market/books", {"instId": inst_id, "sz": OKX_MAX_DEPTH},
+                                         demo=demo)[0]
+                    https = self.pool.ssl_context or ssl.create_default_context(cafile=self.config.ca_file)
+                    proxy = Proxy(self.config.proxy) if self.config.proxy else Proxy.from_environment(
+                        base.replace("wss://", "https://").replace("ws://", "http://"))
+                    stream = MarketStream(base, https if base.startswith("wss:") else None, proxy,
+                                          self.config.stream_idle, rest_book)
+                    self._streams[base] = stream
+                    log.info("live market data from %s%s", base, " through proxy %s" % proxy if proxy else "")
+        return stream
+
     def close(self):
         self.pool.close()
-        if self.stream:
-            self.stream.close()
+        with self._streams_lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
 
 
 class _Flight:
@@ -942,6 +981,834 @@ class OrderMemory:
         if event:
             event.set()
 
+
+# =====================================================================================================
+# Live market stream: OKX's public WebSocket, kept in memory for ticker, depth and trades
+# =====================================================================================================
+
+STREAM_PATH = "/ws/v5/public"
+STREAM_FRESH_SECONDS = 3.0        # answer from memory only if the connection was heard from this recently
+STREAM_PING_AFTER = 1.0           # silence after which we send the text "ping" (quiet instruments push nothing)
+STREAM_DEAD_AFTER = 5.0           # silence, pings unanswered, after which the connection is given up
+STREAM_POLL = 0.05                # the stream thread looks at its queue, timers and stop flag this often
+STREAM_CONNECT_TIMEOUT = 10.0     # TCP, proxy tunnel, TLS and upgrade together
+STREAM_SEND_TIMEOUT = 5.0
+STREAM_MAX_MESSAGE = 4 << 20      # a larger message closes the connection (1009)
+STREAM_CONNECTS_PER_SECOND = 3    # OKX: "Connection limit: 3 requests per second (based on IP)"
+STREAM_BACKOFF_FIRST = 0.5        # wait before the 2nd attempt in a row, doubled for each further one...
+STREAM_BACKOFF_MAX = 10.0         # ...up to this
+STREAM_STABLE_SECONDS = 10.0      # a connection that lasted this long resets the backoff
+STREAM_CHECKSUM_LEVELS = 25
+STREAM_SYNC_BUFFER = 1000         # `books` updates held while a REST snapshot is being fetched
+STREAM_RESUBSCRIBE_MAX = 60.0     # a book that keeps breaking is rebuilt at most this rarely
+STREAM_ARGS_PER_REQUEST = 100     # keeps a subscribe request far below OKX's 64 KB
+STREAM_REFUSED_RETRY = 60.0       # a channel OKX refused (e.g. 60018) is not asked for again before this
+STREAM_IDLE_SCAN = 0.25           # how often subscriptions are checked for idleness
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"          # RFC 6455 section 1.3
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_REFUSED_ARG_RE = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w.-]+)")
+
+
+class StreamError(Exception):
+    """The WebSocket connection failed or must be given up; str() says why. Never leaves the stream's
+    thread: robots simply get their answers from REST until the stream is back."""
+
+
+def websocket_accept(key):
+    """The ``Sec-WebSocket-Accept`` a server must answer to our ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def okx_book_checksum(bids, asks):
+    """OKX's order-book checksum (OKX.md 11.5): signed CRC32 of ``bid1px:bid1sz:ask1px:ask1sz:bid2px:...``.
+
+    ``bids``/``asks`` are ``[px, sz, ...]`` rows best first, strings exactly as OKX sent them. The best 25
+    of each side count; where one side runs out, the other continues alone.
+    """
+    bids, asks = bids[:STREAM_CHECKSUM_LEVELS], asks[:STREAM_CHECKSUM_LEVELS]
+    parts = []
+    for i in range(max(len(bids), len(asks))):
+        if i < len(bids):
+            parts.extend(bids[i][:2])
+        if i < len(asks):
+            parts.extend(asks[i][:2])
+    value = zlib.crc32(":".join(parts).encode("ascii"))
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def _masked(payload, mask):
+    if not payload:
+        return b""
+    repeated = (mask * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(payload), "big")
+
+
+def _writable(sock, timeout):
+    """Wait up to ``timeout`` s for ``sock`` to be writable (a connect finished); poll() where there is
+    one, as select() fails on descriptors above 1023."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
+    return any(select.select([], [sock], [sock], timeout))
+
+
+class WebSocketClient:
+    """One RFC 6455 client connection carrying text messages, used by one thread.
+
+    ``open()`` connects (through the HTTP CONNECT proxy when one is given, like the REST pool), speaks TLS
+    for ``wss://`` verified with the given context, and upgrades, checking ``Sec-WebSocket-Accept``; it gives
+    up within STREAM_POLL once ``stop`` (a threading.Event) is set. ``receive()`` waits at most STREAM_POLL
+    and returns the text messages completed meanwhile, reassembling fragments and answering ping frames.
+    ``heard_at`` is when the last frame arrived. Every failure raises StreamError.
+    """
+
+    def __init__(self, url, ssl_context=None, proxy=None, stop=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("not a ws:// or wss:// URL: %r" % url)
+        self.url, self.host, self.tls = url, parts.hostname, parts.scheme == "wss"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.path = parts.path or "/"
+        self.ssl_context = ssl_context if ssl_context is not None or not self.tls else ssl.create_default_context()
+        self.proxy = proxy
+        self.stop = stop or threading.Event()
+        self.sock = None
+        self.heard_at = 0.0
+        self._buffer = bytearray()
+        self._fragments, self._fragments_size, self._message_opcode = [], 0, None
+        self._upgraded = self._close_sent = False
+
+    # --- opening --------------------------------------------------------------------------------------
+    def open(self):
+        deadline = time.monotonic() + STREAM_CONNECT_TIMEOUT
+        try:
+            self._connect_tcp(self.proxy.host if self.proxy else self.host,
+                              self.proxy.port if self.proxy else self.port, deadline)
+            if self.proxy:
+                self._tunnel(deadline)
+            if self.tls:
+                self.sock = self.ssl_context.wrap_socket(self.sock, server_hostname=self.host,
+                                                         do_handshake_on_connect=False)
+                self._patiently(self.sock.do_handshake, deadline)
+            self._upgrade(deadline)
+        except (OSError, StreamError) as exc:
+            self.close()
+            if isinstance(exc, StreamError):
+                raise
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise StreamError("TLS certificate of %s could not be verified (%s)"
+                                  % (self.host, exc.verify_message)) from None
+            raise StreamError("connection to %s failed: %s" % (self.url, _os_error_text(exc))) from None
+        self.heard_at = time.monotonic()
+        return self
+
+    def _check(self, deadline):
+        if self.stop.is_set():
+            raise StreamError("stopped")
+        if time.monotonic() >= deadline:
+            raise StreamError("%s did not answer within %.0f s" % (self.url, STREAM_CONNECT_TIMEOUT))
+
+    def _patiently(self, operation, deadline):
+        """``operation()`` on the socket (timeout STREAM_POLL), retried until done, stopped or too late."""
+        while True:
+            try:
+                return operation()
+            except socket.timeout:
+                self._check(deadline)
+
+    def _connect_tcp(self, host, port, deadline):
+        what = "proxy %s" % self.proxy if self.proxy else "%s:%d" % (host, port)
+        try:
+            candidates = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise StreamError("cannot resolve %s: %s" % (what, _os_error_text(exc))) from None
+        error = None
+        for family, kind, proto, _, address in candidates:
+            self.sock = socket.socket(family, kind, proto)
+            self.sock.setblocking(False)          # so that close() need not wait for a slow connect
+            try:
+                try:
+                    self.sock.connect(address)
+                except BlockingIOError:
+                    while not _writable(self.sock, STREAM_POLL):
+                        self._check(deadline)
+                    code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sock.settimeout(STREAM_POLL)
+                return
+            except OSError as exc:
+                self.sock.close()
+                error = exc
+        raise StreamError("cannot connect to %s: %s" % (what, _os_error_text(error)))
+
+    def _read_head(self, deadline):
+        """Status line and lower-cased headers of an HTTP answer; what follows stays in the buffer."""
+        while b"\r\n\r\n" not in self._buffer:
+            if len(self._buffer) > 16384:
+                raise StreamError("%s answered an overlong HTTP head" % self.url)
+            chunk = self._patiently(lambda: self.sock.recv(65536), deadline)
+            if not chunk:
+                raise StreamError("%s closed the connection during the handshake" % self.url)
+            self._buffer += chunk
+        head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
+        self._buffer = bytearray(rest)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return lines[0], headers
+
+    def _tunnel(self, deadline):
+        target = "%s:%d" % (self.host, self.port)
+        request = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (target, target)
+        request += "".join("%s: %s\r\n" % item for item in self.proxy.headers.items())
+        self.sock.sendall((request + "\r\n").encode("latin-1"))
+        status_line, _ = self._read_head(deadline)
+        if status_line.split(" ")[1:2] != ["200"] or self._buffer:
+            raise StreamError("proxy %s refused the tunnel to %s: %s" % (self.proxy, target, status_line))
+
+    def _upgrade(self, deadline):
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        if self.port != (443 if self.tls else 80):
+            host += ":%d" % self.port
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                        % (self.path, host, key)).encode("latin-1"))
+        status_line, headers = self._read_head(deadline)
+        connection_tokens = [token.strip().lower() for token in headers.get("connection", "").split(",")]
+        if status_line.split(" ")[1:2] != ["101"]:
+            raise StreamError("%s refused the WebSocket upgrade: %s" % (self.url, status_line))
+        if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection_tokens:
+            raise StreamError("%s answered 101 without upgrading to WebSocket" % self.url)
+        if headers.get("sec-websocket-accept") != websocket_accept(key):
+            raise StreamError("%s answered a wrong Sec-WebSocket-Accept" % self.url)
+        if headers.get("sec-websocket-extensions"):
+            raise StreamError("%s imposed an extension that was not offered" % self.url)
+        self._upgraded = True
+
+    # --- frames ---------------------------------------------------------------------------------------
+    def send_text(self, text):
+        self._send_frame(_OP_TEXT, text.encode("utf-8"))
+
+    def _send_frame(self, opcode, payload):
+        length = len(payload)
+        if length < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        mask = os.urandom(4)          # RFC 6455 5.3: every client frame is masked with a fresh key
+        try:
+            self.sock.settimeout(STREAM_SEND_TIMEOUT)
+            self.sock.sendall(head + mask + _masked(payload, mask))
+            self.sock.settimeout(STREAM_POLL)
+        except OSError as exc:
+            raise StreamError("sending to %s failed: %s" % (self.url, _os_error_text(exc))) from None
+
+    def receive(self):
+        """Wait up to STREAM_POLL for bytes; return the text messages they complete (often none)."""
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            return []
+        except OSError as exc:
+            raise StreamError("connection to %s failed: %s" % (self.url, _os_error_text(exc))) from None
+        if not chunk:
+            raise StreamError("%s closed the connection without a close frame" % self.url)
+        self._buffer += chunk
+        messages = []
+        frame = self._next_frame()
+        while frame is not None:
+            text = self._on_frame(*frame)
+            if text is not None:
+                messages.append(text)
+            frame = self._next_frame()
+        return messages
+
+    def _next_frame(self):
+        """``(fin, opcode, payload)`` of the next complete frame in the buffer, or None."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        first, second = buffer[0], buffer[1]
+        if first & 0x70:
+            self._fail(1002, "reserved bits set, but no extension was negotiated")
+        if second & 0x80:
+            self._fail(1002, "a server frame was masked")
+        length, start = second & 0x7F, 2
+        if length >= 126:
+            start = 4 if length == 126 else 10
+            if len(buffer) < start:
+                return None
+            length = struct.unpack_from("!H" if start == 4 else "!Q", buffer, 2)[0]
+        if self._fragments_size + length > STREAM_MAX_MESSAGE:
+            self._fail(1009, "a message is larger than %d bytes" % STREAM_MAX_MESSAGE)
+        if len(buffer) < start + length:
+            return None
+        payload = bytes(buffer[start:start + length])
+        del buffer[:start + length]
+        return bool(first & 0x80), first & 0x0F, payload
+
+    def _on_frame(self, fin, opcode, payload):
+        self.heard_at = time.monotonic()
+        if opcode >= _OP_CLOSE:
+            if len(payload) > 125 or not fin:
+                self._fail(1002, "a control frame was fragmented or too long")
+            if opcode == _OP_CLOSE:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                self.close()
+                raise StreamError("OKX closed the connection (code %d %s)"
+                                  % (code, payload[2:].decode("utf-8", "replace")))
+            if opcode == _OP_PING:
+                self._send_frame(_OP_PONG, payload)
+            elif opcode != _OP_PONG:
+                self._fail(1002, "unknown opcode %d" % opcode)
+            return None
+        if opcode == _OP_CONT:
+            if self._message_opcode is None:
+                self._fail(1002, "a continuation frame without a message")
+        elif opcode in (_OP_TEXT, _OP_BINARY) and self._message_opcode is None:
+            self._message_opcode = opcode
+        else:
+            self._fail(1002, "unexpected opcode %d" % opcode)
+        self._fragments.append(payload)
+        self._fragments_size += len(payload)
+        if not fin:
+            return None
+        data, opcode = b"".join(self._fragments), self._message_opcode
+        self._fragments, self._fragments_size, self._message_opcode = [], 0, None
+        if opcode == _OP_BINARY:
+            return None               # OKX's public stream speaks JSON text only
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(1007, "a text message is not UTF-8")
+
+    def _fail(self, code, reason):
+        self.close(code)
+        raise StreamError("%s broke the WebSocket protocol: %s" % (self.url, reason))
+
+    def close(self, code=1000):
+        """Send a close frame (once, best effort) and close the socket; safe to call again."""
+        if self.sock is None:
+            return
+        if self._upgraded and not self._close_sent:
+            self._close_sent = True
+            mask = os.urandom(4)
+            try:
+                self.sock.settimeout(0.2)
+                self.sock.sendall(b"\x88\x82" + mask + _masked(struct.pack("!H", code), mask))
+            except OSError:
+                pass
+        self.sock.close()
+        self.sock = None
+
+
+# --- what the stream keeps -------------------------------------------------------------------------------
+
+class OrderBook:
+    """One instrument's `books` order book as OKX sent it, following OKX's seqId chain (OKX.md 11.5).
+
+    Each side is ``{Decimal price: (px text, sz text)}`` plus its prices in ascending order, so answers and
+    checksums use OKX's own strings. ``seq_id`` is None until a snapshot (pushed, or from REST through
+    ``load_rest``) made the book complete. ``load``/``apply``/``load_rest`` return False when the book can no
+    longer be trusted (a lost message, a non-zero checksum that does not match): it must then be rebuilt.
+    Malformed data raises (KeyError, TypeError, ValueError, ArithmeticError).
+    """
+
+    def __init__(self):
+        self.levels = {"asks": {}, "bids": {}}
+        self.prices = {"asks": [], "bids": []}
+        self.seq_id = None
+        self.ts = ""
+        self.pending = []         # updates received before any snapshot, for a sync from REST
+        self.fetching = False     # a REST snapshot is being fetched
+        self._after_rest = False  # seq_id is a REST snapshot's: the next update may start before it
+
+    @property
+    def synced(self):
+        return self.seq_id is not None
+
+    def _set(self, data):
+        for side in ("asks", "bids"):
+            levels, prices = self.levels[side], self.prices[side]
+            for row in data[side]:
+                px, sz = str(row[0]), str(row[1])
+                price = Decimal(px)
+                if Decimal(sz) == 0:
+                    if levels.pop(price, None) is not None:
+                        del prices[bisect.bisect_left(prices, price)]
+                else:
+                    if price not in levels:
+                        bisect.insort(prices, price)
+                    levels[price] = (px, sz)
+        self.ts = str(data.get("ts", self.ts))
+
+    def _replace(self, data, seq_id):
+        self.levels = {"asks": {}, "bids": {}}
+        self.prices = {"asks": [], "bids": []}
+        self._set(data)
+        self.seq_id = seq_id
+
+    def load(self, data):
+        """A pushed snapshot: replaces the book."""
+        self._replace(data, int(data["seqId"]))
+        self.pending, self._after_rest = [], False
+        return self._checksum_ok(data)
+
+    def load_rest(self, snapshot):
+        """REST ``/market/books`` data[0] (with its integer ``seqId``), then the updates buffered meanwhile:
+        those up to the snapshot's seqId are in it already, the first later one must start at or before it
+        (``prevSeqId <= seqId < its seqId``) and the rest chain on."""
+        self._replace(snapshot, int(snapshot["seqId"]))
+        self._after_rest = True
+        pending, self.pending = self.pending, []
+        return all(self.apply(update) for update in pending)
+
+    def apply(self, data):
+        """An update. Legal: ``prevSeqId`` == our seqId, including the no-change heartbeat (seqId equal)
+        and the post-maintenance reset (seqId smaller). Anything else means a message was lost."""
+        prev_seq_id, seq_id = int(data["prevSeqId"]), int(data["seqId"])
+        if self._after_rest:
+            if seq_id <= self.seq_id:
+                return True
+            if prev_seq_id > self.seq_id:
+                return False
+            self._after_rest = False
+        elif prev_seq_id != self.seq_id:
+            return False
+        self._set(data)
+        self.seq_id = seq_id
+        return self._checksum_ok(data)
+
+    def _checksum_ok(self, data):
+        expected = int(data.get("checksum") or 0)   # 0: OKX sends no checksum (since 2026-06)
+        return not expected or okx_book_checksum(self.side("bids", STREAM_CHECKSUM_LEVELS),
+                                                 self.side("asks", STREAM_CHECKSUM_LEVELS)) == expected
+
+    def side(self, side, limit):
+        """The best ``limit`` levels of ``side`` as ``(px, sz)`` text pairs, best first."""
+        prices = self.prices[side]
+        chosen = prices[:limit] if side == "asks" else prices[:-limit - 1:-1]
+        levels = self.levels[side]
+        return [levels[price] for price in chosen]
+
+    def top(self, limit):
+        return {"asks": [list(level) for level in self.side("asks", limit)],
+                "bids": [list(level) for level in self.side("bids", limit)], "ts": self.ts}
+
+
+def _trade_order(row):
+    try:
+        return int(row.get("ts") or 0), int(row.get("tradeId") or 0)
+    except (TypeError, ValueError):
+        return 0, 0
+
+
+class TradeTape:
+    """The latest trades of one instrument in REST's shape, newest first, unique by tradeId, at most
+    OKX_MAX_TRADES. Pushes only bring trades made after the subscription; ``seeded`` is set once REST rows
+    fetched while the subscription was live were merged, and from then on the tape has no hole."""
+
+    def __init__(self):
+        self.rows = []
+        self.seeded = False
+        self.seedable = False     # the subscription was live when a caller was sent to REST
+
+    def merge(self, rows):
+        by_id = {str(row["tradeId"]): row for row in self.rows}
+        for row in rows:
+            if isinstance(row, dict) and row.get("tradeId") and str(row["tradeId"]) not in by_id:
+                by_id[str(row["tradeId"])] = {name: value for name, value in row.items()
+                                              if name not in ("count", "seqId")}   # not in REST rows
+        self.rows = sorted(by_id.values(), key=_trade_order, reverse=True)[:OKX_MAX_TRADES]
+
+
+# --- the stream ----------------------------------------------------------------------------------------
+
+class MarketStream:
+    """OKX's public WebSocket at one ws base URL, shared by every robot: ticker, depth and trades from memory.
+
+    ``ticker``/``depth``/``trades`` never do I/O: each records that its (channel, instId) was asked for,
+    queues the subscription for the stream's thread (started on first use), and answers from memory only
+    while the connection is proven alive (a message or pong within STREAM_FRESH_SECONDS) and the data is
+    complete; otherwise None, and the caller asks REST. One thread owns the connection: it subscribes
+    (``tickers``; ``books5`` for depth up to 5, else ``books``; ``trades``), pings after STREAM_PING_AFTER of
+    silence, keeps the ``books`` books in sequence (rebuilding one that breaks), unsubscribes what nobody
+    asked for in ``idle_seconds``, and reconnects with backoff after any loss, discarding what it held.
+    """
+
+    _connect_times = collections.deque()      # shared: OKX limits new connections per IP, not per stream
+    _connect_times_lock = threading.Lock()
+
+    def __init__(self, ws_base, ssl_context=None, proxy=None, idle_seconds=DEFAULT_STREAM_IDLE, rest_book=None):
+        self.url = ws_base.rstrip("/") + STREAM_PATH
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("the stream's base must be ws://host[:port] or wss://host[:port], not %r" % ws_base)
+        if ssl_context is None and parts.scheme == "wss":
+            ssl_context = ssl.create_default_context()
+        self.ssl_context, self.proxy = ssl_context, proxy
+        self.idle_seconds, self.rest_book = idle_seconds, rest_book
+        self._lock = threading.Lock()
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._thread = None
+        self._closed = False
+        self._asked = {}              # (channel, instId) -> monotonic time a robot last asked for it
+        self._refused = {}            # key -> time before which it is not subscribed again
+        self._resubscribe = {}        # key -> time its book is to be rebuilt (unsubscribe + subscribe)
+        self._rebuilt = {}            # key -> (time, delay) of its last rebuild, to back off repeated ones
+        # what the current connection holds: discarded with it
+        self._subs = {}               # key -> True once OKX acknowledged it, False while asked
+        self._held = {}               # key -> ticker row | books5 {asks, bids, ts} | OrderBook | TradeTape
+        self._requests = collections.OrderedDict()   # our request id -> its keys (errors carry no arg)
+        self._rest_results = []       # (key, book, snapshot or None, error or None) from sync threads
+        self._connected = False
+        self._heard_at = 0.0
+        self._request_id = 0
+        self._next_idle_scan = 0.0
+        self._served = self._reconnects = 0
+
+    # --- what robots call -----------------------------------------------------------------------------
+    def ticker(self, inst_id):
+        """OKX's ticker row (REST ``/market/ticker`` data[0] fields) from memory, or None."""
+        now = time.monotonic()
+        with self._lock:
+            self._ask(("tickers", inst_id), now)
+            row = self._held.get(("tickers", inst_id)) if self._live(now) else None
+            if row is None:
+                return None
+            self._served += 1
+            return dict(row)
+
+    def depth(self, inst_id, limit):
+        """``{"asks": [[px, sz], ...] ascending, "bids": [...] descending, "ts"}``, at most ``limit`` levels a
+        side, or None. Up to 5 levels come from ``books5`` (or a synced ``books``), more from ``books``."""
+        now = time.monotonic()
+        with self._lock:
+            self._ask(("books5" if limit <= 5 else "books", inst_id), now)
+            if not self._live(now):
+                return None
+            top5 = self._held.get(("books5", inst_id)) if limit <= 5 else None
+            book = self._held.get(("books", inst_id))
+            if top5 is not None:
+                answer = {"asks": [list(level) for level in top5["asks"][:limit]],
+                          "bids": [list(level) for level in top5["bids"][:limit]], "ts": top5["ts"]}
+            elif book is not None and book.synced and limit <= OKX_MAX_DEPTH:
+                answer = book.top(limit)
+            else:
+                return None
+            self._served += 1
+            return answer
+
+    def trades(self, inst_id, limit):
+        """The ``limit`` latest trades (REST rows: instId, tradeId, px, sz, side, ts), newest first, or None:
+        then the caller fetches REST and hands the rows to ``seed_trades``."""
+        now = time.monotonic()
+        with self._lock:
+            self._ask(("trades", inst_id), now)
+            tape = self._held.get(("trades", inst_id)) if self._live(now) else None
+            if tape is None:
+                return None
+            if not tape.seeded or len(tape.rows) < limit:
+                tape.seedable = True      # REST read after this moment overlaps the pushes: no hole
+                return None
+            self._served += 1
+            return [dict(row) for row in tape.rows[:limit]]
+
+    def seed_trades(self, inst_id, rows):
+        """REST trade rows (newest first) fetched after ``trades`` answered None: merged with the pushes
+        when the subscription was live before that answer (else ignored: REST again next time)."""
+        with self._lock:
+            tape = self._held.get(("trades", inst_id))
+            if tape is not None and tape.seedable:
+                tape.merge(rows)
+                tape.seeded = True
+
+    def stats(self):
+        """``{"connected", "subscriptions" (acknowledged), "served_from_memory", "reconnects"}``."""
+        with self._lock:
+            return {"connected": self._connected, "subscriptions": sum(1 for live in self._subs.values() if live),
+                    "served_from_memory": self._served, "reconnects": self._reconnects}
+
+    def close(self):
+        """Stop the thread and close the connection (waits at most 0.5 s; answers are None from now on)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._stop.set()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(0.5)
+
+    def _ask(self, key, now):
+        if self._closed:
+            return
+        if key not in self._asked:
+            self._wake.set()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="okx-stream", daemon=True)
+                self._thread.start()
+        self._asked[key] = now
+
+    def _live(self, now):
+        return self._connected and not self._closed and now - self._heard_at < STREAM_FRESH_SECONDS
+
+    # --- the stream's thread --------------------------------------------------------------------------
+    def _run(self):
+        failures, lost = 0, False     # failures: connections in a row that failed or did not last
+        while not self._stop.is_set():
+            self._wake.clear()
+            with self._lock:
+                self._expire_idle(time.monotonic())
+                wanted = bool(self._asked)
+            if not wanted:
+                self._wake.wait(1.0)
+                continue
+            backoff = min(STREAM_BACKOFF_MAX, STREAM_BACKOFF_FIRST * 2 ** (failures - 2)) if failures > 1 else 0.0
+            if self._stop.wait(backoff) or not self._take_connect_slot():
+                break
+            ws = WebSocketClient(self.url, self.ssl_context, self.proxy, self._stop)
+            try:
+                ws.open()
+            except StreamError as exc:
+                failures += 1
+                if not self._stop.is_set():
+                    (log.warning if failures & (failures - 1) == 0 else log.debug)(
+                        "market stream: %s (attempt %d; answering from REST meanwhile)", exc, failures)
+                continue
+            log.info("market stream connected to %s%s", self.url,
+                     " via proxy %s" % self.proxy if self.proxy else "")
+            with self._lock:
+                self._connected, self._heard_at = True, ws.heard_at
+                self._reconnects += lost
+            opened_at, lost = time.monotonic(), True
+            try:
+                self._serve(ws)
+                lost = False
+            except StreamError as exc:
+                if not self._stop.is_set():
+                    log.warning("market stream lost: %s; reconnecting", exc)
+            except Exception:             # a bug here must not end the stream for good
+                log.exception("market stream: unexpected error; reconnecting")
+            finally:
+                with self._lock:
+                    self._connected = False
+                    self._subs.clear()
+                    self._held.clear()
+                    self._requests.clear()
+                    self._resubscribe.clear()
+                    self._rest_results = []
+                ws.close()
+            if not lost or time.monotonic() - opened_at >= STREAM_STABLE_SECONDS:
+                failures = 1 if lost else 0   # the first reconnection after a good connection is immediate
+            else:
+                failures += 1
+
+    def _take_connect_slot(self):
+        """Wait until one more connection stays within OKX's per-IP rate; False when stopping."""
+        while True:
+            with MarketStream._connect_times_lock:
+                now, times = time.monotonic(), MarketStream._connect_times
+                while times and times[0] <= now - 1.0:
+                    times.popleft()
+                if len(times) < STREAM_CONNECTS_PER_SECOND:
+                    times.append(now)
+                    return True
+                wait = times[0] + 1.0 - now
+            if self._stop.wait(wait):
+                return False
+
+    def _serve(self, ws):
+        """Run one connection until it fails (StreamError), nothing is wanted any more, or close()."""
+        pinged_at = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                unsubscribe, subscribe = self._plan(now)
+                if not self._asked:
+                    return
+            self._send_request(ws, "unsubscribe", unsubscribe)
+            self._send_request(ws, "subscribe", subscribe)
+            if now - max(ws.heard_at, pinged_at) >= STREAM_PING_AFTER:
+                ws.send_text("ping")      # OKX's keep-alive is this text, not an RFC 6455 ping frame
+                pinged_at = now
+            if now - ws.heard_at > STREAM_DEAD_AFTER:
+                raise StreamError("no pong from %s for %.0f s" % (self.url, now - ws.heard_at))
+            messages = []
+            for text in ws.receive():
+                if text != "pong":
+                    try:
+                        messages.append(json.loads(text))
+                    except ValueError:
+                        log.debug("market stream: ignored a message that is not JSON: %.80r", text)
+            with self._lock:
+                self._heard_at = ws.heard_at
+                for message in messages:
+                    self._dispatch(message, now)
+                self._apply_rest_results(now)
+
+    def _expire_idle(self, now):
+        """Forget what nobody asked for in ``idle_seconds``; return those of them that are subscribed."""
+        subscribed = []
+        if now >= self._next_idle_scan:
+            self._next_idle_scan = now + min(STREAM_IDLE_SCAN, self.idle_seconds / 4)
+            for key, asked_at in list(self._asked.items()):
+                if now - asked_at > self.idle_seconds:
+                    del self._asked[key]
+                    for memory in (self._resubscribe, self._rebuilt, self._refused, self._held):
+                        memory.pop(key, None)
+                    if self._subs.pop(key, None) is not None:
+                        subscribed.append(key)
+        return subscribed
+
+    def _plan(self, now):
+        """What to send now, as (keys to unsubscribe, keys to subscribe)."""
+        unsubscribe, subscribe = self._expire_idle(now), []
+        for key, due in list(self._resubscribe.items()):
+            if due <= now:
+                del self._resubscribe[key]
+                if key in self._subs:
+                    unsubscribe.append(key)
+                    subscribe.append(key)
+                    self._subs[key] = False
+        for key in self._asked:
+            if key not in self._subs and self._refused.get(key, 0.0) <= now:
+                subscribe.append(key)
+                self._subs[key] = False
+        return unsubscribe, subscribe
+
+    def _send_request(self, ws, op, keys):
+        for start in range(0, len(keys), STREAM_ARGS_PER_REQUEST):
+            chunk = keys[start:start + STREAM_ARGS_PER_REQUEST]
+            self._request_id += 1
+            with self._lock:
+                self._requests[str(self._request_id)] = chunk
+                while len(self._requests) > 100:
+                    self._requests.popitem(last=False)
+            args = [{"channel": channel, "instId": inst_id} for channel, inst_id in chunk]
+            ws.send_text(json.dumps({"id": str(self._request_id), "op": op, "args": args}, separators=(",", ":")))
+
+    # --- what OKX sends (under the lock) --------------------------------------------------------------
+    def _dispatch(self, message, now):
+        if not isinstance(message, dict):
+            return
+        if "event" in message:
+            return self._on_event(message, now)
+        arg, data = message.get("arg"), message.get("data")
+        if not isinstance(arg, dict) or not isinstance(data, list) or not data:
+            return
+        key = (arg.get("channel"), arg.get("instId"))
+        if key not in self._subs:
+            return                        # a late push for something unsubscribed
+        try:
+            self._on_push(key, message.get("action"), data, now)
+        except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
+            log.warning("market stream: malformed %s push for %s (%s: %s)", key[0], key[1],
+                        type(exc).__name__, exc)
+            self._rebuild(key, now)
+
+    def _on_event(self, message, now):
+        event, code = message.get("event"), str(message.get("code", ""))
+        if event == "subscribe":
+            arg = message.get("arg") if isinstance(message.get("arg"), dict) else {}
+            key = (arg.get("channel"), arg.get("instId"))
+            if key in self._subs:
+                self._subs[key] = True
+                if key[0] == "books":     # its first push must be a snapshot; older pushes are ignored
+                    self._held[key] = OrderBook()
+                elif key[0] == "trades":
+                    self._held.setdefault(key, TradeTape())
+        elif event == "error":
+            text = str(message.get("msg", ""))
+            match = _REFUSED_ARG_RE.search(text)
+            keys = [match.groups()] if match else self._requests.get(str(message.get("id")), [])
+            log.warning("market stream: OKX refused a request (%s: %s)", code, text)
+            for key in keys:
+                if self._subs.get(tuple(key)) is False:
+                    del self._subs[tuple(key)]
+                    self._refused[tuple(key)] = now + STREAM_REFUSED_RETRY
+        elif event == "notice" and code == "64008":
+            raise StreamError("OKX announced a service upgrade (64008)")
+
+    def _on_push(self, key, action, data, now):
+        channel = key[0]
+        if channel == "tickers":
+            self._held[key] = dict(data[-1])
+        elif channel == "books5":
+            top = data[-1]
+            self._held[key] = {"asks": [(str(row[0]), str(row[1])) for row in top["asks"]],
+                               "bids": [(str(row[0]), str(row[1])) for row in top["bids"]],
+                               "ts": str(top.get("ts", ""))}
+        elif channel == "trades":
+            self._held.setdefault(key, TradeTape()).merge(data)
+        elif channel == "books":
+            book = self._held.get(key)
+            if book is None:
+                return                    # until the (re)subscription's ack: pushes of the old one
+            for update in data:
+                if action == "snapshot":
+                    intact = book.load(update)
+                elif book.synced:
+                    intact = book.apply(update)
+                else:
+                    intact = self._sync_from_rest(key, book, update)
+                if not intact:
+                    log.info("market stream: %s book broke (lost message or checksum); rebuilding", key[1])
+                    return self._rebuild(key, now)
+
+    def _sync_from_rest(self, key, book, update):
+        """A `books` stream that began without a snapshot: buffer its updates and fetch a REST snapshot
+        (in another thread, as REST may take seconds); False when that cannot work."""
+        book.pending.append(update)
+        if self.rest_book is None or len(book.pending) > STREAM_SYNC_BUFFER:
+            return False
+        if not book.fetching:
+            book.fetching = True
+            threading.Thread(target=self._fetch_rest_book, args=(key, book), name="okx-stream-sync",
+                             daemon=True).start()
+        return True
+
+    def _fetch_rest_book(self, key, book):
+        try:
+            snapshot, error = self.rest_book(key[1]), None
+        except Exception as exc:          # whatever the callback raises, the stream goes on
+            snapshot, error = None, exc
+        with self._lock:
+            self._rest_results.append((key, book, snapshot, error))
+
+    def _apply_rest_results(self, now):
+        results, self._rest_results = self._rest_results, []
+        for key, book, snapshot, error in results:
+            if self._held.get(key) is not book or book.synced:
+                continue                  # rebuilt or snapshotted meanwhile
+            book.fetching = False
+            try:
+                intact = error is None and book.load_rest(snapshot)
+            except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
+                intact, error = False, exc
+            if not intact:
+                log.info("market stream: could not sync the %s book from REST (%s); resubscribing",
+                         key[1], error or "its seqId does not meet the stream's")
+                self._rebuild(key, now)
+
+    def _rebuild(self, key, now):
+        """Drop what is held for ``key`` and resubscribe it; again and again only with growing delays."""
+        self._held.pop(key, None)
+        last, delay = self._rebuilt.get(key, (None, 0.0))
+        if last is None or now - last > STREAM_RESUBSCRIBE_MAX + delay:
+            delay = 0.0
+        else:
+            delay = min(STREAM_RESUBSCRIBE_MAX, max(1.0, delay * 2))
+        self._rebuilt[key] = (now + delay, delay)
+        self._resubscribe[key] = now + delay
 
 # =====================================================================================================
 # BaseProtocol: the docker-facing contract
@@ -1174,7 +2041,8 @@ class OKX(BaseProtocol):
     def ticker(self, symbol):
         """ticker -> GET /api/v5/market/ticker (or the live ``tickers`` stream)."""
         inst_id = self.inst_id(symbol)
-        row = self.client.stream.ticker(inst_id) if self.client.stream else None
+        stream = self.client.stream(self.demo)
+        row = stream.ticker(inst_id) if stream else None
         if row is None:
             row = self._first(self._market("/api/v5/market/ticker", {"instId": inst_id}), "ticker")
         return self._ticker_data(symbol.fmz, row), row
@@ -1183,7 +2051,8 @@ class OKX(BaseProtocol):
         """depth -> GET /api/v5/market/books?sz=limit (or the live ``books5``/``books`` stream)."""
         inst_id = self.inst_id(symbol)
         limit = min(limit, OKX_MAX_DEPTH)
-        book = self.client.stream.depth(inst_id, limit) if self.client.stream else None
+        stream = self.client.stream(self.demo)
+        book = stream.depth(inst_id, limit) if stream else None
         if book is None:
             book = self._first(self._market("/api/v5/market/books", {"instId": inst_id, "sz": limit}), "order book")
         data = {"time": _ms(book.get("ts")),
@@ -1194,9 +2063,12 @@ class OKX(BaseProtocol):
     def trades(self, symbol, limit):
         """trades -> GET /api/v5/market/trades (or the live ``trades`` stream)."""
         inst_id = self.inst_id(symbol)
-        rows = self.client.stream.trades(inst_id, limit) if self.client.stream else None
+        stream = self.client.stream(self.demo)
+        rows = stream.trades(inst_id, limit) if stream else None
         if rows is None:
             rows = self._market("/api/v5/market/trades", {"instId": inst_id, "limit": limit})
+            if stream:
+                stream.seed_trades(inst_id, rows)
         data = [{"id": row.get("tradeId", ""), "time": _ms(row.get("ts")), "price": row.get("px", ""),
                  "amount": row.get("sz", ""), "type": row.get("side", "")} for row in rows[:limit]]
         return data, rows

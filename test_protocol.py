@@ -15,19 +15,27 @@ this file (section "Fake OKX"):
   fake itself, so that a failing plugin test is never the fake's fault.
 """
 import base64
+import collections
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import http.client
 import json
+import logging
 import math
 import os
+import random
 import re
 import select
+import shutil
+import signal
 import socket
 import socketserver
 import ssl
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,10 +43,12 @@ import traceback
 import unittest
 import unittest.mock
 import urllib.parse
+import zlib
 from collections import deque, namedtuple
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
 
 # ---- Fake OKX ----
 
@@ -1678,14 +1688,706 @@ def okx_request(base_url, method, request_path, body=None, key=KEY, secret=None,
         return response.status, raw
 
 
+# ---- Fake OKX stream ----
+
+PUBLIC_PATH = "/ws/v5/public"
+CHANNELS = ("tickers", "books5", "books", "trades")
+DEFAULT_INSTRUMENTS = ("BTC-USDT", "ETH-USDT", "LTC-USDT",
+                       "BTC-USDT-SWAP", "ETH-USDT-SWAP", "BTC-USD-SWAP")
+# base currency -> (reference price, tick size) around which a generated book is centred
+_PRICE_TICK = {"BTC": ("43000", "0.1"), "ETH": ("2922", "0.01"), "LTC": ("70", "0.01")}
+BOOK_DEPTH = 60          # generated levels per side
+SNAPSHOT_DEPTH = 400     # levels per side in a `books` snapshot (OKX.md 11.4)
+CHECKSUM_DEPTH = 25      # levels per side in the check string (OKX.md 11.5)
+MAX_MESSAGE = 1 << 20    # larger client messages are closed with 1009
+NOT_FOUND_MSG = ("Wrong URL or channel:{channel},instId:{inst_id} doesn't exist. "
+                 "Please use the correct URL, channel and parameters referring to API document.")
+NOTICE_64008_MSG = "The connection will soon be closed for a service upgrade. Please reconnect."
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_KNOWN_OPCODES = (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
+_POLL_S = 0.1            # how often a waiting reader looks at the stop/idle/close flags
+_IO_TIMEOUT_S = 5.0      # socket timeout (TLS handshake, sends to a client that stopped reading)
+_CLOSE_WAIT_S = 1.0      # after sending a close frame, wait this long for the client's echo
+
+
+def websocket_accept(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value for a client's ``Sec-WebSocket-Key``."""
+    digest = hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def okx_book_checksum(bids, asks) -> int:
+    """OKX's order-book checksum (OKX.md 11.5): signed CRC32 of the 25+25 best levels.
+
+    ``bids`` / ``asks`` are sequences of ``[px, sz, ...]`` string rows, best first. The check
+    string alternates ``bidPx:bidSz:askPx:askSz`` level by level; when one side runs out the
+    other continues alone. Strings are used exactly as given (never via float).
+    """
+    bids, asks = list(bids)[:CHECKSUM_DEPTH], list(asks)[:CHECKSUM_DEPTH]
+    parts = []
+    for i in range(max(len(bids), len(asks))):
+        if i < len(bids):
+            parts += [bids[i][0], bids[i][1]]
+        if i < len(asks):
+            parts += [asks[i][0], asks[i][1]]
+    value = zlib.crc32(":".join(parts).encode("ascii"))
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask_key=None) -> bytes:
+    """One RFC 6455 frame; masked when ``mask_key`` (4 bytes) is given (client -> server)."""
+    head = bytearray([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if mask_key else 0
+    length = len(payload)
+    if length < 126:
+        head.append(mask_bit | length)
+    elif length < 1 << 16:
+        head.append(mask_bit | 126)
+        head += struct.pack("!H", length)
+    else:
+        head.append(mask_bit | 127)
+        head += struct.pack("!Q", length)
+    if mask_key:
+        head += mask_key
+        payload = _xor_mask(payload, mask_key)
+    return bytes(head) + payload
+
+
+def _xor_mask(data: bytes, key: bytes) -> bytes:
+    """Apply (or remove) a 4-byte WebSocket mask."""
+    if not data:
+        return b""
+    stream = (key * (len(data) // 4 + 1))[:len(data)]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+
+def _fmt(value: Decimal) -> str:
+    """Plain decimal string without exponent or trailing zeros, as OKX writes numbers."""
+    return format(value.normalize(), "f")
+
+
+def _now_ms() -> str:
+    return str(int(time.time() * 1000))
+
+
+def _book_row(px: str, sz: str) -> list:
+    """A `books`/`books5` row ``[px, sz, "0", numOrders]`` (third element deprecated, "0")."""
+    return [px, sz, "0", "0" if Decimal(sz) == 0 else "1"]
+
+
+class _ConnectionDone(Exception):
+    """The peer went away, the server stops, or our close handshake timed out."""
+
+
+class _ProtocolError(Exception):
+    """The client broke RFC 6455: close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+# ======== Market state ====================================================================
+
+class _Market:
+    """One instrument: ticker row, full book (px string -> sz string per side), seqId, trades.
+
+    The book is generated deterministically from the instrument name: ``BOOK_DEPTH`` levels per
+    side one tick apart, best bid at the reference price, best ask one tick above.
+    """
+
+    def __init__(self, inst_id: str):
+        price, tick = (Decimal(v) for v in _PRICE_TICK.get(inst_id.split("-")[0], ("100", "0.01")))
+        rng = random.Random(inst_id)          # str seeds are stable across runs and hash seeds
+        contracts = inst_id.endswith("-SWAP")
+
+        def size():
+            if contracts:
+                return str(rng.randint(1, 500))
+            return _fmt(Decimal(rng.randint(1, 20000)) / 1000)
+
+        self.inst_id = inst_id
+        self.bids = {_fmt(price - tick * i): size() for i in range(BOOK_DEPTH)}
+        self.asks = {_fmt(price + tick * (i + 1)): size() for i in range(BOOK_DEPTH)}
+        self.seq_id = 1000 + rng.randint(0, 8999)
+        self.next_trade_id = 100000000 + rng.randint(0, 8999999)
+        self.trades = collections.deque(maxlen=100)      # newest first
+
+        def scaled(factor):
+            return _fmt((price * Decimal(factor)).quantize(tick))
+
+        (bid_px, bid_sz), (ask_px, ask_sz) = self.levels("bids", 1)[0], self.levels("asks", 1)[0]
+        self.ticker = {
+            "instType": "SWAP" if contracts else "SPOT", "instId": inst_id,
+            "last": _fmt(price), "lastSz": "1" if contracts else "0.01",
+            "askPx": ask_px, "askSz": ask_sz, "bidPx": bid_px, "bidSz": bid_sz,
+            "open24h": scaled("0.98"), "high24h": scaled("1.02"), "low24h": scaled("0.97"),
+            "volCcy24h": _fmt((price * Decimal("8123.45")).quantize(Decimal("0.01"))),
+            "vol24h": "8123.45", "sodUtc0": scaled("0.99"), "sodUtc8": scaled("0.985"),
+            "ts": _now_ms(),
+        }
+
+    def levels(self, side: str, depth=None) -> list:
+        """``[[px, sz], ...]`` best first (bids descending, asks ascending)."""
+        book = self.bids if side == "bids" else self.asks
+        prices = sorted(book, key=Decimal, reverse=(side == "bids"))
+        return [[px, book[px]] for px in prices[:depth]]
+
+    def top5(self):
+        return self.levels("bids", 5), self.levels("asks", 5)
+
+    def apply(self, side: str, px: str, sz: str) -> None:
+        """Set level ``px`` to ``sz`` (size "0" deletes); an equal price in another spelling is replaced."""
+        book = self.bids if side == "bids" else self.asks
+        for key in [k for k in book if Decimal(k) == Decimal(px)]:
+            del book[key]
+        if Decimal(sz) != 0:
+            book[px] = sz
+
+    def checksum(self) -> int:
+        return okx_book_checksum(self.levels("bids", CHECKSUM_DEPTH), self.levels("asks", CHECKSUM_DEPTH))
+
+
+# ======== One client connection ===========================================================
+
+class _Connection:
+    """One accepted client: handshake, then a frame loop; the server sends through it."""
+
+    def __init__(self, server: "FakeOKXStream", sock: socket.socket):
+        self.server = server
+        self.sock = sock
+        self.conn_id = "%08x" % random.getrandbits(32)
+        self.subs = set()                 # {(channel, instId)}
+        self.handshaken = False
+        self.dead = False                 # aborted or finished
+        self.close_deadline = None        # set once we sent a close frame
+        self.last_recv = time.monotonic()
+        self._pending = b""
+        self._send_lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.handshaken and not self.dead and self.close_deadline is None
+
+    def run(self) -> None:
+        try:
+            self.sock.settimeout(_IO_TIMEOUT_S)
+            if self.server.ssl_context is not None:
+                self.sock = self.server.ssl_context.wrap_socket(self.sock, server_side=True)
+            if self._handshake():
+                try:
+                    self._serve()
+                except _ProtocolError as exc:
+                    self.send_close(exc.code, exc.reason)
+                    while True:                       # discard until EOF or the close wait ends
+                        self._recv_exact(1)
+        except (_ConnectionDone, OSError, ValueError):
+            pass
+        finally:
+            self.dead = True
+            with self.server._lock:
+                self.server._conns.discard(self)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _recv_some(self) -> bytes:
+        """Wait for input (looking at the stop/close/idle flags every _POLL_S); raise at EOF."""
+        while True:
+            now = time.monotonic()
+            if self.dead or self.server._stopping.is_set():
+                raise _ConnectionDone()
+            if self.close_deadline is not None and now > self.close_deadline:
+                raise _ConnectionDone()
+            if (self.close_deadline is None and self.handshaken and self.server.idle_close_s is not None
+                    and now - self.last_recv > self.server.idle_close_s):
+                self.send_close(4004, "No data received in 30s")
+            tls_buffered = getattr(self.sock, "pending", lambda: 0)()
+            if tls_buffered or select.select([self.sock], [], [], _POLL_S)[0]:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise _ConnectionDone()
+                self.last_recv = time.monotonic()
+                return chunk
+
+    def _recv_exact(self, count: int) -> bytes:
+        while len(self._pending) < count:
+            self._pending += self._recv_some()
+        data, self._pending = self._pending[:count], self._pending[count:]
+        return data
+
+    def _handshake(self) -> bool:
+        """Read the HTTP upgrade request; answer 101 (True) or an HTTP error (False)."""
+        while b"\r\n\r\n" not in self._pending:
+            if len(self._pending) > 16384:
+                return self._reject("400 Bad Request")
+            self._pending += self._recv_some()
+        head, _, self._pending = self._pending.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        request = lines[0].split()
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if len(request) != 3 or request[0] != "GET":
+            return self._reject("400 Bad Request")
+        if request[1].split("?")[0] != PUBLIC_PATH:
+            return self._reject("404 Not Found")
+        key = headers.get("sec-websocket-key", "")
+        connection_tokens = [t.strip().lower() for t in headers.get("connection", "").split(",")]
+        if (headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection_tokens
+                or not _valid_key(key)):
+            return self._reject("400 Bad Request")
+        if headers.get("sec-websocket-version") != "13":
+            return self._reject("426 Upgrade Required", "Sec-WebSocket-Version: 13\r\n")
+        accept = websocket_accept(key + ("-wrong" if self.server.bad_accept else ""))
+        with self.server._lock:       # no push can slip in before the 101
+            self.handshaken = True
+            self.server.connections_total += 1
+            self._send_raw(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                            "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept).encode())
+        return True
+
+    def _reject(self, status: str, extra_headers: str = "") -> bool:
+        body = status.encode()
+        self._send_raw(("HTTP/1.1 %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                        "Connection: close\r\n\r\n" % (status, extra_headers, len(body))).encode() + body)
+        return False
+
+    def _read_frame(self):
+        """One client frame as ``(fin, opcode, payload)``, unmasked; RFC violations raise."""
+        first, second = self._recv_exact(2)
+        fin, opcode, length = bool(first & 0x80), first & 0x0F, second & 0x7F
+        if first & 0x70:
+            raise _ProtocolError(1002, "reserved bits set")
+        if opcode not in _KNOWN_OPCODES:
+            raise _ProtocolError(1002, "unknown opcode")
+        if length == 126:
+            length = struct.unpack("!H", self._recv_exact(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._recv_exact(8))[0]
+        if not second & 0x80:
+            raise _ProtocolError(1002, "client frames must be masked")
+        if opcode >= OP_CLOSE and (length > 125 or not fin):
+            raise _ProtocolError(1002, "bad control frame")
+        if length > MAX_MESSAGE:
+            raise _ProtocolError(1009, "message too big")
+        mask_key = self._recv_exact(4)
+        return fin, opcode, _xor_mask(self._recv_exact(length), mask_key)
+
+    def _serve(self) -> None:
+        """Frame loop: answer control frames, reassemble fragments, hand messages to the server."""
+        message_opcode, fragments = None, []
+        while True:
+            fin, opcode, payload = self._read_frame()
+            if opcode == OP_CLOSE:
+                if len(payload) == 1:
+                    raise _ProtocolError(1002, "bad close payload")
+                code = struct.unpack("!H", payload[:2])[0] if payload else None
+                self.send_close(code)        # echo (no-op when we started the close)
+                return
+            if opcode == OP_PING:
+                self.send_frame(OP_PONG, payload)
+                continue
+            if opcode == OP_PONG:
+                continue
+            if opcode == OP_CONT:
+                if message_opcode is None:
+                    raise _ProtocolError(1002, "continuation without a message")
+            elif message_opcode is not None:
+                raise _ProtocolError(1002, "new message inside a fragmented one")
+            else:
+                message_opcode = opcode
+            fragments.append(payload)
+            if sum(len(f) for f in fragments) > MAX_MESSAGE:
+                raise _ProtocolError(1009, "message too big")
+            if fin:
+                data, done_opcode = b"".join(fragments), message_opcode
+                message_opcode, fragments = None, []
+                if done_opcode == OP_TEXT and self.close_deadline is None:
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise _ProtocolError(1007, "invalid UTF-8")
+                    self.server._on_text(self, text)
+                # binary messages are ignored: OKX's public stream speaks JSON text only
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _send_raw(self, data: bytes) -> None:
+        with self._send_lock:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.abort()
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """A data or pong frame; dropped while the server is silent or this connection closes."""
+        if self.server.answer_pings and self.close_deadline is None and not self.dead:
+            self._send_raw(encode_frame(opcode, payload))
+
+    def send_json(self, message: dict) -> None:
+        self.send_frame(OP_TEXT, json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+    def send_close(self, code=None, reason: str = "") -> None:
+        """Send a close frame once, then wait (in the reader) for the echo or the deadline."""
+        if self.close_deadline is not None or self.dead:
+            return
+        self.close_deadline = time.monotonic() + _CLOSE_WAIT_S
+        payload = b"" if code is None else struct.pack("!H", code) + reason.encode("utf-8")
+        self._send_raw(encode_frame(OP_CLOSE, payload))
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a close frame; the reader thread then exits."""
+        self.dead = True
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _valid_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
+
+
+# ======== The server ======================================================================
+
+class FakeOKXStream:
+    """Fake ``wss://ws.okx.com:8443/ws/v5/public`` on 127.0.0.1 (``ws://``, or TLS with a context).
+
+    Settings (plain attributes, change them any time):
+      ``instruments``  set of instIds accepted by subscribe (others -> error 60018);
+      ``checksums``    True: `books` carry the real CRC32; False: always 0 (OKX since 2026-06);
+      ``answer_pings`` False: the server goes silent (no pong, ack, push or pong frame) while
+                       still reading and recording requests: a dead-but-open connection;
+      ``idle_close_s`` None, or seconds without any received byte before close code 4004;
+      ``bad_accept``   True: the handshake answers a wrong ``Sec-WebSocket-Accept``;
+      ``send_update_without_snapshot_next``  True: the next `books` subscribe gets an
+                       ``update`` (a no-change re-send of the best bid) instead of a snapshot.
+    Introspection: ``connections_total``, ``open_connections``, ``subscriptions()``,
+    ``received`` (parsed JSON requests; raw text for "ping" and non-JSON), ``pings_received``.
+    All state is behind one lock; mutators push synchronously from the caller's thread.
+    """
+
+    def __init__(self, ssl_context=None):
+        self.ssl_context = ssl_context
+        self.instruments = set(DEFAULT_INSTRUMENTS)
+        self.checksums = True
+        self.answer_pings = True
+        self.idle_close_s = None
+        self.bad_accept = False
+        self.send_update_without_snapshot_next = False
+        self.received = []
+        self.pings_received = 0
+        self.connections_total = 0
+        self.port = None
+        self.url = None
+        self._lock = threading.RLock()
+        self._markets = {}
+        self._conns = set()
+        self._threads = []
+        self._listener = None
+        self._stopping = threading.Event()
+        self._rng = random.Random()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> "FakeOKXStream":
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(32)
+        listener.settimeout(_POLL_S)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self.url = "%s://127.0.0.1:%d" % ("wss" if self.ssl_context else "ws", self.port)
+        self._spawn(self._accept_loop, "fake-okx-accept")
+        return self
+
+    def stop(self) -> None:
+        """Abort every connection (no close frame), close the listener, join the threads."""
+        self._stopping.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)   # wakes accept() on Linux
+            self._listener.close()
+        self.kill_connections()
+        deadline = time.monotonic() + 2.0
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> "FakeOKXStream":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn = _Connection(self, sock)
+            with self._lock:
+                self._conns.add(conn)
+            self._spawn(conn.run, "fake-okx-conn")
+
+    # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return sum(1 for conn in self._conns if conn.is_open)
+
+    def subscriptions(self) -> set:
+        """``{(channel, instId)}`` subscribed on any open connection."""
+        with self._lock:
+            return {key for conn in self._conns if conn.is_open for key in conn.subs}
+
+    def book(self, inst_id: str):
+        """``(bids, asks)``: the full book as ``[[px, sz], ...]`` lists, best first."""
+        with self._lock:
+            market = self._market(inst_id)
+            return market.levels("bids"), market.levels("asks")
+
+    def seq_id(self, inst_id: str) -> int:
+        """The last `books` seqId sent (or to be sent in a snapshot) for ``inst_id``."""
+        with self._lock:
+            return self._market(inst_id).seq_id
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _market(self, inst_id: str) -> _Market:
+        if inst_id not in self._markets:
+            self._markets[inst_id] = _Market(inst_id)
+        return self._markets[inst_id]
+
+    def _on_text(self, conn: _Connection, text: str) -> None:
+        if text == "ping":
+            with self._lock:
+                self.received.append(text)
+                self.pings_received += 1
+            conn.send_frame(OP_TEXT, b"pong")
+            return
+        try:
+            request = json.loads(text)
+        except ValueError:
+            request = None
+        with self._lock:
+            self.received.append(request if isinstance(request, dict) else text)
+            self._handle_request(conn, request, text)
+
+    def _handle_request(self, conn: _Connection, request, text: str) -> None:
+        id_part = {"id": request["id"]} if isinstance(request, dict) and "id" in request else {}
+
+        def reply(**body):
+            message = dict(id_part)
+            message.update(body)
+            message["connId"] = conn.conn_id
+            conn.send_json(message)
+
+        if not isinstance(request, dict) or "op" not in request:
+            return reply(event="error", code="60012", msg="Invalid request: " + text)
+        op, args = request["op"], request.get("args")
+        if op not in ("subscribe", "unsubscribe"):
+            return reply(event="error", code="60019", msg="Invalid op: %s" % (op,))
+        if not isinstance(args, list) or not args or not all(isinstance(a, dict) for a in args):
+            return reply(event="error", code="60012", msg="Invalid request: " + text)
+        for arg in args:
+            channel, inst_id = arg.get("channel"), arg.get("instId")
+            if channel not in CHANNELS or inst_id not in self.instruments:
+                reply(event="error", code="60018",
+                      msg=NOT_FOUND_MSG.format(channel=channel, inst_id=inst_id))
+                continue
+            if op == "subscribe":
+                conn.subs.add((channel, inst_id))
+                reply(event="subscribe", arg=dict(arg))
+                self._push_initial(conn, channel, self._market(inst_id))
+            else:
+                conn.subs.discard((channel, inst_id))
+                reply(event="unsubscribe", arg=dict(arg))
+
+    def _push_initial(self, conn: _Connection, channel: str, market: _Market) -> None:
+        if channel == "tickers":
+            conn.send_json(self._ticker_message(market))
+        elif channel == "books5":
+            conn.send_json(self._books5_message(market))
+        elif channel == "books":
+            if self.send_update_without_snapshot_next:
+                self.send_update_without_snapshot_next = False
+                px, sz = market.levels("bids", 1)[0]
+                self._change_book(market.inst_id, [("bids", px, sz)])   # to every subscriber
+            else:
+                conn.send_json(self._snapshot_message(market))
+        # trades: nothing until a trade happens
+
+    # -- message builders ---------------------------------------------------------------------
+
+    @staticmethod
+    def _arg(channel: str, market: _Market) -> dict:
+        return {"channel": channel, "instId": market.inst_id}
+
+    def _ticker_message(self, market: _Market) -> dict:
+        return {"arg": self._arg("tickers", market), "data": [dict(market.ticker)]}
+
+    def _books5_message(self, market: _Market) -> dict:
+        bids, asks = market.top5()
+        return {"arg": self._arg("books5", market),
+                "data": [{"asks": [_book_row(*lv) for lv in asks], "bids": [_book_row(*lv) for lv in bids],
+                          "instId": market.inst_id, "ts": _now_ms(), "seqId": market.seq_id}]}
+
+    def _snapshot_message(self, market: _Market) -> dict:
+        return {"arg": self._arg("books", market), "action": "snapshot",
+                "data": [{"asks": [_book_row(*lv) for lv in market.levels("asks", SNAPSHOT_DEPTH)],
+                          "bids": [_book_row(*lv) for lv in market.levels("bids", SNAPSHOT_DEPTH)],
+                          "ts": _now_ms(), "checksum": market.checksum() if self.checksums else 0,
+                          "prevSeqId": -1, "seqId": market.seq_id}]}
+
+    def _push(self, channel: str, inst_id: str, message: dict) -> None:
+        for conn in list(self._conns):
+            if conn.is_open and (channel, inst_id) in conn.subs:
+                conn.send_json(message)
+
+    def _push_books_update(self, market: _Market, asks: list, bids: list,
+                           prev_seq_id: int, checksum: int) -> dict:
+        """Push one ``books`` update carrying ``market.seq_id``; returns its ``data[0]``."""
+        data = {"asks": asks, "bids": bids, "ts": _now_ms(), "checksum": checksum,
+                "prevSeqId": prev_seq_id, "seqId": market.seq_id}
+        self._push("books", market.inst_id,
+                   {"arg": self._arg("books", market), "action": "update", "data": [data]})
+        return data
+
+    def _change_book(self, inst_id: str, changes: list, lose_previous: bool = False,
+                     corrupt_checksum: bool = False) -> dict:
+        """Apply ``[(side, px, sz)]``, advance seqId, push `books` (and `books5` if the top moved)."""
+        with self._lock:
+            market = self._market(inst_id)
+            top_before = market.top5()
+            for side, px, sz in changes:
+                market.apply(side, px, sz)
+            prev_seq_id = market.seq_id
+            if lose_previous:            # a message (prev -> lost) that the client never sees
+                prev_seq_id += self._rng.randint(1, 5)
+            market.seq_id = prev_seq_id + self._rng.randint(1, 5)
+            checksum = market.checksum() if self.checksums else 0
+            if corrupt_checksum:
+                checksum = (market.checksum() ^ 0x5A5A) or 1
+            rows = {"asks": [], "bids": []}
+            for side, px, sz in changes:
+                rows[side].append(_book_row(px, sz))
+            data = self._push_books_update(market, rows["asks"], rows["bids"], prev_seq_id, checksum)
+            if market.top5() != top_before:
+                self._push("books5", inst_id, self._books5_message(market))
+            return data
+
+    # -- mutators for tests -------------------------------------------------------------------
+
+    def set_ticker(self, inst_id: str, **fields) -> dict:
+        """Update ticker fields (values stringified; ``ts`` = now unless given); push `tickers`.
+
+        The book is not touched: ``set_level`` and ``add_trade`` do not change the ticker either.
+        """
+        with self._lock:
+            market = self._market(inst_id)
+            market.ticker.update({name: str(value) for name, value in fields.items()})
+            if "ts" not in fields:
+                market.ticker["ts"] = _now_ms()
+            self._push("tickers", inst_id, self._ticker_message(market))
+            return dict(market.ticker)
+
+    def set_level(self, inst_id: str, side: str, px: str, sz: str) -> dict:
+        """Set one level (``side`` "bids"/"asks", ``sz`` "0" deletes); push a `books` update
+        with just that level (prevSeqId = last seqId, seqId = last + 1..5) and `books5` if the
+        top 5 changed. Returns the update's ``data[0]``."""
+        if side not in ("bids", "asks"):
+            raise ValueError("side must be 'bids' or 'asks'")
+        return self._change_book(inst_id, [(side, str(px), str(sz))])
+
+    def add_trade(self, inst_id: str, px: str, sz: str, side: str = "buy") -> dict:
+        """Record a trade (``side`` = taker side) and push it on `trades`; returns the row."""
+        with self._lock:
+            market = self._market(inst_id)
+            market.next_trade_id += 1
+            trade = {"instId": inst_id, "tradeId": str(market.next_trade_id), "px": str(px),
+                     "sz": str(sz), "side": side, "ts": _now_ms(), "count": "1", "source": "0",
+                     "seqId": market.next_trade_id}
+            market.trades.appendleft(trade)
+            self._push("trades", inst_id, {"arg": {"channel": "trades", "instId": inst_id},
+                                           "data": [dict(trade)]})
+            return dict(trade)
+
+    def send_heartbeat(self, inst_id: str) -> dict:
+        """A no-change `books` update: empty asks/bids, ``seqId == prevSeqId ==`` last seqId."""
+        with self._lock:
+            market = self._market(inst_id)
+            checksum = market.checksum() if self.checksums else 0
+            return self._push_books_update(market, [], [], market.seq_id, checksum)
+
+    def send_reset(self, inst_id: str, new_seq: int) -> dict:
+        """A legal post-maintenance reset: ``prevSeqId`` = last seqId, ``seqId = new_seq`` (smaller)."""
+        with self._lock:
+            market = self._market(inst_id)
+            if not 0 <= new_seq < market.seq_id:
+                raise ValueError("a reset goes to a smaller seqId (>= 0)")
+            prev_seq_id, market.seq_id = market.seq_id, new_seq
+            checksum = market.checksum() if self.checksums else 0
+            return self._push_books_update(market, [], [], prev_seq_id, checksum)
+
+    def send_gap(self, inst_id: str) -> dict:
+        """An update after a lost one: ``prevSeqId`` != last seqId; it bumps the best bid's size."""
+        return self._change_book(inst_id, self._bump_best_bid(inst_id), lose_previous=True)
+
+    def send_bad_checksum(self, inst_id: str) -> dict:
+        """A correctly chained update (bumps the best bid's size) with a wrong, non-zero checksum."""
+        return self._change_book(inst_id, self._bump_best_bid(inst_id), corrupt_checksum=True)
+
+    def _bump_best_bid(self, inst_id: str) -> list:
+        with self._lock:
+            px, sz = self._market(inst_id).levels("bids", 1)[0]
+            return [("bids", px, _fmt(Decimal(sz) + 1))]
+
+    def send_notice_64008(self) -> None:
+        """The service-upgrade notice on every open connection (the connections stay open)."""
+        with self._lock:
+            for conn in list(self._conns):
+                if conn.is_open:
+                    conn.send_json({"event": "notice", "code": "64008", "msg": NOTICE_64008_MSG,
+                                    "connId": conn.conn_id})
+
+    def kill_connections(self) -> None:
+        """Drop every client socket abruptly (no close frame)."""
+        with self._lock:
+            for conn in list(self._conns):
+                conn.abort()
+
+    def close_connections(self, code: int = 4004, reason: str = "") -> None:
+        """Send a close frame with ``code`` on every connection, then close after the echo
+        (or after 1 s without one)."""
+        with self._lock:
+            for conn in list(self._conns):
+                if conn.handshaken:
+                    conn.send_close(code, reason)
+
+
+# ======== Self-tests (python3 -m unittest fake_ws) ========================================
+
+
 # ---- Tests ----
 
-import logging
-import signal
-import subprocess
-import sys
-
-import fmz_custom_protocol as plugin
+import fmz_custom_protocol as plugin  # noqa: E402  (after the fakes, which must not depend on it)
 
 SECRET_FIELD = SECRET + "," + PASSPHRASE
 DEMO_SECRET_FIELD = DEMO_SECRET + "," + DEMO_PASSPHRASE + ",simulate"
@@ -3079,6 +3781,851 @@ class ErrorHintTest(PluginTestCase):
                              capture_output=True, text=True, timeout=10)
         self.assertEqual(out.returncode, 0)
         self.assertEqual(out.stdout.strip(), "fmz_custom_protocol.py " + plugin.__version__)
+
+
+# ---- Live market stream ----
+
+class _WSClient:
+    """Minimal RFC 6455 client for the self-tests: masked frames, no TLS, no extensions."""
+
+    def __init__(self, url: str, path: str = PUBLIC_PATH, timeout: float = 2.0):
+        host, port = url.split("://", 1)[1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self._buffer = b""
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n" % (path, host, port, key)).encode())
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill()
+        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {n.strip().lower(): v.strip() for n, _, v in (l.partition(":") for l in lines[1:])}
+        self.accept_ok = self.headers.get("sec-websocket-accept") == websocket_accept(key)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        self._buffer += chunk
+
+    def _recv_exact(self, count: int) -> bytes:
+        while len(self._buffer) < count:
+            self._fill()
+        data, self._buffer = self._buffer[:count], self._buffer[count:]
+        return data
+
+    def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True, masked: bool = True):
+        self.sock.sendall(encode_frame(opcode, payload, fin, os.urandom(4) if masked else None))
+
+    def send_json(self, message: dict) -> None:
+        self.send_frame(OP_TEXT, json.dumps(message).encode())
+
+    def recv_frame(self):
+        """``(opcode, payload)`` of the next server frame (server frames are never masked)."""
+        first, second = self._recv_exact(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._recv_exact(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._recv_exact(8))[0]
+        return first & 0x0F, self._recv_exact(length)
+
+    def recv_json(self) -> dict:
+        opcode, payload = self.recv_frame()
+        assert opcode == OP_TEXT, opcode
+        return json.loads(payload.decode("utf-8"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FakeStreamSelfTest(unittest.TestCase):
+    """The fake speaks RFC 6455 and OKX's public-stream rules (OKX.md section 11)."""
+
+    def setUp(self):
+        self.okx = FakeOKXStream().start()
+        self.clients = []
+
+    def tearDown(self):
+        for client in self.clients:
+            client.close()
+        self.okx.stop()
+
+    def connect(self, **kwargs) -> _WSClient:
+        client = _WSClient(self.okx.url, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def subscribe(self, client, channel, inst_id="BTC-USDT") -> dict:
+        client.send_json({"id": "7", "op": "subscribe", "args": [{"channel": channel, "instId": inst_id}]})
+        ack = client.recv_json()
+        self.assertEqual(ack, {"id": "7", "event": "subscribe",
+                               "arg": {"channel": channel, "instId": inst_id}, "connId": ack["connId"]})
+        return ack
+
+    def test_handshake_accept_value(self):
+        self.assertEqual(websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        client = self.connect()
+        self.assertEqual((client.status, client.accept_ok), (101, True))
+        self.assertEqual((self.okx.connections_total, self.okx.open_connections), (1, 1))
+        self.okx.bad_accept = True
+        self.assertFalse(self.connect().accept_ok)
+        self.assertEqual(self.connect(path="/ws/v5/private").status, 404)
+
+    def test_subscribe_ack_ticker_push_and_errors(self):
+        client = self.connect()
+        self.subscribe(client, "tickers")
+        push = client.recv_json()
+        self.assertEqual(push["arg"], {"channel": "tickers", "instId": "BTC-USDT"})
+        row = push["data"][0]
+        self.assertEqual((row["instType"], row["last"], row["bidPx"], row["askPx"]),
+                         ("SPOT", "43000", "43000", "43000.1"))
+        self.okx.set_ticker("BTC-USDT", last="43010.5")
+        self.assertEqual(client.recv_json()["data"][0]["last"], "43010.5")
+        self.assertEqual(self.okx.subscriptions(), {("tickers", "BTC-USDT")})
+        client.send_json({"op": "subscribe", "args": [{"channel": "tickers", "instId": "XYZ-USDT"}]})
+        error = client.recv_json()
+        self.assertEqual((error["event"], error["code"], "id" in error), ("error", "60018", False))
+        client.send_frame(OP_TEXT, b"{nope")
+        self.assertEqual(client.recv_json()["code"], "60012")
+        client.send_json({"id": "8", "op": "login", "args": []})
+        self.assertEqual(client.recv_json()["code"], "60019")
+
+    def test_books_snapshot_checksum_is_correct(self):
+        client = self.connect()
+        self.subscribe(client, "books")
+        snapshot = client.recv_json()
+        self.assertEqual(snapshot["action"], "snapshot")
+        data = snapshot["data"][0]
+        self.assertEqual(data["prevSeqId"], -1)
+        self.assertGreaterEqual(min(len(data["bids"]), len(data["asks"])), 50)
+        self.assertEqual(data["checksum"], okx_book_checksum(data["bids"], data["asks"]))
+        self.assertNotEqual(data["checksum"], 0)
+
+    def test_set_level_update_chains_seq_id(self):
+        client = self.connect()
+        self.subscribe(client, "books")
+        snapshot = client.recv_json()["data"][0]
+        self.subscribe(client, "books5")
+        self.assertEqual(len(client.recv_json()["data"][0]["bids"]), 5)
+        self.okx.set_level("BTC-USDT", "bids", "43000", "9")
+        update = client.recv_json()
+        data = update["data"][0]
+        self.assertEqual(update["action"], "update")
+        self.assertEqual((data["bids"], data["asks"]), ([["43000", "9", "0", "1"]], []))
+        self.assertEqual(data["prevSeqId"], snapshot["seqId"])
+        self.assertIn(data["seqId"] - snapshot["seqId"], range(1, 6))
+        bids = {row[0]: row[1] for row in snapshot["bids"]}
+        bids["43000"] = "9"
+        bid_rows = sorted(bids.items(), key=lambda kv: Decimal(kv[0]), reverse=True)
+        self.assertEqual(data["checksum"], okx_book_checksum(bid_rows, snapshot["asks"]))
+        books5 = client.recv_json()["data"][0]
+        self.assertEqual((books5["bids"][0], books5["seqId"]), (["43000", "9", "0", "1"], data["seqId"]))
+
+    def test_sequence_exceptions(self):
+        client = self.connect()
+        self.subscribe(client, "books", "ETH-USDT")
+        last = client.recv_json()["data"][0]["seqId"]
+        beat = self.okx.send_heartbeat("ETH-USDT")
+        self.assertEqual((beat["prevSeqId"], beat["seqId"], beat["bids"]), (last, last, []))
+        reset = self.okx.send_reset("ETH-USDT", 3)
+        self.assertEqual((reset["prevSeqId"], reset["seqId"]), (last, 3))
+        gap = self.okx.send_gap("ETH-USDT")
+        self.assertGreater(gap["prevSeqId"], 3)
+        bad = self.okx.send_bad_checksum("ETH-USDT")
+        self.assertEqual(bad["prevSeqId"], gap["seqId"])
+        bids, asks = self.okx.book("ETH-USDT")
+        self.assertNotIn(bad["checksum"], (0, okx_book_checksum(bids, asks)))
+        self.assertEqual([client.recv_json()["data"][0]["seqId"] for _ in range(4)],
+                         [last, 3, gap["seqId"], bad["seqId"]])
+
+    def test_text_ping_and_ping_frame(self):
+        client = self.connect()
+        client.send_frame(OP_TEXT, b"pi", fin=False)
+        client.send_frame(OP_PING, b"x")                 # control frame between fragments
+        client.send_frame(OP_CONT, b"ng")
+        self.assertEqual(client.recv_frame(), (OP_PONG, b"x"))
+        self.assertEqual(client.recv_frame(), (OP_TEXT, b"pong"))
+        self.assertEqual((self.okx.pings_received, self.okx.received), (1, ["ping"]))
+
+    def test_silent_mode(self):
+        client = self.connect()
+        self.subscribe(client, "tickers")
+        client.recv_json()
+        self.okx.answer_pings = False
+        client.sock.settimeout(0.3)
+        client.send_frame(OP_TEXT, b"ping")
+        self.okx.set_ticker("BTC-USDT", last="1")
+        with self.assertRaises(socket.timeout):
+            client.recv_frame()
+        self.assertEqual(self.okx.pings_received, 1)
+
+    def test_kill_and_close(self):
+        first, second = self.connect(), self.connect()
+        self.okx.kill_connections()
+        with self.assertRaises(ConnectionError):
+            first.recv_frame()
+        self.assertEqual(self.okx.open_connections, 0)
+        third = self.connect()
+        self.okx.close_connections(4004)
+        self.assertEqual(third.recv_frame(), (OP_CLOSE, struct.pack("!H", 4004)))
+        self.okx.idle_close_s = 0.2
+        fourth = self.connect()
+        self.assertEqual(fourth.recv_frame(),
+                         (OP_CLOSE, struct.pack("!H", 4004) + b"No data received in 30s"))
+
+    def test_unmasked_frame_closes_1002(self):
+        client = self.connect()
+        client.send_frame(OP_TEXT, b"ping", masked=False)
+        opcode, payload = client.recv_frame()
+        self.assertEqual((opcode, struct.unpack("!H", payload[:2])[0]), (OP_CLOSE, 1002))
+
+    def test_notice_64008(self):
+        client = self.connect()
+        self.okx.send_notice_64008()
+        notice = client.recv_json()
+        self.assertEqual((notice["event"], notice["code"], notice["msg"]),
+                         ("notice", "64008", NOTICE_64008_MSG))
+        self.assertEqual(len(notice["connId"]), 8)
+
+    def test_checksum_worked_examples(self):
+        self.assertEqual(okx_book_checksum([["3366.1", "7"]],
+                                           [["3366.8", "9"], ["3368", "8"], ["3372", "8"]]), 831078360)
+        self.assertEqual(okx_book_checksum([["3366.1", "7"], ["3366", "6"]],
+                                           [["3366.8", "9"], ["3368", "8"]]), -1881014294)
+
+
+BTC, ETH = "BTC-USDT", "ETH-USDT"
+
+
+
+def wait_for(probe, timeout=2.0, interval=0.01):
+    """``probe()``'s first truthy value within ``timeout`` seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class StreamTestCase(unittest.TestCase):
+    """A fresh fake OKX stream and MarketStream per test; both closed afterwards."""
+
+    idle_seconds = 300.0
+
+    def setUp(self):
+        plugin.MarketStream._connect_times.clear()      # OKX's per-IP connection rate is not the fake's
+        self.okx = FakeOKXStream().start()
+        self.addCleanup(self.okx.stop)
+        self.market = self.make_stream()
+
+    def make_stream(self, **options):
+        options.setdefault("idle_seconds", self.idle_seconds)
+        market = plugin.MarketStream(self.okx.url, **options)
+        self.addCleanup(market.close)
+        return market
+
+    def subscribe_requests(self):
+        return [r for r in self.okx.received if isinstance(r, dict) and r.get("op") == "subscribe"]
+
+    def synced_depth(self, inst_id, limit=400, market=None):
+        """Ask for depth until memory answers it; fail if it never does."""
+        market = market or self.market
+        book = wait_for(lambda: market.depth(inst_id, limit))
+        self.assertIsNotNone(book, "depth never came from memory")
+        return book
+
+    def assert_book_matches(self, inst_id, limit=400, market=None):
+        """Memory's book equals the fake's, within a short wait for the push to land."""
+        market = market or self.market
+        bids, asks = self.okx.book(inst_id)
+        expected = {"bids": bids[:limit], "asks": asks[:limit]}
+
+        def same():
+            book = market.depth(inst_id, limit)
+            return book is not None and {"bids": book["bids"], "asks": book["asks"]} == expected
+        self.assertTrue(wait_for(same), "memory's book differs from OKX's")
+
+
+class AnswersFromMemoryTest(StreamTestCase):
+
+    def test_first_call_is_none_then_memory_answers_without_another_subscribe(self):
+        self.assertIsNone(self.market.ticker(BTC))
+        row = wait_for(lambda: self.market.ticker(BTC))
+        self.assertEqual((row["instId"], row["last"], row["bidPx"]), (BTC, "43000", "43000"))
+        for _ in range(20):
+            self.assertIsNotNone(self.market.ticker(BTC))
+        self.assertEqual(len(self.subscribe_requests()), 1)
+        self.assertEqual(self.okx.subscriptions(), {("tickers", BTC)})
+        stats = self.market.stats()
+        self.assertEqual((stats["connected"], stats["subscriptions"]), (True, 1))
+        self.assertGreaterEqual(stats["served_from_memory"], 21)
+
+    def test_answers_are_copies(self):
+        wait_for(lambda: self.market.ticker(BTC))["last"] = "1"
+        self.assertEqual(self.market.ticker(BTC)["last"], "43000")
+
+    def test_ticker_change_reaches_the_answer_within_200_ms(self):
+        wait_for(lambda: self.market.ticker(BTC))
+        self.okx.set_ticker(BTC, last="43123.4", bidPx="43123.3")
+        started = time.monotonic()
+        changed = wait_for(lambda: (self.market.ticker(BTC) or {}).get("last") == "43123.4", timeout=0.2,
+                           interval=0.002)
+        self.assertTrue(changed, "the new ticker did not reach memory within 200 ms")
+        self.assertLess(time.monotonic() - started, 0.2)
+
+    def test_books_snapshot_and_updates_follow_the_fake(self):
+        self.synced_depth(BTC)
+        self.assert_book_matches(BTC)
+        self.okx.set_level(BTC, "bids", "43000.05", "3.5")        # new best bid
+        self.okx.set_level(BTC, "asks", "43000.1", "0")           # best ask deleted
+        self.okx.set_level(BTC, "asks", "43000.4", "7")           # size changed
+        self.okx.set_level(BTC, "bids", "42990", "0")             # a deeper level deleted
+        self.assert_book_matches(BTC)
+        book = self.market.depth(BTC, 3)
+        self.assertEqual(book["bids"][0], ["43000.05", "3.5"])
+        self.assertEqual(len(book["asks"]), 3)
+        self.assertTrue(book["ts"].isdigit())
+
+    def test_depth_up_to_5_uses_books5(self):
+        top = wait_for(lambda: self.market.depth(ETH, 5))
+        bids, asks = self.okx.book(ETH)
+        self.assertEqual((top["bids"], top["asks"]), (bids[:5], asks[:5]))
+        self.assertEqual(self.okx.subscriptions(), {("books5", ETH)})
+        self.okx.set_level(ETH, "asks", "2922.01", "99")
+        self.assertTrue(wait_for(lambda: self.market.depth(ETH, 2)["asks"][0] == ["2922.01", "99"]))
+
+    def test_trades_need_a_seed_then_pushes_come_first(self):
+        rest_rows = [self.okx.add_trade(BTC, "43000", "0.1") for _ in range(3)][::-1]   # newest first
+        for row in rest_rows:
+            del row["count"], row["seqId"]
+        self.assertIsNone(self.market.trades(BTC, 3))
+        self.market.seed_trades(BTC, rest_rows)     # fetched before the subscription: must be ignored
+        wait_for(lambda: ("trades", BTC) in self.okx.subscriptions())
+        self.assertTrue(wait_for(lambda: self.market.stats()["subscriptions"] == 1))
+        self.assertIsNone(self.market.trades(BTC, 3))
+        self.market.seed_trades(BTC, rest_rows)
+        self.assertEqual(self.market.trades(BTC, 3), rest_rows)
+        pushed = self.okx.add_trade(BTC, "43001", "0.2", side="sell")
+        rows = wait_for(lambda: (self.market.trades(BTC, 4) or [{}])[0].get("tradeId") == pushed["tradeId"]
+                        and self.market.trades(BTC, 4))
+        self.assertEqual([row["tradeId"] for row in rows],
+                         [pushed["tradeId"]] + [row["tradeId"] for row in rest_rows])
+        self.assertEqual(set(rows[0]), {"instId", "tradeId", "px", "sz", "side", "ts", "source"})
+        self.assertIsNone(self.market.trades(BTC, 5))        # more than memory holds: REST, then seed
+        self.market.seed_trades(BTC, rows + rest_rows)       # duplicates are merged once
+        self.assertEqual(len(self.market.trades(BTC, 4)), 4)
+
+    def test_many_instruments_share_one_connection(self):
+        instruments = [BTC, ETH, "LTC-USDT", "BTC-USDT-SWAP", "ETH-USDT-SWAP", "BTC-USD-SWAP"]
+        for inst_id in instruments:
+            self.market.ticker(inst_id)
+            self.market.depth(inst_id, 20)
+            self.market.depth(inst_id, 5)
+        for inst_id in instruments:
+            self.assertTrue(wait_for(lambda: self.market.ticker(inst_id) and self.market.depth(inst_id, 20)
+                                     and self.market.depth(inst_id, 5)))
+        self.assertEqual((self.okx.connections_total, self.okx.open_connections), (1, 1))
+        self.assertEqual(len(self.okx.subscriptions()), 18)
+        self.assertLessEqual(len(self.subscribe_requests()), 3)
+
+    def test_concurrent_callers(self):
+        wait_for(lambda: self.market.ticker(BTC) and self.market.depth(BTC, 50))
+        errors = []
+
+        def robot():
+            try:
+                for _ in range(300):
+                    self.market.ticker(BTC)
+                    self.market.depth(BTC, 50)
+            except Exception as exc:       # pragma: no cover - reported below
+                errors.append(exc)
+        robots = [threading.Thread(target=robot) for _ in range(8)]
+        for thread in robots:
+            thread.start()
+        for i in range(30):
+            self.okx.set_level(BTC, "bids", "42999.%d" % (i % 9 + 1), str(i + 1))
+        for thread in robots:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assert_book_matches(BTC, 50)
+
+
+class OrderBookSequenceTest(StreamTestCase):
+
+    def test_heartbeat_reset_and_zero_checksums_keep_the_book(self):
+        self.synced_depth(BTC)
+        self.okx.send_heartbeat(BTC)
+        self.okx.send_reset(BTC, 3)
+        self.okx.set_level(BTC, "bids", "43000", "5")             # chains on from seqId 3
+        self.okx.checksums = False
+        self.okx.set_level(BTC, "asks", "43000.2", "6")           # checksum 0: nothing to verify
+        self.okx.send_heartbeat(BTC)
+        self.assert_book_matches(BTC)
+        self.assertEqual(len(self.subscribe_requests()), 1)
+        self.assertFalse([r for r in self.okx.received if isinstance(r, dict) and r.get("op") == "unsubscribe"])
+
+    def resubscribed_after(self, damage):
+        self.synced_depth(BTC)
+        damage(BTC)
+        unsubscribed = wait_for(lambda: [r for r in self.okx.received
+                                         if isinstance(r, dict) and r.get("op") == "unsubscribe"])
+        self.assertEqual(unsubscribed[0]["args"], [{"channel": "books", "instId": BTC}])
+        self.assertTrue(wait_for(lambda: len(self.subscribe_requests()) == 2))
+        self.assertEqual(self.subscribe_requests()[1]["args"], [{"channel": "books", "instId": BTC}])
+        self.assert_book_matches(BTC)
+        self.okx.set_level(BTC, "bids", "42999.95", "1")
+        self.assert_book_matches(BTC)
+
+    def test_gap_resubscribes_and_rebuilds_the_book(self):
+        self.resubscribed_after(self.okx.send_gap)
+
+    def test_bad_nonzero_checksum_resubscribes_and_rebuilds_the_book(self):
+        self.resubscribed_after(self.okx.send_bad_checksum)
+
+    def test_stream_without_snapshot_syncs_from_rest(self):
+        calls = []
+
+        def rest_book(inst_id):
+            calls.append(inst_id)
+            bids, asks = self.okx.book(inst_id)
+            return {"asks": [row + ["0", "1"] for row in asks], "bids": [row + ["0", "1"] for row in bids],
+                    "ts": str(int(time.time() * 1000)), "seqId": self.okx.seq_id(inst_id)}
+        market = self.make_stream(rest_book=rest_book)
+        self.okx.send_update_without_snapshot_next = True
+        self.synced_depth(BTC, market=market)
+        self.assertEqual(calls, [BTC])
+        self.assert_book_matches(BTC, market=market)
+        self.okx.set_level(BTC, "asks", "43000.15", "2")      # checksummed update on the REST-built book
+        self.assert_book_matches(BTC, market=market)
+        self.assertEqual(len(self.subscribe_requests()), 1)
+
+    def test_failed_rest_sync_resubscribes(self):
+        def rest_book(inst_id):
+            raise OSError("REST is down")
+        market = self.make_stream(rest_book=rest_book)
+        self.okx.send_update_without_snapshot_next = True
+        self.assertIsNone(market.depth(BTC, 20))
+        self.synced_depth(BTC, market=market)        # the resubscription got a real snapshot
+        self.assertEqual(len(self.subscribe_requests()), 2)
+        self.assert_book_matches(BTC, market=market)
+
+
+class ConnectionLossTest(StreamTestCase):
+
+    def test_killed_connection_answers_none_at_once_then_recovers(self):
+        wait_for(lambda: self.market.ticker(BTC) and self.market.depth(BTC, 20))
+        self.okx.kill_connections()
+        self.okx.set_ticker(BTC, last="44000")                   # while the stream is down
+        self.assertTrue(wait_for(lambda: self.market.stats()["connected"] is False
+                                 or self.okx.connections_total > 1, timeout=0.3))
+        # never the old connection's ticker: either nothing or the new connection's
+        self.assertIn((self.market.ticker(BTC) or {}).get("last"), (None, "44000"))
+        self.assertEqual(wait_for(lambda: (self.market.ticker(BTC) or {}).get("last")), "44000")
+        self.assertEqual(self.okx.connections_total, 2)
+        self.assertEqual(self.okx.subscriptions(), {("tickers", BTC), ("books", BTC)})
+        self.assert_book_matches(BTC, 20)
+        self.assertEqual(self.market.stats()["reconnects"], 1)
+
+    def test_close_frame_reconnects(self):
+        wait_for(lambda: self.market.ticker(BTC))
+        self.okx.close_connections(4004, "No data received in 30s")
+        self.assertTrue(wait_for(lambda: self.okx.connections_total == 2 and self.market.ticker(BTC)))
+        self.assertEqual(self.okx.open_connections, 1)
+
+    def test_notice_64008_reconnects(self):
+        wait_for(lambda: self.market.ticker(BTC))
+        self.okx.send_notice_64008()
+        self.assertTrue(wait_for(lambda: self.okx.connections_total == 2 and self.market.ticker(BTC)))
+        self.assertEqual(self.market.stats()["reconnects"], 1)
+
+    @mock.patch.object(plugin, "STREAM_FRESH_SECONDS", 0.8)
+    @mock.patch.object(plugin, "STREAM_PING_AFTER", 0.25)
+    def test_quiet_connection_is_kept_alive_by_pongs(self):
+        wait_for(lambda: self.market.ticker(BTC))
+        time.sleep(1.5)                                      # no push at all: pongs prove the connection
+        self.assertIsNotNone(self.market.ticker(BTC))
+        self.assertGreaterEqual(self.okx.pings_received, 3)
+        self.assertEqual(self.okx.connections_total, 1)
+
+    def test_silent_server_goes_to_rest_within_fresh_seconds(self):
+        wait_for(lambda: self.market.ticker(BTC))
+        self.okx.answer_pings = False
+        silenced = time.monotonic()
+        self.assertTrue(wait_for(lambda: self.market.ticker(BTC) is None, timeout=plugin.STREAM_FRESH_SECONDS + 0.5))
+        self.assertLess(time.monotonic() - silenced, plugin.STREAM_FRESH_SECONDS + 0.5)
+        self.assertIsNone(self.market.depth(BTC, 5))
+
+    def test_bad_accept_is_rejected(self):
+        self.okx.bad_accept = True
+        self.assertIsNone(self.market.ticker(BTC))
+        time.sleep(0.5)
+        self.assertIsNone(self.market.ticker(BTC))
+        self.assertEqual(self.market.stats()["connected"], False)
+        self.assertGreaterEqual(self.okx.connections_total, 1)
+        self.assertEqual(self.subscribe_requests(), [])
+        self.okx.bad_accept = False                          # the backoff retries, then it works
+        self.assertTrue(wait_for(lambda: self.market.ticker(BTC), timeout=3.0))
+
+    @mock.patch.object(plugin, "STREAM_BACKOFF_FIRST", 0.01)
+    def test_failing_connections_keep_to_3_per_second(self):
+        self.okx.bad_accept = True
+        self.market.ticker(BTC)
+        time.sleep(0.8)
+        self.assertEqual(self.okx.connections_total, 3)     # the backoff alone would allow more
+        self.assertTrue(wait_for(lambda: self.okx.connections_total >= 4, timeout=1.0))
+
+    def test_unreachable_host_and_close_is_quick(self):
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        address = port.getsockname()
+        port.close()                                         # nothing listens there
+        market = plugin.MarketStream("ws://%s:%d" % address)
+        self.assertIsNone(market.ticker(BTC))
+        time.sleep(0.2)
+        started = time.monotonic()
+        market.close()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertFalse(market._thread.is_alive())
+
+    def test_close_is_quick_and_stops_everything(self):
+        wait_for(lambda: self.market.ticker(BTC))
+        started = time.monotonic()
+        self.market.close()
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertFalse(self.market._thread.is_alive())
+        self.assertIsNone(self.market.ticker(BTC))
+        self.assertTrue(wait_for(lambda: self.okx.open_connections == 0))
+        self.assertEqual(self.okx.connections_total, 1)
+
+
+class SubscriptionTest(StreamTestCase):
+    idle_seconds = 0.4
+
+    def test_idle_subscription_is_unsubscribed(self):
+        wait_for(lambda: self.market.ticker(BTC) and self.market.ticker(ETH))
+        for _ in range(8):                                   # ETH is asked for, BTC is not
+            self.market.ticker(ETH)
+            time.sleep(0.1)
+        self.assertEqual(self.okx.subscriptions(), {("tickers", ETH)})
+        unsubscribes = [r for r in self.okx.received if isinstance(r, dict) and r.get("op") == "unsubscribe"]
+        self.assertEqual(unsubscribes[0]["args"], [{"channel": "tickers", "instId": BTC}])
+        self.assertIsNone(self.market.ticker(BTC))           # asked again: subscribed again
+        self.assertTrue(wait_for(lambda: self.market.ticker(BTC)))
+        self.assertTrue(wait_for(lambda: self.okx.open_connections == 0, timeout=2.0))  # nothing asked: closed
+        self.assertTrue(wait_for(lambda: self.market.ticker(ETH), timeout=2.0))        # and opened on demand
+
+    def test_unknown_instrument_is_not_asked_again_at_once(self):
+        self.assertIsNone(self.market.ticker("NOPE-USDT"))
+        wait_for(lambda: self.market.ticker(BTC))
+        time.sleep(0.2)
+        self.market.ticker("NOPE-USDT")
+        requested = [arg for r in self.subscribe_requests() for arg in r["args"] if arg["instId"] == "NOPE-USDT"]
+        self.assertEqual(len(requested), 1)
+        self.assertIsNone(self.market.ticker("NOPE-USDT"))
+
+
+class TransportTest(unittest.TestCase):
+    """The WebSocket client itself: frames, proxy tunnel, TLS."""
+
+    def client_with_peer(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        client = plugin.WebSocketClient("ws://127.0.0.1:1/ws/v5/public")
+        client.sock, client._upgraded = ours, True
+        ours.settimeout(plugin.STREAM_POLL)
+        self.addCleanup(client.close)
+        return client, theirs
+
+    def read_client_frame(self, peer):
+        head = peer.recv(2)
+        length = head[1] & 0x7F
+        self.assertTrue(head[1] & 0x80, "client frames must be masked")
+        mask = peer.recv(4)
+        payload = peer.recv(length) if length else b""
+        return head[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def test_fragmented_message_with_a_ping_inside(self):
+        client, peer = self.client_with_peer()
+        peer.sendall(encode_frame(0x1, b'{"a":', fin=False) + encode_frame(0x9, b"hi")
+                     + encode_frame(0x0, b'"b"}') + encode_frame(0x1, b"pong"))
+        self.assertEqual(wait_for(client.receive), ['{"a":"b"}', "pong"])
+        self.assertEqual(self.read_client_frame(peer), (0xA, b"hi"))
+        client.send_text("ping")
+        self.assertEqual(self.read_client_frame(peer), (0x1, b"ping"))
+
+    def test_oversized_message_closes_1009(self):
+        client, peer = self.client_with_peer()
+        peer.sendall(encode_frame(0x1, b"x" * 10, fin=False))      # 10 bytes, then a continuation that
+        peer.sendall(bytes([0x80, 127]) + struct.pack("!Q", plugin.STREAM_MAX_MESSAGE))   # passes the bound
+        with self.assertRaises(plugin.StreamError):
+            for _ in range(5):
+                client.receive()
+        self.assertEqual(self.read_client_frame(peer), (0x8, struct.pack("!H", 1009)))
+
+    def test_masked_server_frame_closes_1002(self):
+        client, peer = self.client_with_peer()
+        peer.sendall(encode_frame(0x1, b"pong", mask_key=b"abcd"))
+        with self.assertRaises(plugin.StreamError):
+            client.receive()
+        self.assertEqual(self.read_client_frame(peer), (0x8, struct.pack("!H", 1002)))
+
+    def test_checksum_worked_examples_and_the_fakes_books(self):
+        with FakeOKXStream() as okx:
+            for inst_id in (BTC, "BTC-USDT-SWAP"):
+                bids, asks = okx.book(inst_id)
+                self.assertEqual(plugin.okx_book_checksum(bids, asks), okx_book_checksum(bids, asks))
+                self.assertEqual(plugin.okx_book_checksum(bids[:3], []), okx_book_checksum(bids[:3], []))
+        self.assertEqual(plugin.okx_book_checksum([["3366.1", "7"]],
+                                                  [["3366.8", "9"], ["3368", "8"], ["3372", "8"]]), 831078360)
+        self.assertEqual(plugin.okx_book_checksum([["3366.1", "7"], ["3366", "6"]],
+                                                  [["3366.8", "9"], ["3368", "8"]]), -1881014294)
+
+    def test_websocket_accept_of_rfc_example(self):
+        self.assertEqual(plugin.websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_through_an_authenticating_connect_proxy(self):
+        with FakeOKXStream() as okx:
+            proxy = _ConnectProxy("user", "secret")
+            self.addCleanup(proxy.stop)
+            market = plugin.MarketStream(okx.url, proxy=proxy.as_product_proxy("user", "secret"))
+            self.addCleanup(market.close)
+            self.assertTrue(wait_for(lambda: market.ticker(BTC)))
+            self.assertEqual(proxy.tunnels, ["127.0.0.1:%d" % okx.port])
+            market.close()
+            refused = plugin.MarketStream(okx.url, proxy=proxy.as_product_proxy("user", "wrong"))
+            self.addCleanup(refused.close)
+            refused.ticker(BTC)
+            time.sleep(0.3)
+            self.assertIsNone(refused.ticker(BTC))
+            self.assertEqual(len(proxy.tunnels), 1)
+
+    @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a test certificate")
+    def test_tls_is_verified_with_the_given_context(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_context.load_cert_chain(cert, key)
+        with FakeOKXStream(ssl_context=server_context) as okx:
+            trusting = plugin.MarketStream(okx.url, ssl_context=ssl.create_default_context(cafile=cert))
+            self.addCleanup(trusting.close)
+            self.assertTrue(wait_for(lambda: trusting.depth(BTC, 400)))
+            bids, asks = okx.book(BTC)
+            self.assertEqual(trusting.depth(BTC, 400)["bids"], bids)
+            distrusting = plugin.MarketStream(okx.url, ssl_context=ssl.create_default_context())
+            self.addCleanup(distrusting.close)
+            distrusting.ticker(BTC)
+            time.sleep(0.3)
+            self.assertIsNone(distrusting.ticker(BTC))
+            self.assertEqual(distrusting.stats()["connected"], False)
+
+
+class _ProductProxy:
+    """Stands for the product's ``Proxy``: ``host``, ``port``, ``headers``, and ``str()`` without password."""
+
+    def __init__(self, port, user, password):
+        self.host, self.port, self.user = "127.0.0.1", port, user
+        token = base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+        self.headers = {"Proxy-Authorization": "Basic " + token}
+
+    def __str__(self):
+        return "http://%s@%s:%d" % (self.user, self.host, self.port)
+
+
+class _ConnectProxy:
+    """A tiny HTTP CONNECT proxy on 127.0.0.1 that wants Basic credentials; records the tunnels opened."""
+
+    def __init__(self, user, password):
+        self.expected = "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+        self.tunnels = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def as_product_proxy(self, user, password):
+        """What the product's ``Proxy("http://user:password@127.0.0.1:port")`` offers the stream."""
+        return _ProductProxy(self.port, user, password)
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        if headers.get("Proxy-Authorization") != self.expected:
+            client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            return client.close()
+        target = lines[0].split()[1]
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        self.sockets.append(upstream)
+        self.tunnels.append(target)
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+class StreamPluginTest(PluginTestCase):
+    """ticker, depth and trades through the plugin with the live stream on: memory after the first call,
+    REST whenever the stream cannot prove it is current."""
+
+    def setUp(self):
+        super().setUp()
+        plugin.MarketStream._connect_times.clear()
+        self.okx_stream = FakeOKXStream().start()
+        self.addCleanup(self.okx_stream.stop)
+        self.server = self.start_plugin(stream=True, ws_base=self.okx_stream.url)
+        self.docker = Docker(self.server.server_address[1])
+        self.addCleanup(self.docker.close)
+
+    def market_requests(self):
+        return [r for r in self.fake.requests if r["path"].startswith("/api/v5/market/")]
+
+    def until_from_memory(self, method, params):
+        """Call until an answer costs no REST request; returns that answer."""
+        def from_memory():
+            before = len(self.market_requests())
+            answer = self.data(method, params)
+            return answer if len(self.market_requests()) == before else None
+        answer = wait_for(from_memory, timeout=3)
+        self.assertIsNotNone(answer, "%s never came from the stream" % method)
+        return answer
+
+    def test_after_the_first_call_no_rest_request(self):
+        self.data("ticker", {"symbol": "BTC_USDT"})
+        self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 1)      # the first from REST
+        self.until_from_memory("ticker", {"symbol": "BTC_USDT"})
+        self.until_from_memory("depth", {"symbol": "BTC_USDT", "limit": 5})
+        self.until_from_memory("depth", {"symbol": "BTC_USDT", "limit": 50})
+        self.until_from_memory("trades", {"symbol": "BTC_USDT"})
+        self.fake.clear_requests()
+        for _ in range(20):
+            ticker = self.data("ticker", {"symbol": "BTC_USDT"})
+            depth = self.data("depth", {"symbol": "BTC_USDT", "limit": 50})
+            self.data("depth", {"symbol": "BTC_USDT", "limit": 3})
+            self.data("trades", {"symbol": "BTC_USDT"})
+        self.assertEqual(self.market_requests(), [])
+        bids, asks = self.okx_stream.book("BTC-USDT")
+        self.assertEqual((depth["bids"], depth["asks"]), (bids[:50], asks[:50]))
+        self.assertEqual(set(ticker), {"symbol", "buy", "sell", "high", "low", "open", "last", "vol", "time"})
+
+    def test_a_price_change_reaches_the_answer_within_200_ms(self):
+        self.until_from_memory("ticker", {"symbol": "BTC_USDT"})
+        self.okx_stream.set_ticker("BTC-USDT", last="51234.5", bidPx="51234.4", askPx="51234.6")
+        changed_at = time.monotonic()
+        ticker = wait_for(lambda: self.data("ticker", {"symbol": "BTC_USDT"})["last"] == "51234.5", timeout=1)
+        self.assertTrue(ticker)
+        self.assertLess(time.monotonic() - changed_at, 0.2)
+        self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["buy"], "51234.4")
+
+    def test_a_killed_stream_gives_rest_answers_then_comes_back(self):
+        self.until_from_memory("ticker", {"symbol": "ETH_USDT"})
+        self.fake.set_price("ETH-USDT", "3100.01", "3100.02")
+        self.okx_stream.bad_accept = True          # reconnecting fails until the stream is back
+        self.okx_stream.kill_connections()
+        time.sleep(0.05)
+        self.fake.clear_requests()
+        for _ in range(3):
+            self.assertEqual(self.data("ticker", {"symbol": "ETH_USDT"})["buy"], "3100.01")   # REST, not memory
+        self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 3)
+        self.okx_stream.bad_accept = False
+        self.assertEqual(self.until_from_memory("ticker", {"symbol": "ETH_USDT"})["buy"], "2922")
+        self.assertGreaterEqual(self.okx_stream.connections_total, 2)
+
+    @mock.patch.object(plugin, "STREAM_FRESH_SECONDS", 0.8)
+    @mock.patch.object(plugin, "STREAM_PING_AFTER", 0.25)
+    def test_a_silent_stream_is_never_trusted(self):
+        self.until_from_memory("ticker", {"symbol": "BTC_USDT"})
+        self.okx_stream.answer_pings = False
+        time.sleep(1.0)
+        self.fake.clear_requests()
+        self.fake.set_price("BTC-USDT", "40000.1", "40000.2")
+        self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["buy"], "40000.1")
+        self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 1)
+
+    def test_many_robots_on_many_instruments_share_one_connection(self):
+        symbols = ["BTC_USDT", "ETH_USDT", "LTC_USDT", "BTC_USDT.swap"]
+
+        def robot(symbol):
+            docker = Docker(self.server.server_address[1])
+            for _ in range(5):
+                docker.call("ticker", {"symbol": symbol})
+                docker.call("depth", {"symbol": symbol, "limit": 10})
+            docker.close()
+        robots = [threading.Thread(target=robot, args=(symbol,)) for symbol in symbols * 2]
+        for thread in robots:
+            thread.start()
+        for thread in robots:
+            thread.join()
+        for symbol in symbols:
+            self.until_from_memory("ticker", {"symbol": symbol})
+        self.assertEqual(self.okx_stream.connections_total, 1)
+        self.assertEqual(len([s for s in self.okx_stream.subscriptions() if s[0] == "tickers"]), 4)
+
+    def test_no_stream_makes_every_call_rest(self):
+        server = self.start_plugin(stream=False, ws_base=self.okx_stream.url)
+        docker = Docker(server.server_address[1])
+        self.addCleanup(docker.close)
+        for _ in range(5):
+            docker.call("ticker", {"symbol": "BTC_USDT"})
+            time.sleep(0.05)
+        self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 5)
+        self.assertEqual(self.okx_stream.connections_total, 0)
+
+    def test_stream_hosts_follow_the_api_base_and_demo_keys(self):
+        live = plugin.OKXClient(plugin.Config(api_base="https://www.okx.com"))
+        eea = plugin.OKXClient(plugin.Config(api_base="https://eea.okx.com"))
+        local = plugin.OKXClient(plugin.Config(api_base=self.fake.base_url))
+        for client in (live, eea, local):
+            self.addCleanup(client.close)
+        self.assertEqual(live.stream().url, "wss://ws.okx.com:8443/ws/v5/public")       # made, not connected
+        self.assertEqual(live.stream(demo=True).url, "wss://wspap.okx.com:8443/ws/v5/public")
+        self.assertEqual(eea.stream(demo=True).url, "wss://wseeapap.okx.com:8443/ws/v5/public")
+        self.assertIsNone(local.stream())
+        self.assertIsNone(plugin.OKXClient(plugin.Config(api_base="https://www.okx.com", stream=False)).stream())
 
 
 # ---- Benchmark: python3 test_protocol.py bench [--rtt-ms 20] [--robots 8] [--calls 40] [NAME=COMMAND ...] ----
