@@ -60,7 +60,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 import zlib
 from decimal import Decimal
 
@@ -443,6 +442,9 @@ class Proxy:
     @classmethod
     def from_environment(cls, target_url):
         """The proxy the usual ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables give for a URL, or None."""
+        if not any(name.lower().endswith("_proxy") for name in os.environ):
+            return None
+        import urllib.request     # only when proxy variables are set: it costs memory and start-up time
         parts = urllib.parse.urlsplit(target_url)
         proxies = urllib.request.getproxies_environment()
         url = proxies.get(parts.scheme)

@@ -4737,6 +4737,116 @@ def bench_direct(fake, options):
     return {"name": "direct", "ticker_p50_ms": round(_bench_percentile(latencies, 0.5), 2)}
 
 
+_BARE_SERVER = """
+import http.server, sys
+BODY = b'{"data":{"symbol":"ETH_USDT","buy":"2922.18","sell":"2922.19","high":"2955","low":"2775.15",\
+"open":"2787.72","last":"2922.18","vol":"249400.888156","time":1731028903911}}'
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+server.daemon_threads = True
+server.serve_forever()
+"""
+
+
+def _start_process(argv, port, env=None):
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError("%s exited with %s" % (argv[1], process.returncode))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process, time.monotonic() - started
+        except OSError:
+            if time.monotonic() - started > 10:
+                process.kill()
+                raise RuntimeError("%s did not listen within 10 s" % argv[1])
+            time.sleep(0.005)
+
+
+def _robots_rate(port, robots, calls, method="ticker", params=None):
+    """Calls per second that `robots` docker connections get together, and how many failed."""
+    answers = []
+
+    def robot():
+        docker = Docker(port)
+        for _ in range(calls):
+            answers.append("data" in docker.call(method, params or {"symbol": "ETH_USDT"}))
+        docker.close()
+    threads = [threading.Thread(target=robot) for _ in range(robots)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers.count(True) / (time.perf_counter() - started), answers.count(False)
+
+
+def bench_stream(fake, options):
+    """ticker and depth served from the live stream, beside the ceiling of this design: a bare
+    ThreadingHTTPServer answering a fixed JSON body, measured on the same machine in the same run."""
+    cert_folder = tempfile.mkdtemp(prefix="fmz-bench-")
+    cert, key = write_test_cert(cert_folder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    result = {"name": "ours, live stream"}
+    bare_port = _free_port()
+    bare, _ = _start_process([sys.executable, "-c", _BARE_SERVER, str(bare_port)], bare_port)
+    try:
+        result["ceiling_calls_per_s"] = round(_robots_rate(bare_port, options.robots, options.calls * 5)[0], 1)
+    finally:
+        bare.terminate()
+        bare.wait(5)
+    with FakeOKXStream(ssl_context=context) as okx_stream:
+        extra = ["X%02d-USDT" % n for n in range(46)]
+        okx_stream.instruments.update(extra)
+        port = _free_port()
+        argv = [sys.executable, os.path.join(HERE, "fmz_custom_protocol.py"), "--address", "127.0.0.1", "--port",
+                str(port), "--api-base", fake.base_url, "--ws-base", okx_stream.url]
+        process, _ = _start_process(argv, port, dict(os.environ, SSL_CERT_FILE=fake.cert_path))
+        try:
+            docker = Docker(port)
+            symbols = ["ETH_USDT", "BTC_USDT", "LTC_USDT", "BTC_USDT.swap"] + [i.replace("-", "_") for i in extra]
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:      # warm up: every call of every instrument from memory
+                before = len(fake.requests)
+                for symbol in symbols:
+                    docker.call("ticker", {"symbol": symbol})
+                    docker.call("depth", {"symbol": symbol, "limit": 20})
+                    docker.call("trades", {"symbol": symbol})
+                if len(fake.requests) == before:
+                    break
+                time.sleep(0.2)
+            result["rss_50_instruments_kb"] = _rss_kb(process.pid)
+            before = len(fake.requests)
+            latencies, _ = _timed_calls(docker, "ticker", {"symbol": "ETH_USDT"}, options.calls * 5)
+            result["ticker_p50_ms"] = round(_bench_percentile(latencies, 0.5), 3)
+            latencies, _ = _timed_calls(docker, "depth", {"symbol": "ETH_USDT", "limit": 20}, options.calls * 5)
+            result["depth_p50_ms"] = round(_bench_percentile(latencies, 0.5), 3)
+            docker.close()
+            rate, errors = _robots_rate(port, options.robots, options.calls * 5)
+            served = options.calls * 10 + options.robots * options.calls * 5
+            result.update(robots_calls_per_s=round(rate, 1), robots_errors=errors,
+                          rest_requests_per_call=round((len(fake.requests) - before) / served, 4))
+            result["of_ceiling"] = "%d%%" % round(100 * rate / result["ceiling_calls_per_s"])
+        finally:
+            process.terminate()
+            process.wait(5)
+            shutil.rmtree(cert_folder, ignore_errors=True)
+    return result
+
+
 def bench(argv):
     """Benchmark the plugin (and other plugin commands) against the fake OKX over TLS with a simulated
     round trip; prints one JSON line per plugin, after the `direct` floor."""
@@ -4745,6 +4855,7 @@ def bench(argv):
     parser.add_argument("--rtt-ms", type=float, default=20, help="simulated network round trip")
     parser.add_argument("--robots", type=int, default=8, help="robots calling ticker at once")
     parser.add_argument("--calls", type=int, default=40, help="calls per measurement")
+    parser.add_argument("--no-stream", action="store_true", help="skip the live-stream measurement")
     parser.add_argument("plugins", nargs="*", metavar="NAME=COMMAND",
                         help="more plugin commands, with {port}, {api_base} and {python} placeholders")
     options = parser.parse_args(argv)
@@ -4755,6 +4866,8 @@ def bench(argv):
         for spec in [ours] + options.plugins:
             name, command = spec.split("=", 1)
             print(json.dumps(bench_plugin(name, command, fake, options)), flush=True)
+        if not options.no_stream:
+            print(json.dumps(bench_stream(fake, options)), flush=True)
 
 
 if __name__ == "__main__":
