@@ -162,6 +162,10 @@ RATE_LIMITS = {
 # that network jitter never puts one request too many into OKX's window.
 RATE_WINDOW_MARGIN = 0.15
 
+# OKX's answers to a request whose time is off from OKX's clock (the signature's timestamp, or expTime):
+# refused before anything was done, so the plugin re-syncs its clock and sends the request again.
+CLOCK_CODES = ("50102", "50036")
+
 # What an OKX error code most likely means for a user of this plugin, and what to do about it.
 ERROR_HINTS = {
     "50101": "the key does not match the environment: a demo-trading key needs ',simulate' at the end of "
@@ -761,11 +765,11 @@ class OKXClient:
             log.debug("OKX %s %s -> HTTP %d in %.1f ms", method, target, status,
                       (time.monotonic() - started) * 1000)
             envelope = self._parse(status, raw, path)
-            code = str(envelope.get("code", ""))
-            if attempt == 1 and code == "50102" and credentials is not None:
-                log.warning("OKX refused the request's timestamp (50102): re-syncing with OKX's clock")
+            code = _error_code(envelope)
+            if attempt == 1 and code in CLOCK_CODES and (credentials is not None or exp_time):
+                log.warning("OKX refused the request's time (%s): re-syncing with OKX's clock", code)
                 self.sync_clock(deadline)
-                continue        # a refused signature means OKX did nothing: sending again is safe
+                continue        # OKX refused the request unprocessed: sending it again is safe
             if code == "50011":
                 self.limiter.backoff(bucket)
                 if attempt == 1:
@@ -931,6 +935,15 @@ def _query_value(value):
     if isinstance(value, (list, tuple)):
         return ",".join(_query_value(v) for v in value)
     return str(value)
+
+
+def _error_code(envelope):
+    """OKX's code of an answer; for a failed order ("1") the order's own sCode."""
+    code = str(envelope.get("code", ""))
+    data = envelope.get("data")
+    if code == "1" and isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("sCode"):
+        return str(data[0]["sCode"])
+    return code
 
 
 def raise_for_code(envelope, status=200, path=""):
