@@ -121,7 +121,8 @@ ORDER_STATUS = {
 }
 
 # Delivery futures are named by FMZ contract type; OKX lists the same name as the instrument's alias.
-FUTURES_ALIASES = ("this_week", "next_week", "quarter", "next_quarter")
+FUTURES_ALIASES = ("this_week", "next_week", "quarter", "next_quarter",
+                   "this_month", "next_month", "third_quarter")     # the last three: OKX's, not FMZ's
 
 # OKX's public WebSocket for each REST host: (live keys, demo keys). Another --api-base (a test
 # server, say) has no stream unless --ws-base names one.
@@ -421,6 +422,15 @@ def dumps(value):
 # Transport: pooled keep-alive connections, proxy tunnel, rate limits, OKX's clock, the signed client
 # =====================================================================================================
 
+def tls_context(ca_file=None):
+    """The one TLS context for OKX: certificates and host names verified against the system's CAs
+    (``SSL_CERT_FILE`` honoured), plus those of ``ca_file`` (e.g. a TLS-inspecting proxy's) when given."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
 class Proxy:
     """An HTTP proxy that HTTPS to OKX tunnels through with CONNECT (``http://[user:pass@]host:port``).
 
@@ -574,10 +584,13 @@ class ConnectionPool:
 def _closed_by_peer(sock):
     """True when an idle kept-alive socket is readable: the server closed it (or sent what it should not)."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        if hasattr(select, "poll"):       # no limit on descriptor numbers, unlike select()
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 def _remaining(deadline):
@@ -701,16 +714,14 @@ class OKXClient:
     """OKX's REST API as OKX defines it: signing, envelope, error codes, limits; shared by all robots.
 
     ``request()`` sends one call and returns OKX's JSON envelope ``{"code", "msg", "data"}`` whatever its
-    code (the passthrough needs it as is); ``call()`` returns ``data`` and raises ExchangeError otherwise.
+    code; ``call()`` returns ``data`` and raises ExchangeError for an error code.
     Also keeps what changes rarely: instrument lists and account configurations.
     """
 
     def __init__(self, config):
         self.config = config
         self.api_base = config.api_base.rstrip("/")
-        context = None
-        if self.api_base.startswith("https:"):
-            context = ssl.create_default_context(cafile=config.ca_file)   # verifies; honours SSL_CERT_FILE
+        context = tls_context(config.ca_file) if self.api_base.startswith("https:") else None
         proxy = Proxy(config.proxy) if config.proxy else Proxy.from_environment(self.api_base)
         self.pool = ConnectionPool(self.api_base, context, proxy)
         self.limiter = RateLimiter()
@@ -793,7 +804,7 @@ class OKXClient:
         if not isinstance(envelope, dict) or ("code" not in envelope and "data" not in envelope):
             snippet = raw[:80].decode("utf-8", "replace").strip().replace("\n", " ") or "(empty)"
             raise TransportError("OKX answered HTTP %d with a body that is not OKX's JSON on %s: %s"
-                                 % (status, path, snippet), maybe_sent=status >= 500)
+                                 % (status, path, snippet), maybe_sent=True)
         return envelope
 
     def shared_call(self, path, params, deadline=None, demo=False):
@@ -895,7 +906,7 @@ class OKXClient:
                     def rest_book(inst_id):
                         return self.call("GET", "/api/v5/market/books", {"instId": inst_id, "sz": OKX_MAX_DEPTH},
                                          demo=demo)[0]
-                    https = self.pool.ssl_context or ssl.create_default_context(cafile=self.config.ca_file)
+                    https = self.pool.ssl_context or tls_context(self.config.ca_file)
                     proxy = Proxy(self.config.proxy) if self.config.proxy else Proxy.from_environment(
                         base.replace("wss://", "https://").replace("ws://", "http://"))
                     stream = MarketStream(base, https if base.startswith("wss:") else None, proxy,
@@ -1997,8 +2008,10 @@ class OKX(BaseProtocol):
     @property
     def demo(self):
         """True for a demo-trading key (``,simulate``): its market-data calls carry the demo header too."""
-        secret_field = self.request.secret_key
-        return isinstance(secret_field, str) and secret_field.replace(" ", "").lower().endswith(",simulate")
+        try:
+            return parse_secret_field(self.request.secret_key)[2]
+        except BadRequest:        # public calls need no valid key
+            return False
 
     def _market(self, path, params):
         """An unsigned market-data call (shared with robots asking the same at the same time)."""
@@ -2010,7 +2023,7 @@ class OKX(BaseProtocol):
 
     def _first(self, rows, what):
         if not rows or not isinstance(rows[0], dict):
-            raise ExchangeError("", "OKX answered no %s" % what)
+            raise ProtocolError("OKX answered no %s" % what)
         return rows[0]
 
     def inst_id(self, symbol):
@@ -2226,6 +2239,8 @@ class OKX(BaseProtocol):
     def _order_direction(self, symbol, type, direction):
         """(side, posSide, reduceOnly) of an order type: buy, sell, closebuy, closesell."""
         kind = type.lower()
+        if direction and not symbol.contract and direction.lower() not in ("buy", "sell"):
+            raise BadRequest("direction %s applies to swaps and futures, not to spot %s" % (direction, symbol.fmz))
         if direction and kind in ("buy", "sell"):
             wanted = direction.lower()
             if wanted in ("closebuy", "closesell"):
@@ -2583,6 +2598,11 @@ METHOD_SPELLINGS = {
     "getfunding": "fundings", "funding": "fundings",
 }
 
+# Methods that read, which the docker may also spell as FMZ's strategy function ("Get" + name). Those that
+# act (trade, cancel, SetMarginLevel) are never reached by a "Get" spelling.
+READ_METHODS = frozenset(("ticker", "depth", "trades", "records", "tickers", "markets", "accounts", "assets",
+                          "orders", "order", "historyorders", "positions", "fundings"))
+
 API_PREFIX = "__api_"           # exchange.IO("api", verb, path, ...) arrives as method "__api_" + path
 
 
@@ -2592,8 +2612,8 @@ def resolve_method(method):
         raise BadRequest("method must be a non-empty string, got %s" % _describe(method))
     name = method.strip().lower()
     name = METHOD_SPELLINGS.get(name, name)
-    if name not in DISPATCH and name.startswith("get"):
-        name = METHOD_SPELLINGS.get(name[3:], name[3:])
+    if name.startswith("get") and name[3:] in READ_METHODS:     # GetTicker, getmarkets, ...
+        name = name[3:]
     if name not in DISPATCH:
         raise BadRequest("unknown method %r; known: %s, and %s<path> for exchange.IO"
                          % (method, ", ".join(sorted(DISPATCH)), API_PREFIX))
@@ -2602,7 +2622,7 @@ def resolve_method(method):
 
 def dispatch(protocol, method, params):
     """Run one docker method on a protocol instance; returns ``(data, raw)``."""
-    if method.startswith(API_PREFIX):
+    if method[:len(API_PREFIX)].lower() == API_PREFIX:
         return protocol.api(method[len(API_PREFIX):], params)
     handler, spec = DISPATCH[resolve_method(method)]
     arguments = {param.arg: param.read(params) for param in spec}
@@ -2640,8 +2660,9 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
     """Serves the FMZ docker: ``POST /<Exchange>`` with a JSON body, answered with JSON.
 
     Connections are kept alive (HTTP/1.1). Every answer is HTTP 200 with ``{"data": ..., "raw": ...}`` or
-    ``{"error": "..."}``, including for malformed requests; only a request whose body cannot be read
-    (no or a false Content-Length, too large, too slow) also closes the connection.
+    ``{"error": "..."}``, including for malformed requests; a request whose body cannot be read (no or a
+    false Content-Length, too large, too slow) also closes the connection. Only what is not HTTP at all (a
+    garbled request line, headers too long) gets a 4xx status, still with a JSON error body.
     """
 
     protocol_version = "HTTP/1.1"
@@ -2836,8 +2857,8 @@ def build_parser():
                         help="HTTP proxy to reach OKX through, http://[user:password@]host:port "
                              "(default: HTTPS_PROXY / https_proxy unless NO_PROXY matches)")
     parser.add_argument("--ca-file", metavar="PATH",
-                        help="extra trusted CA certificates (PEM), e.g. of a TLS-inspecting proxy; "
-                             "certificates are always verified")
+                        help="CA certificates (PEM) to trust besides the system's, e.g. a TLS-inspecting "
+                             "proxy's; certificates are always verified")
     parser.add_argument("--ws-base", metavar="URL",
                         help="OKX public WebSocket base (default follows --api-base: wss://ws.okx.com:8443, "
                              "demo keys wss://wspap.okx.com:8443)")

@@ -2612,6 +2612,12 @@ class EnvelopeTest(PluginTestCase):
         self.assertIn("'fly'", self.error("fly"))
         self.assertEqual(self.fake.requests, [])
 
+    def test_get_spelling_never_reaches_a_method_that_acts(self):
+        for method in ("GetTrade", "GetCancel", "GetSetMarginLevel"):
+            self.assertIn("unknown method", self.error(method, {"symbol": "BTC_USDT", "type": "buy", "price": "1",
+                                                                "amount": "1", "id": "BTC-USDT,1"}))
+        self.assertEqual(self.fake.requests, [])
+
     def test_unknown_exchange_is_an_error(self):
         status, answer = self.docker.send(json.dumps({"method": "ticker", "params": {"symbol": "BTC_USDT"}}).encode(),
                                           path="/Binance")
