@@ -48,6 +48,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -66,7 +67,8 @@ from decimal import Decimal
 __version__ = "1.0.0"
 
 __all__ = [
-    "Config", "ProtocolError", "BadRequest", "NotSupported", "ExchangeError", "TransportError",
+    "Config", "ProtocolError", "BadRequest", "NotSupported", "ExchangeError", "TransportError", "RateLimited",
+    "OrderOutcomeUnknown", "MarketStream",
     "BaseProtocol", "OKX", "DISPATCH", "EXCHANGES", "PluginServer", "main",
 ]
 
@@ -92,14 +94,16 @@ INSTRUMENTS_TTL = 300.0           # seconds an instrument list is reused
 ACCOUNT_CONFIG_TTL = 300.0        # seconds an account's position mode / account level is reused
 CLOCK_RESYNC_INTERVAL = 1800.0    # seconds between background re-syncs with OKX's clock
 ORDER_RECOVERY_SECONDS = 2.0     # of a trade call's time, kept to look for an order whose answer was lost
+ORDER_EXPIRY_SECONDS = 5.0       # an order must reach OKX within this (its expTime) or is never executed
+ORDER_EXPIRY_MARGIN = 0.25       # after expTime, wait this much more (clock sync accuracy) before "never"
 ORDER_MEMORY = 10000              # orders remembered by clOrdId, so a repeated request finds its order
 
 OKX_MAX_DEPTH = 400               # /market/books sz maximum
 OKX_MAX_TRADES = 500              # /market/trades limit maximum
 OKX_CANDLES_PAGE = 300            # /market/candles limit maximum
-OKX_HISTORY_CANDLES_PAGE = 100    # /market/history-candles: 100 is the maximum on every OKX site
+OKX_HISTORY_CANDLES_PAGE = 100    # /market/history-candles: OKX's sites document a maximum of 100 or 300
 OKX_ORDERS_PAGE = 100             # orders-pending / orders-history limit maximum
-MAX_RECORDS = 10000               # bars one `records` call may ask for
+MAX_RECORDS = 5000                # bars one `records` call may ask for (past ~2300, OKX's limit makes it wait)
 DEFAULT_RECORDS = 300
 DEFAULT_DEPTH = 20
 DEFAULT_HISTORY_ORDERS = 100
@@ -163,6 +167,9 @@ RATE_LIMITS = {
 # that network jitter never puts one request too many into OKX's window.
 RATE_WINDOW_MARGIN = 0.15
 
+# OKX's answers to an order that leave its outcome open: it may or may not have been placed.
+OUTCOME_UNKNOWN_CODES = ("50004", "51149", "50013", "50026", "50001")
+
 # OKX's answers to a request whose time is off from OKX's clock (the signature's timestamp, or expTime):
 # refused before anything was done, so the plugin re-syncs its clock and sends the request again.
 CLOCK_CODES = ("50102", "50036")
@@ -210,6 +217,18 @@ class TransportError(ProtocolError):
         self.maybe_sent = maybe_sent
 
 
+class OrderOutcomeUnknown(TransportError):
+    """An order may or may not have been placed, and OKX could not tell within the call's time.
+
+    ``executable_until`` (monotonic time) is when OKX's expTime for it passes: after that, an order OKX has
+    not got will never execute.
+    """
+
+    def __init__(self, message, executable_until):
+        super().__init__(message, maybe_sent=True)
+        self.executable_until = executable_until
+
+
 class RateLimited(ProtocolError):
     """A call would exceed OKX's rate limit for longer than the call may wait; OKX was not called."""
 
@@ -238,8 +257,11 @@ class ExchangeError(ProtocolError):
 # Pure helpers: symbols, decimals, periods, order states, signing
 # =====================================================================================================
 
+MAX_NUMBER_DIGITS = 40          # digits before (or zeros after) the point that a number may have
+MAX_NUMBER_CHARS = 64
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _CLORDID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_PRINTABLE_RE = re.compile(r"^[\x20-\x7e]*$")      # what HTTP header values can carry
 
 
 def decimal_text(value, name, allow_negative_one=False):
@@ -253,9 +275,11 @@ def decimal_text(value, name, allow_negative_one=False):
     if isinstance(value, float):  # only when a caller bypassed the Decimal-preserving JSON parser
         value = repr(value)
     text = str(value).strip()
-    if not _DECIMAL_RE.match(text):
+    if len(text) > MAX_NUMBER_CHARS or not _DECIMAL_RE.match(text):
         raise BadRequest("%s must be a decimal number, got %s" % (name, _describe(value)))
     number = Decimal(text)
+    if not -MAX_NUMBER_DIGITS <= number.adjusted() <= MAX_NUMBER_DIGITS:   # 1e999999999 is no amount
+        raise BadRequest("%s is out of range: %s" % (name, _describe(value)))
     if allow_negative_one and number == -1:
         return "-1"
     if number <= 0:
@@ -275,11 +299,15 @@ def parse_int(value, name, minimum=None, maximum=None):
     """Return ``value`` (int, integral Decimal, or digit string) as int, within the bounds if given."""
     if isinstance(value, bool):
         raise BadRequest("%s must be a whole number, got %s" % (name, _describe(value)))
+    if isinstance(value, Decimal) and value.is_finite() and value.adjusted() > MAX_NUMBER_DIGITS:
+        raise BadRequest("%s is out of range: %s" % (name, _describe(value)))   # int() of 1E+300000 is slow
+    if isinstance(value, str) and len(value.strip()) > MAX_NUMBER_DIGITS + 1:
+        raise BadRequest("%s is out of range: %s" % (name, _describe(value)))
     if isinstance(value, int):
         number = value
-    elif isinstance(value, Decimal) and value == value.to_integral_value():
+    elif isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
         number = int(value)
-    elif isinstance(value, str) and re.match(r"^\s*[+-]?\d+\s*$", value):
+    elif isinstance(value, str) and re.match(r"^\s*[+-]?[0-9]+\s*$", value):
         number = int(value)
     else:
         raise BadRequest("%s must be a whole number, got %s" % (name, _describe(value)))
@@ -382,6 +410,8 @@ def parse_secret_field(secret_field):
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise BadRequest("secret_key must be 'SECRET,PASSPHRASE' (OKX keys have a passphrase; "
                          "append ',simulate' for demo trading)")
+    if not all(_PRINTABLE_RE.match(part) for part in parts):
+        raise BadRequest("secret_key may hold only printable ASCII characters (a line break pasted along?)")
     return parts[0], ",".join(parts[1:]), demo
 
 
@@ -568,6 +598,9 @@ class ConnectionPool:
                 connection.close()
                 raise TransportError("connection to %s failed: %s" % (self.host, _os_error_text(exc)),
                                      maybe_sent=True) from None
+            except BaseException:
+                connection.close()
+                raise
             if response.will_close:
                 connection.close()
             else:
@@ -602,7 +635,8 @@ def _remaining(deadline):
 
 
 def _os_error_text(exc):
-    return exc.strerror or str(exc) or type(exc).__name__
+    """A short text for a network error (OSError or http.client's own exceptions)."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 class RateLimiter:
@@ -653,7 +687,7 @@ class RateLimiter:
                 raise RateLimited("OKX allows %d requests per %d s on %s and they are used up for the next "
                                   "%.1f s, longer than the call may wait; OKX was not called"
                                   % (count, seconds, bucket[1], wait))
-            time.sleep(min(wait, 0.05) if wait < 0.05 else wait)
+            time.sleep(wait)
 
     def backoff(self, bucket):
         """OKX answered 50011 anyway: treat the bucket as full for one whole window from now."""
@@ -738,13 +772,13 @@ class OKXClient:
 
     # --- one request ----------------------------------------------------------------------------------
     def request(self, method, path, params=None, body=None, credentials=None, deadline=None,
-                exp_time=False, retry_safe=None, demo=False):
+                exp_time=None, retry_safe=None, demo=False):
         """Send one OKX call and return ``(HTTP status, parsed JSON envelope)``.
 
         GET/DELETE ``params`` go into the query string; POST ``body`` (an object) becomes the JSON body.
         ``credentials`` signs the call; ``demo`` (or demo credentials) adds OKX's demo-trading header.
-        ``exp_time`` adds OKX's expTime header (the deadline as OKX's time)
-        so an order stuck in transit is never executed after the docker gave up on it. ``retry_safe``
+        ``exp_time`` (a time.monotonic() moment) becomes OKX's expTime header, in OKX's time: an order
+        stuck in transit is then never executed after it. ``retry_safe``
         (default: GET only) allows one retry on a stale kept-alive connection.
         """
         deadline = deadline or time.monotonic() + self.config.timeout
@@ -759,7 +793,12 @@ class OKXClient:
         if credentials is not None:
             self._sync_clock_if_needed(deadline)
         for attempt in (1, 2):
-            self.limiter.acquire(bucket, deadline)
+            try:
+                self.limiter.acquire(bucket, deadline)
+            except RateLimited:
+                if attempt == 1:
+                    raise
+                return status, envelope     # OKX's own 50011: no time is left to wait for the window
             headers = {"Content-Type": "application/json", "Accept": "application/json",
                        "User-Agent": self.user_agent}
             if credentials is not None:
@@ -767,8 +806,8 @@ class OKXClient:
                 headers.update(credentials.headers(timestamp, method, target, payload))
             if demo or (credentials is not None and credentials.demo):
                 headers["x-simulated-trading"] = "1"
-            if exp_time:
-                remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
+            if exp_time is not None:
+                remaining_ms = max(0.0, exp_time - time.monotonic()) * 1000
                 headers["expTime"] = str(int(self.clock.now_ms() + remaining_ms))
             started = time.monotonic()
             status, raw = self.pool.request(method, target, payload.encode("utf-8") if payload else None,
@@ -777,7 +816,7 @@ class OKXClient:
                       (time.monotonic() - started) * 1000)
             envelope = self._parse(status, raw, path)
             code = _error_code(envelope)
-            if attempt == 1 and code in CLOCK_CODES and (credentials is not None or exp_time):
+            if attempt == 1 and code in CLOCK_CODES and (credentials is not None or exp_time is not None):
                 log.warning("OKX refused the request's time (%s): re-syncing with OKX's clock", code)
                 self.sync_clock(deadline)
                 continue        # OKX refused the request unprocessed: sending it again is safe
@@ -825,7 +864,7 @@ class OKXClient:
         try:
             flight.value = self.call("GET", path, params, deadline=deadline, demo=demo)
             return flight.value
-        except ProtocolError as exc:
+        except BaseException as exc:       # the robots waiting on it get the same failure
             flight.error = exc
             raise
         finally:
@@ -974,35 +1013,44 @@ def raise_for_code(envelope, status=200, path=""):
 
 
 class OrderMemory:
-    """What became of the orders this plugin placed, by (api key, clOrdId): so that a repeated docker
-    request (same nonce) answers the order it already placed instead of placing another, even after the
-    order has left OKX's pending list. Concurrent requests with one clOrdId are placed once."""
+    """What became of the orders this plugin placed, by (api key, clOrdId), so that a repeated docker
+    request (same nonce) never places a second order: it answers the order already placed, even after the
+    order has left OKX's pending list. Concurrent requests with one clOrdId are handled one at a time.
+
+    Each key ends with its outcome: the order's docker id (it exists), or a float, the monotonic time until
+    which OKX could still execute it (its outcome could not be found out: check before placing again).
+    """
 
     def __init__(self, size=ORDER_MEMORY):
         self.size = size
-        self._placed = collections.OrderedDict()   # (api_key, clOrdId) -> docker order id
-        self._in_flight = {}                       # (api_key, clOrdId) -> threading.Event
+        self._outcomes = collections.OrderedDict()  # (api_key, clOrdId) -> docker id, or executable-until
+        self._in_flight = {}                        # (api_key, clOrdId) -> threading.Event
         self._lock = threading.Lock()
 
     def begin(self, key):
-        """Return the remembered id, or None after claiming ``key`` (then call ``end``)."""
+        """The order's docker id when it is known to exist; otherwise claim ``key`` (call ``end`` after)
+        and return None (nothing known) or the executable-until time of an unknown outcome."""
         while True:
             with self._lock:
-                if key in self._placed:
-                    return self._placed[key]
+                outcome = self._outcomes.get(key)
+                if isinstance(outcome, str):
+                    return outcome
                 event = self._in_flight.get(key)
                 if event is None:
                     self._in_flight[key] = threading.Event()
-                    return None
+                    return outcome
             event.wait()
 
-    def end(self, key, order_id):
-        """Release ``key``; remember ``order_id`` when the order exists."""
+    def end(self, key, outcome):
+        """Release ``key`` with its outcome: a docker id, an executable-until time, or None (no order)."""
         with self._lock:
-            if order_id:
-                self._placed[key] = order_id
-                while len(self._placed) > self.size:
-                    self._placed.popitem(last=False)
+            if outcome is None:
+                self._outcomes.pop(key, None)
+            else:
+                self._outcomes[key] = outcome
+                self._outcomes.move_to_end(key)
+                while len(self._outcomes) > self.size:
+                    self._outcomes.popitem(last=False)
             event = self._in_flight.pop(key, None)
         if event:
             event.set()
@@ -1447,14 +1495,29 @@ class TradeTape:
         self.rows = []
         self.seeded = False
         self.seedable = False     # the subscription was live when a caller was sent to REST
+        self.covered = set()      # tradeIds inside a pushed aggregate (tradeId T, count n: T-n+1 .. T-1)
 
     def merge(self, rows):
+        """Add pushed or REST rows. A push aggregates the matches of one taker order (``count``); the
+        single matches it covers, should REST have listed them, are dropped so no volume counts twice."""
         by_id = {str(row["tradeId"]): row for row in self.rows}
         for row in rows:
-            if isinstance(row, dict) and row.get("tradeId") and str(row["tradeId"]) not in by_id:
-                by_id[str(row["tradeId"])] = {name: value for name, value in row.items()
-                                              if name not in ("count", "seqId")}   # not in REST rows
+            if not isinstance(row, dict) or not row.get("tradeId"):
+                continue
+            trade_id = str(row["tradeId"])
+            count = int(row.get("count") or 1) if str(row.get("count") or "1").isdigit() else 1
+            if count > 1 and trade_id.isdigit():
+                self.covered.update(str(int(trade_id) - n) for n in range(1, count))
+            elif trade_id in by_id or trade_id in self.covered:
+                continue
+            by_id[trade_id] = {name: value for name, value in row.items()
+                               if name not in ("count", "seqId")}   # not in REST rows
+        for trade_id in self.covered.intersection(by_id):
+            del by_id[trade_id]
         self.rows = sorted(by_id.values(), key=_trade_order, reverse=True)[:OKX_MAX_TRADES]
+        if len(self.covered) > 4 * OKX_MAX_TRADES:       # forget what lies below the oldest row kept
+            ids = [int(row["tradeId"]) for row in self.rows if str(row["tradeId"]).isdigit()]
+            self.covered = set(t for t in self.covered if ids and int(t) >= min(ids))
 
 
 # --- the stream ----------------------------------------------------------------------------------------
@@ -1854,7 +1917,7 @@ class DockerRequest:
     """What one docker request carries besides its method and params."""
 
     def __init__(self, access_key="", secret_key="", nonce=None, http_method=None, deadline=None):
-        self.access_key = access_key if isinstance(access_key, str) else ""
+        self.access_key = access_key.strip() if isinstance(access_key, str) else ""
         self.secret_key = secret_key
         self.nonce = nonce
         self.http_method = http_method       # the Http-Method header: the verb of an `__api_` call
@@ -2001,6 +2064,8 @@ class OKX(BaseProtocol):
         if self._credentials is None:
             if not self.request.access_key:
                 raise BadRequest("access_key is empty: this method needs an OKX API key")
+            if not _PRINTABLE_RE.match(self.request.access_key):
+                raise BadRequest("access_key may hold only printable ASCII characters")
             secret, passphrase, demo = parse_secret_field(self.request.secret_key)
             self._credentials = Credentials(self.request.access_key, secret, passphrase, demo)
         return self._credentials
@@ -2192,15 +2257,20 @@ class OKX(BaseProtocol):
         direction = self._order_direction(symbol, type, direction)
         clord_id = clord_id_for(self.request.nonce)
         if symbol.contract and leverage is not None:
-            leverage_key = (self.credentials.api_key, self.credentials.demo, inst_id, self.client.config.margin_mode)
-            if self.client.leverage.get(leverage_key) != Decimal(leverage):   # not before every order
+            if self.client.leverage.get(self._leverage_key(inst_id)) != Decimal(leverage):  # not every order
                 self.set_margin_level(symbol, leverage)
         memory_key = (self.credentials.api_key, clord_id)
-        order_id = self.client.orders.begin(memory_key)
-        if order_id is not None:
-            log.info("order %s (clOrdId %s) was already placed by this request's nonce", order_id, clord_id)
-            return {"id": order_id}, None
+        known = self.client.orders.begin(memory_key)
+        if isinstance(known, str):
+            log.info("order %s (clOrdId %s) was already placed by this request's nonce", known, clord_id)
+            return {"id": known}, None
+        order_id = None
         try:
+            if known is not None:    # an earlier request with this nonce left its order's outcome unknown
+                row = self._settle(inst_id, clord_id, known, "an earlier request with this nonce got no answer")
+                if row is not None:
+                    order_id = "%s,%s" % (inst_id, row["ordId"])
+                    return {"id": order_id}, row
             body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
             try:
                 order_id, raw = self._place(inst_id, clord_id, body)
@@ -2213,6 +2283,9 @@ class OKX(BaseProtocol):
                 body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
                 order_id, raw = self._place(inst_id, clord_id, body)
             return {"id": order_id}, raw
+        except OrderOutcomeUnknown as exc:
+            order_id = exc.executable_until
+            raise
         finally:
             self.client.orders.end(memory_key, order_id)
 
@@ -2267,52 +2340,64 @@ class OKX(BaseProtocol):
     def _place(self, inst_id, clord_id, body):
         """Place one order and return ``(docker id, raw)``; never twice.
 
-        When the answer is lost (timeout, reset, 5xx, OKX 50004/51149) the order is looked up by its
-        clOrdId. When OKX says the clOrdId is taken (51016), the order is the one this request placed.
+        The order carries OKX's expTime: OKX executes it only if it arrives within ORDER_EXPIRY_SECONDS.
+        When the answer is lost (timeout, reset, 5xx, non-JSON, OKX 50004/51149) or OKX says the clOrdId
+        is taken (51016), the order is looked up by its clOrdId, as long as it could still be executed.
         """
-        # Keep part of the call's time to find the order should its answer be lost; OKX will not
-        # execute the order after the expTime that the shortened deadline gives it.
-        reserve = min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.3)
+        # Part of the call's time is kept to find the order should its answer be lost.
+        post_deadline = self.deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
+        executable_until = min(post_deadline, time.monotonic() + ORDER_EXPIRY_SECONDS)
         try:
             status, envelope = self.client.request("POST", "/api/v5/trade/order", body=body,
-                                                   credentials=self.credentials, deadline=self.deadline - reserve,
-                                                   exp_time=True)
+                                                   credentials=self.credentials, deadline=post_deadline,
+                                                   exp_time=executable_until)
             raise_for_code(envelope, status, "/api/v5/trade/order")
         except TransportError as exc:
             if not exc.maybe_sent:
                 raise
-            return self._recover(inst_id, clord_id, str(exc))
+            return self._recover(inst_id, clord_id, str(exc), executable_until)
         except ExchangeError as exc:
-            if exc.code in ("50004", "51149", "50013", "50026", "50001") or exc.http_status >= 500:
-                return self._recover(inst_id, clord_id, str(exc))
-            if exc.code == "51016":
-                return self._recover(inst_id, clord_id, str(exc))
+            if exc.code in OUTCOME_UNKNOWN_CODES or exc.http_status >= 500 or exc.code == "51016":
+                return self._recover(inst_id, clord_id, str(exc), executable_until)
             raise
         row = self._first(envelope.get("data"), "order id")
         log.info("placed %s %s %s at %s: order %s,%s (clOrdId %s)", body["side"], body["sz"], inst_id,
                  body.get("px", "market"), inst_id, row["ordId"], clord_id)
         return "%s,%s" % (inst_id, row["ordId"]), envelope
 
-    def _recover(self, inst_id, clord_id, reason):
-        """Find an order whose placing answer was lost; raise a clear error when it cannot be found."""
+    def _recover(self, inst_id, clord_id, reason, executable_until):
+        """The order whose placing answer was lost; a clear error when OKX has none."""
         log.warning("placing order %s gave no clear answer (%s): asking OKX for it", clord_id, reason)
-        try:
-            rows = self.client.call("GET", "/api/v5/trade/order", {"instId": inst_id, "clOrdId": clord_id},
-                                    credentials=self.credentials, deadline=self.deadline)
-        except ExchangeError as exc:
-            if exc.code == "51603":
-                raise TransportError("the order was not placed: %s; OKX has no order with clOrdId %s, "
-                                     "it was not sent again" % (reason, clord_id)) from None
-            raise TransportError("the order's outcome is unknown: %s; asking OKX for clOrdId %s failed "
-                                 "too (%s): check open orders before placing it again"
-                                 % (reason, clord_id, exc)) from None
-        except ProtocolError as exc:
-            raise TransportError("the order's outcome is unknown: %s; asking OKX for clOrdId %s failed "
-                                 "too (%s): check open orders before placing it again"
-                                 % (reason, clord_id, exc)) from None
-        row = self._first(rows, "order")
+        row = self._settle(inst_id, clord_id, executable_until, reason)
+        if row is None:
+            raise TransportError("the order was not placed: %s; OKX has no order with clOrdId %s and can no "
+                                 "longer execute one; it was not sent again" % (reason, clord_id))
         log.info("order %s was placed: OKX ordId %s", clord_id, row.get("ordId"))
-        return "%s,%s" % (inst_id, row["ordId"]), {"code": "0", "data": rows, "msg": ""}
+        return "%s,%s" % (inst_id, row["ordId"]), {"code": "0", "data": [row], "msg": ""}
+
+    def _settle(self, inst_id, clord_id, executable_until, reason):
+        """The order with this clOrdId as OKX has it, or None when OKX has none and its expTime has passed
+        (it can never execute). Raises OrderOutcomeUnknown when neither can be told in the call's time."""
+        def unknown(why):
+            return OrderOutcomeUnknown("the order's outcome is unknown: %s; %s: check open orders before "
+                                       "placing it again" % (reason, why), executable_until)
+        while True:
+            try:
+                rows = self.client.call("GET", "/api/v5/trade/order", {"instId": inst_id, "clOrdId": clord_id},
+                                        credentials=self.credentials, deadline=self.deadline)
+                return self._first(rows, "order")
+            except ExchangeError as exc:
+                if exc.code != "51603":
+                    raise unknown("asking OKX for clOrdId %s failed too (%s)" % (clord_id, exc)) from None
+            except ProtocolError as exc:
+                raise unknown("asking OKX for clOrdId %s failed too (%s)" % (clord_id, exc)) from None
+            wait = executable_until + ORDER_EXPIRY_MARGIN - time.monotonic()
+            if wait <= 0:
+                return None
+            if time.monotonic() + wait + 0.05 >= self.deadline:
+                raise unknown("OKX has no order with clOrdId %s yet, but could still execute one for %.1f s"
+                              % (clord_id, wait))
+            time.sleep(wait)    # an order still in transit executes before its expTime or never
 
     def _order_data(self, row):
         inst_id = row.get("instId", "")
@@ -2343,10 +2428,10 @@ class OKX(BaseProtocol):
             raise BadRequest("order id %r is not 'INSTID,ORDID'" % order_id)
         return inst_id.strip().upper(), ord_id.strip()
 
-    def _paged(self, path, params, limit=None):
-        """Every row of an ordId-paged list (orders-pending, -history, -archive), newest first."""
+    def _paged(self, path, params, limit=None, after=None):
+        """Every row (or ``limit`` rows) of an ordId-paged list (orders-pending, -history, -archive), newest
+        first, older than the ordId ``after`` when given."""
         rows = []
-        after = None
         while limit is None or len(rows) < limit:
             page_params = dict(params, limit=OKX_ORDERS_PAGE if limit is None
                                else min(OKX_ORDERS_PAGE, limit - len(rows)))
@@ -2399,7 +2484,9 @@ class OKX(BaseProtocol):
             found = self._paged("/api/v5/trade/orders-history", params, limit)
             if len(found) < limit and (not since or since < week_ago):
                 seen = set(row.get("ordId") for row in found)
-                archive = self._paged("/api/v5/trade/orders-history-archive", params, limit - len(found))
+                # The archive holds the last 7 days too: go on from the oldest order already found.
+                archive = self._paged("/api/v5/trade/orders-history-archive", params, limit - len(found),
+                                      after=found[-1].get("ordId") if found else None)
                 found.extend(row for row in archive if row.get("ordId") not in seen)
             rows.extend(found)
         rows.sort(key=lambda row: _ms(row.get("cTime")), reverse=True)
@@ -2455,9 +2542,15 @@ class OKX(BaseProtocol):
                     for side in ("long", "short")]
         else:
             rows = self._private("POST", "/api/v5/account/set-leverage", body=body)
-        self.client.leverage[(self.credentials.api_key, self.credentials.demo, inst_id, mgn_mode)] = Decimal(
-            str(margin_level))
+        self.client.leverage[self._leverage_key(inst_id)] = Decimal(str(margin_level))
         return True, rows
+
+    def _leverage_key(self, inst_id):
+        """What one leverage setting covers: in cross margin every contract of an underlying and type
+        (OKX applies it to all of them), in isolated margin one contract."""
+        mgn_mode = self.client.config.margin_mode
+        scope = inst_id if mgn_mode == "isolated" else (inst_id.rsplit("-", 1)[0], inst_type_of(inst_id))
+        return self.credentials.api_key, self.credentials.demo, mgn_mode, scope
 
     def fundings(self, symbol):
         """fundings -> GET /api/v5/public/funding-rate (one swap, or every swap: instId ANY)."""
@@ -2477,15 +2570,16 @@ class OKX(BaseProtocol):
         The verb comes from the docker's ``Http-Method`` header (GET when absent). GET and DELETE send the
         params as the query string, POST as the JSON body.
         """
-        if not path.startswith("/api/"):
-            raise BadRequest("exchange.IO path must start with /api/ (e.g. /api/v5/account/balance), got %r" % path)
+        if not re.match(r"^/api/[\x21-\x7e]*$", path) or "?" in path or "#" in path:
+            raise BadRequest("exchange.IO path must be an OKX path such as /api/v5/account/balance, "
+                             "with the query as params; got %r" % path)
         verb = (self.request.http_method or "GET").upper()
         if verb not in ("GET", "POST", "DELETE"):
             raise BadRequest("Http-Method must be GET, POST or DELETE, got %r" % verb)
         credentials = self.credentials if self.request.access_key else None
         status, envelope = self.client.request(
             verb, path, params=params if verb != "POST" else None, body=params if verb == "POST" else None,
-            credentials=credentials, deadline=self.deadline)
+            credentials=credentials, deadline=self.deadline, demo=self.demo)
         raise_for_code(envelope, status, path)
         if verb == "POST" and path.startswith("/api/v5/account/") and credentials is not None:
             # e.g. set-position-mode: what the plugin cached of the account may have changed
@@ -2667,6 +2761,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "fmz-okx-plugin/" + __version__
+    sys_version = ""                      # the Server header names the plugin, not the Python under it
     timeout = CLIENT_READ_TIMEOUT         # bounds reading a request and idle keep-alive time
     disable_nagle_algorithm = True        # answers go out at once, not after a delayed ACK
 
@@ -2701,18 +2796,20 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest("chunked request bodies are not supported: send Content-Length")
         length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.strip().isdigit():
+        digits = re.match(r"^\s*([0-9]+)\s*$", length_text or "")
+        if digits is None:
             self.close_connection = True
             raise BadRequest("Content-Length header is missing or not a number")
-        length = int(length_text)
+        length = int(digits.group(1)) if len(digits.group(1)) <= 15 else MAX_REQUEST_BYTES + 1
         if length > MAX_REQUEST_BYTES:
             self.close_connection = True
-            raise BadRequest("request body of %d bytes is larger than the %d allowed" % (length, MAX_REQUEST_BYTES))
+            raise BadRequest("request body of %s bytes is larger than the %d allowed"
+                             % (digits.group(1), MAX_REQUEST_BYTES))
         try:
             body = self.rfile.read(length)
         except (socket.timeout, OSError):
             self.close_connection = True
-            raise BadRequest("request body did not arrive within %.0f s" % self.timeout) from None
+            raise BadRequest("request body did not arrive within %g s" % self.timeout) from None
         if len(body) < length:
             self.close_connection = True
             raise BadRequest("request body is shorter than its Content-Length")
@@ -2720,7 +2817,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     def _parse(self, body):
         """``(exchange, DockerRequest, method, params)`` of a request body; BadRequest when malformed."""
-        exchange = urllib.parse.urlsplit(self.path).path.strip("/").lower()
+        exchange = urllib.parse.urlsplit(self.path).path.rstrip("/").rsplit("/", 1)[-1].lower()
         if exchange not in EXCHANGES:
             raise BadRequest("unknown exchange %r in the path: use /%s"
                              % (exchange, " or /".join(name.upper() for name in EXCHANGES)))
@@ -2765,12 +2862,12 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._answer({"error": "only POST is supported: the FMZ docker sends POST /<Exchange> with a JSON body"})
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _wrong_verb
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _wrong_verb
 
     def send_error(self, code, message=None, explain=None):
         """Malformed HTTP (bad request line, headers too long): a JSON error, then close."""
         self.close_connection = True
-        self._answer({"error": "malformed HTTP request: %s" % (message or self.responses.get(code, ("",))[0])},
+        self._answer({"error": "malformed HTTP request (HTTP %d %s)" % (code, self.responses.get(code, ("",))[0])},
                      status=code)
 
     def log_message(self, format, *args):
@@ -2787,8 +2884,11 @@ class PluginServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False                # threads are not tracked: none is leaked or waited for
+    request_queue_size = 1024             # listen backlog: a burst of connections is not turned away
 
     def __init__(self, address, config, handler=DockerHandler):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         self.config = config
         self.clients = {name: client_class(config) for name, (_, client_class) in EXCHANGES.items()}
         self._active = 0
@@ -2817,6 +2917,14 @@ class PluginServer(http.server.ThreadingHTTPServer):
         finally:
             with self._active_lock:
                 self._active -= 1
+
+    def handle_error(self, request, client_address):
+        """A docker connection failed outside a request (e.g. reset): a log line, not a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("docker connection %s: %s", client_address, _os_error_text(error))
+        else:
+            log.exception("error on docker connection %s", client_address)
 
     def server_close(self):
         super().server_close()
@@ -2883,11 +2991,18 @@ def configure_logging(level):
 
 def config_from_args(args, parser):
     """Config from parsed flags; a bad value ends the program with one line."""
-    parts = urllib.parse.urlsplit(args.api_base)
+    try:
+        parts = urllib.parse.urlsplit(args.api_base)
+        parts.port
+        ws_scheme = urllib.parse.urlsplit(args.ws_base).scheme if args.ws_base else "wss"
+    except ValueError as exc:
+        parser.error("not a URL: %s" % exc)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         parser.error("--api-base must be an http(s) URL such as https://www.okx.com")
-    if args.timeout <= 0:
-        parser.error("--timeout must be greater than 0")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error("--timeout must be a number of seconds greater than 0")
     if args.ca_file and not os.path.isfile(args.ca_file):
         parser.error("--ca-file %s does not exist" % args.ca_file)
     if args.proxy:
@@ -2895,10 +3010,10 @@ def config_from_args(args, parser):
             Proxy(args.proxy)
         except ValueError as exc:
             parser.error("--proxy: %s" % exc)
-    if args.ws_base and urllib.parse.urlsplit(args.ws_base).scheme not in ("ws", "wss"):
+    if ws_scheme not in ("ws", "wss"):
         parser.error("--ws-base must be a ws:// or wss:// URL")
-    if args.stream_idle <= 0:
-        parser.error("--stream-idle must be greater than 0")
+    if not (math.isfinite(args.stream_idle) and args.stream_idle > 0):
+        parser.error("--stream-idle must be a number of seconds greater than 0")
     return Config(api_base=args.api_base, timeout=args.timeout, margin_mode=args.margin_mode, proxy=args.proxy,
                   ca_file=args.ca_file, ws_base=args.ws_base, stream=not args.no_stream,
                   stream_idle=args.stream_idle)
