@@ -187,7 +187,8 @@ CANNED_FAULTS = {
     "garbage": (200, "application/json", b"{not json"),
     "ratelimit": (429, "application/json", b'{"code":"50011","msg":"Too Many Requests","data":[]}'),
 }
-FAULT_KINDS = tuple(CANNED_FAULTS) + ("timeout", "reset", "slow", "timeout_after_process", "reset_after_process")
+FAULT_KINDS = tuple(CANNED_FAULTS) + ("timeout", "reset", "slow", "timeout_after_process", "reset_after_process",
+                                      "truncated_after_process")
 
 
 # -- small pure helpers ------------------------------------------------------------------------------------
@@ -522,8 +523,8 @@ class FakeOKX:
 
     def fault(self, path_prefix, kind, count=1):
         """Give the next `count` requests whose path starts with `path_prefix` the fault `kind`:
-        timeout, reset, http500, http502_empty, http503, garbage, ratelimit, slow, timeout_after_process
-        or reset_after_process (see _FakeOKXHandler)."""
+        timeout, reset, http500, http502_empty, http503, garbage, ratelimit, slow, timeout_after_process,
+        reset_after_process or truncated_after_process (see _FakeOKXHandler)."""
         if kind not in FAULT_KINDS:
             raise ValueError("unknown fault kind %r" % kind)
         with self._lock:
@@ -1496,7 +1497,16 @@ class _FakeOKXHandler(BaseHTTPRequestHandler):
         if kind == "reset_after_process":
             self.close_connection = True
             return _reset(self.connection)
-        self._send(status, "application/json", json.dumps(answer, separators=(",", ":")).encode())
+        payload = json.dumps(answer, separators=(",", ":")).encode()
+        if kind == "truncated_after_process":    # the answer breaks off after 11 bytes of its body
+            self.close_connection = True
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[:11])
+            self.wfile.flush()
+            return _reset(self.connection)
+        self._send(status, "application/json", payload)
 
     def _send(self, status, content_type, body):
         self.send_response(status)
@@ -4573,6 +4583,68 @@ class CommandLineTest(unittest.TestCase):
         process.port()
         process.stop()
         self.assertNotIn("WARNING", process.stderr)
+
+
+class ReviewFindingsTest(PluginTestCase):
+    """Cases found in review: truncated answers, pasted line breaks, archive paging, paths, aggregates."""
+
+    def test_truncated_order_answer_is_recovered_by_clordid(self):
+        self.fake.fault("/api/v5/trade/order", "truncated_after_process")
+        answer = self.docker.call("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.01"},
+                                  nonce=777)
+        self.assertNotIn("error", answer, answer)
+        self.assertEqual([o["ordId"] for o in self.fake.orders()], [answer["data"]["id"].split(",")[1]])
+        self.assertEqual(self.okx_calls("/api/v5/trade/order")[-1]["method"], "GET")     # looked up, not resent
+
+    def test_truncated_market_data_answer_is_an_error_not_an_internal_one(self):
+        self.fake.fault("/api/v5/market/ticker", "truncated_after_process")
+        error = self.error("ticker", {"symbol": "BTC_USDT"})
+        self.assertNotIn("internal error", error)
+        self.assertIn("BTC_USDT", self.data("ticker", {"symbol": "BTC_USDT"})["symbol"])
+
+    def test_line_break_in_a_key_is_refused_and_never_logged(self):
+        error = self.error("accounts", secret_key=SECRET + ",pass\nphrase")
+        self.assertIn("printable", error)
+        self.assertNotIn("phrase", error.replace("PASSPHRASE", ""))
+        self.assertNotIn("pass\nphrase", "\n".join(LOGS.lines))
+        self.assertNotIn("pass\\nphrase", "\n".join(LOGS.lines))
+        self.assertIn("printable", self.error("accounts", access_key="key\u00e9"))
+        self.assertEqual(self.okx_calls("/api/v5/account/balance"), [])
+        self.assertIn("data", self.docker.call("accounts", access_key=KEY + "\n"))      # surrounding space stripped
+
+    def test_archive_continues_where_the_recent_history_ends(self):
+        recent = [self.fake.add_history_order("BTC-USDT", age_days=day) for day in (1, 2, 3)]
+        old = [self.fake.add_history_order("BTC-USDT", age_days=day) for day in (20, 21, 22, 23, 24)]
+        orders = self.data("historyorders", {"symbol": "BTC_USDT", "since": 0, "limit": 5})
+        self.assertEqual([order["id"].split(",")[1] for order in orders], recent + old[:2])
+
+    def test_passthrough_path_must_be_a_plain_api_path(self):
+        for path in ("/api/v5/market/ticker x", "/api/v5/market/ticker?instId=BTC-USDT", "/v5/market/ticker"):
+            self.assertIn("exchange.IO path", self.error("__api_" + path, {"instId": "BTC-USDT"}))
+        self.assertEqual(self.fake.requests, [])
+        self.assertEqual(self.data("__API_/api/v5/market/ticker", {"instId": "BTC-USDT"})["code"], "0")
+
+    def test_exchange_is_the_last_path_segment(self):
+        body = json.dumps({"method": "ticker", "params": {"symbol": "BTC_USDT"}}).encode()
+        self.assertEqual(self.docker.send(body, path="/fmz/OKX")[1]["data"]["symbol"], "BTC_USDT")
+
+    def test_pushed_aggregate_replaces_the_single_matches(self):
+        tape = plugin.TradeTape()
+        tape.merge([{"instId": "BTC-USDT", "tradeId": "123", "px": "1", "sz": "3", "side": "buy", "ts": "5",
+                     "count": "3"}])
+        tape.merge([{"instId": "BTC-USDT", "tradeId": str(n), "px": "1", "sz": "1", "side": "buy", "ts": "5"}
+                    for n in (123, 122, 121, 120)])
+        self.assertEqual([(row["tradeId"], row["sz"]) for row in tape.rows], [("123", "3"), ("120", "1")])
+        self.assertNotIn("count", tape.rows[0])
+
+    def test_cross_leverage_is_remembered_per_underlying(self):
+        params = {"symbol": "BTC_USD.quarter", "type": "buy", "price": "30000", "amount": "1", "leverage": "10"}
+        self.data("trade", params)
+        self.data("SetMarginLevel", {"symbol": "BTC_USD.this_week", "marginLevel": "5"})   # OKX: all BTC-USD futures
+        self.data("trade", params)
+        self.data("trade", params)
+        levers = [json.loads(r["body"])["lever"] for r in self.okx_calls("/api/v5/account/set-leverage")]
+        self.assertEqual(levers, ["10", "5", "10"])
 
 
 # ---- Operations: proxies, rate limits, error hints ----
