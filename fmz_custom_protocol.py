@@ -76,7 +76,7 @@ log = logging.getLogger("fmz_okx")
 
 
 # =====================================================================================================
-# Constants and errors
+# Constants, settings and errors
 # =====================================================================================================
 
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -191,6 +191,16 @@ ERROR_HINTS = {
     "50011": "OKX's rate limit was reached",
     "50004": "OKX timed out on the request: its outcome is unknown, check before repeating it",
 }
+
+
+class Config:
+    """The plugin's settings (the command line's flags)."""
+
+    def __init__(self, api_base=DEFAULT_API_BASE, timeout=DEFAULT_TIMEOUT, margin_mode="cross", proxy=None,
+                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE):
+        self.api_base, self.timeout, self.margin_mode = api_base, timeout, margin_mode
+        self.proxy, self.ca_file = proxy, ca_file
+        self.ws_base, self.stream, self.stream_idle = ws_base, stream, stream_idle
 
 
 class ProtocolError(Exception):
@@ -2658,7 +2668,7 @@ CONTRACT = Param("contract_type", _contract, default="", aliases=("contractType"
 ORDER_ID = Param("id", _order_id, aliases=("orderId", "order_id"))
 LEVERAGE = ("marginLevel", "margin_level", "leverage")
 
-# The docker's method names (case-insensitive; "Get" + name is accepted too) and, for each, the
+# The docker's method names (matched case-insensitively; other spellings below) and, for each, the
 # handler of BaseProtocol/OKX that serves it with the parameters it reads.
 DISPATCH = {
     "ticker": ("ticker", [SYMBOL]),
@@ -2726,16 +2736,6 @@ def dispatch(protocol, method, params):
 # =====================================================================================================
 # The HTTP server the docker talks to
 # =====================================================================================================
-
-class Config:
-    """The plugin's settings (the command line's flags)."""
-
-    def __init__(self, api_base=DEFAULT_API_BASE, timeout=DEFAULT_TIMEOUT, margin_mode="cross", proxy=None,
-                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE):
-        self.api_base, self.timeout, self.margin_mode = api_base, timeout, margin_mode
-        self.proxy, self.ca_file = proxy, ca_file
-        self.ws_base, self.stream, self.stream_idle = ws_base, stream, stream_idle
-
 
 EXCHANGES = {"okx": (OKX, OKXClient)}   # last path segment of the service address -> (protocol, client)
 

@@ -434,7 +434,32 @@ KNOWN_PATHS = {path for _, path in ROUTES}
 
 # -- the exchange -------------------------------------------------------------------------------------------
 
-class FakeOKX:
+class _BackgroundServer:
+    """Start and stop plumbing of the fakes: a socketserver served from a daemon thread, usable as a
+    context manager; `stop()` also drops every connection still open (`_sockets`, under `_lock`)."""
+
+    _server = None
+
+    def _serve(self, server):
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        return self
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        _drop_sockets(self._lock, self._sockets)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class FakeOKX(_BackgroundServer):
     """A fake OKX v5 REST exchange on 127.0.0.1, run by a ThreadingHTTPServer in a background thread.
 
         with FakeOKX(tls=True) as fake:          # or fake = FakeOKX().start(); ...; fake.stop()
@@ -489,23 +514,12 @@ class FakeOKX:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.cert_path, key_path)
             self._server.ssl_context = context
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        return self
+        return self._serve(self._server)
 
     def stop(self):
         """Stop listening and drop every open connection (hanging faults end at once)."""
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        _drop_sockets(self._lock, self._sockets)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info):
-        self.stop()
+        super().stop()
 
     @property
     def base_url(self):
@@ -1606,7 +1620,7 @@ class _ProxyHandler(socketserver.BaseRequestHandler):
                     return
 
 
-class FakeProxy:
+class FakeProxy(_BackgroundServer):
     """An HTTP CONNECT proxy on 127.0.0.1 for the proxy tests.
 
     With `user`/`password` it answers `407 Proxy Authentication Required` (and `Proxy-Authenticate: Basic`)
@@ -1627,23 +1641,9 @@ class FakeProxy:
         self._server = None
 
     def start(self):
-        self._server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
-        self._server.proxy = self
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        return self
-
-    def stop(self):
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        _drop_sockets(self._lock, self._sockets)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info):
-        self.stop()
+        server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
+        server.proxy = self
+        return self._serve(server)
 
     @property
     def url(self):
