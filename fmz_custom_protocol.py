@@ -3042,8 +3042,9 @@ def main(argv=None):
         log.warning("listening on %s: anyone who reaches this address can use the plugin; "
                     "keep it behind a firewall or use --address 127.0.0.1", args.address)
     signal.signal(signal.SIGTERM, _stop)
+    host = "[%s]" % args.address if ":" in args.address else args.address
     log.info("fmz_custom_protocol %s listening on http://%s:%d/OKX (OKX at %s)",
-             __version__, args.address, server.server_address[1], config.api_base)
+             __version__, host, server.server_address[1], config.api_base)
     try:
         server.serve_forever(poll_interval=0.5)
     except (KeyboardInterrupt, SystemExit):
