@@ -943,8 +943,7 @@ class OKXClient:
         --api-base that is not an OKX site and no --ws-base)."""
         if not self.config.stream:
             return None
-        base = self.config.ws_base or STREAM_BASES.get(urllib.parse.urlsplit(self.api_base).hostname,
-                                                       (None, None))[1 if demo else 0]
+        base = self.config.ws_base or STREAM_BASES.get(self.pool.host, (None, None))[1 if demo else 0]
         if not base:
             return None
         stream = self._streams.get(base)
@@ -2112,7 +2111,7 @@ class OKX(BaseProtocol):
         if re.match(r"^\d{6}$", contract):
             return "%s-%s" % (pair, contract)
         if contract in FUTURES_ALIASES:
-            for attempt in (1, 2):
+            for _ in range(2):     # once more after re-reading a list in which the contract expired
                 now, expired = self.client.clock.now_ms(), False
                 for inst_id, row in self.client.instruments("FUTURES", self.deadline).items():
                     if row.get("alias") == contract and (row.get("instFamily") or row.get("uly")) == pair:
