@@ -2289,7 +2289,10 @@ class OKX(BaseProtocol):
                 # OKX refused the order (nothing was placed): the account's position mode changed
                 # since it was read. Read it again and place the order once more.
                 self.client.forget("account", (self.credentials.api_key, self.credentials.demo))
-                body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
+                try:
+                    body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
+                except ProtocolError:
+                    raise exc from None     # OKX's own reason, not why reading the mode failed
                 order_id, raw = self._place(inst_id, clord_id, body)
             return {"id": order_id}, raw
         except OrderOutcomeUnknown as exc:
@@ -2629,6 +2632,8 @@ def _symbol(value, params, name):
 def _contract(value, params, name):
     if not isinstance(value, str):
         raise BadRequest("%s must be a string like swap, got %s" % (name, _describe(value)))
+    if name == "symbol":                 # a contract's symbol picks its kind: BTC_USDT.swap -> swap
+        return split_symbol(value)[2]
     value = value.strip().lower()
     return "" if value == "spot" else value
 
@@ -2663,7 +2668,8 @@ def _count(minimum, maximum, zero_means=None):
 
 SYMBOL = Param("symbol", _symbol)
 OPTIONAL_SYMBOL = Param("symbol", _symbol, default=None)
-CONTRACT = Param("contract_type", _contract, default="", aliases=("contractType", "instType"), arg="contract")
+CONTRACT = Param("contract_type", _contract, default="", aliases=("contractType", "instType", "symbol"),
+                 arg="contract")
 ORDER_ID = Param("id", _order_id, aliases=("orderId", "order_id"))
 LEVERAGE = ("marginLevel", "margin_level", "leverage")
 

@@ -4637,6 +4637,19 @@ class ReviewFindingsTest(PluginTestCase):
         self.assertEqual([(row["tradeId"], row["sz"]) for row in tape.rows], [("123", "3"), ("120", "1")])
         self.assertNotIn("count", tape.rows[0])
 
+    def test_contract_symbol_picks_the_kind_of_markets_and_tickers(self):
+        self.assertTrue(all(key.endswith(".swap") for key in self.data("markets", {"symbol": "BTC_USDT.swap"})))
+        self.assertTrue(all(t["symbol"].endswith(".swap") for t in self.data("tickers", {"symbol": "eth_usdt.SWAP"})))
+        self.assertIn("BTC_USDT", self.data("markets", {"symbol": "BTC_USDT"}))
+
+    def test_position_mode_that_cannot_be_reread_keeps_okx_reason(self):
+        self.data("trade", {"symbol": "BTC_USDT.swap", "type": "buy", "price": "30000", "amount": "1"})   # net mode read
+        self.fake.set_position_mode("long_short_mode")
+        self.fake.fault("/api/v5/account/config", "http503", count=5)
+        error = self.error("trade", {"symbol": "BTC_USDT.swap", "type": "buy", "price": "30000", "amount": "1"})
+        self.assertIn("OKX 51000", error)
+        self.assertIn("posSide", error)
+
     def test_cross_leverage_is_remembered_per_underlying(self):
         params = {"symbol": "BTC_USD.quarter", "type": "buy", "price": "30000", "amount": "1", "leverage": "10"}
         self.data("trade", params)
