@@ -41,7 +41,6 @@ import base64
 import bisect
 import collections
 import datetime
-import decimal
 import hashlib
 import hmac
 import http.client
@@ -50,7 +49,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import select
 import signal
@@ -270,7 +268,6 @@ class ExchangeError(ProtocolError):
 MAX_NUMBER_DIGITS = 40          # digits before (or zeros after) the point that a number may have
 MAX_NUMBER_CHARS = 64
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_CLORDID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]*$")      # what HTTP header values can carry
 
 

@@ -5719,12 +5719,6 @@ def _rss_kb(pid):
         return None
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _timed_calls(docker, method, params, count):
     latencies, ok = [], 0
     for _ in range(count):
@@ -5737,24 +5731,13 @@ def _timed_calls(docker, method, params, count):
 
 def bench_plugin(name, command, fake, options):
     """Start one plugin command against the fake and measure it as the docker sees it."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, SSL_CERT_FILE=fake.cert_path, OKX_API_BASE=fake.base_url)
     argv = command.format(port=port, api_base=fake.base_url, python=sys.executable).split()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result = {"name": name}
+    result, process = {"name": name}, None
     try:
-        started = time.monotonic()
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError("exited with %s" % process.returncode)
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() - started > 10:
-                    raise RuntimeError("did not listen within 10 s")
-                time.sleep(0.005)
-        result["start_s"] = round(time.monotonic() - started, 3)
+        process, start_s = _start_process(argv, port, env)
+        result["start_s"] = round(start_s, 3)
         result["rss_idle_kb"] = _rss_kb(process.pid)
         docker = Docker(port)
         _timed_calls(docker, "ticker", {"symbol": "ETH_USDT"}, 3)
@@ -5788,11 +5771,12 @@ def bench_plugin(name, command, fake, options):
     except Exception as exc:    # report the failure in the table rather than hide the other plugins
         result["failed"] = repr(exc)
     finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
     return result
 
 
@@ -5875,7 +5859,7 @@ def bench_stream(fake, options):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     result = {"name": "ours, live stream"}
-    bare_port = _free_port()
+    bare_port = free_port()
     bare, _ = _start_process([sys.executable, "-c", _BARE_SERVER, str(bare_port)], bare_port)
     try:
         result["ceiling_calls_per_s"] = round(_robots_rate(bare_port, options.robots, options.calls * 5)[0], 1)
@@ -5885,7 +5869,7 @@ def bench_stream(fake, options):
     with FakeOKXStream(ssl_context=context) as okx_stream:
         extra = ["X%02d-USDT" % n for n in range(46)]
         okx_stream.instruments.update(extra)
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, os.path.join(HERE, "fmz_custom_protocol.py"), "--address", "127.0.0.1", "--port",
                 str(port), "--api-base", fake.base_url, "--ws-base", okx_stream.url]
         process, _ = _start_process(argv, port, dict(os.environ, SSL_CERT_FILE=fake.cert_path))
