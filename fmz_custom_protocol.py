@@ -20,17 +20,21 @@ and add an exchange in FMZ: protocol "Custom Protocol", service address ``http:/
 Access Key = your OKX API key, Secret Key = ``SECRET,PASSPHRASE`` (append ``,simulate`` for OKX demo
 trading). README.md documents every method, flag and error.
 
-How the file reads, top to bottom:
+How the file reads, top to bottom (each part under a banner, each readable or skippable as a whole):
 
 1. constants and the error family (every failure is a ``ProtocolError``, answered in one place);
-2. small pure helpers: symbols, decimals, periods, order states, signing;
-3. transport: how bytes reach OKX, knowing nothing of FMZ (pooled keep-alive HTTPS connections, the proxy
-   tunnel, OKX's rate limits, the exchange clock, the signed-request client);
-4. the live market stream (OKX's public WebSocket, kept in memory for ticker, depth and trades);
-5. ``BaseProtocol``: the docker-facing contract, one method per docker method, each documenting its ``data``;
-6. ``OKX``: the mapping of each docker method onto OKX, in the order of the protocol;
-7. ``DISPATCH``: docker method names (and their accepted spellings) to handlers and parameters;
-8. the HTTP server that the docker talks to, and ``main()``.
+2. small pure helpers: symbols, decimals, periods, order states, signing, bounded memories;
+3. time: the injectable clock everything measures with, and OKX's time kept on it;
+4. transport: how bytes reach OKX, knowing nothing of FMZ (pooled keep-alive HTTPS connections, the proxy
+   tunnel, OKX's rate limits, the signed-request client and what it does with OKX's codes);
+5. order safety: every order placed at most once, and never lost track of (``OrderPlacer``);
+6. the WebSocket client both live streams share, and the thread that keeps a connection open;
+7. the live market stream (OKX's public WebSocket, kept in memory for ticker, depth and trades);
+8. ``BaseProtocol``: the docker-facing contract, one method per docker method, each documenting its ``data``;
+9. ``OKX``: the mapping of each docker method onto OKX, in the order of the protocol;
+10. ``DISPATCH``: docker method names (and their accepted spellings) to handlers and parameters;
+11. the HTTP server that the docker talks to;
+12. the command line and ``main()``.
 
 To add another exchange, subclass ``BaseProtocol`` like ``OKX`` does and register it in ``EXCHANGES``
 under the last path segment of the service address.
@@ -45,6 +49,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -65,8 +70,8 @@ from decimal import Decimal
 __version__ = "1.0.0"
 
 __all__ = [
-    "Config", "ProtocolError", "BadRequest", "NotSupported", "ExchangeError", "TransportError", "RateLimited",
-    "OrderOutcomeUnknown", "MarketStream",
+    "Config", "Clock", "ProtocolError", "BadRequest", "NotSupported", "ExchangeError", "TransportError",
+    "RateLimited", "OrderNotPlaced", "OrderOutcomeUnknown", "OrderPlacer", "MarketStream",
     "BaseProtocol", "OKX", "DISPATCH", "EXCHANGES", "PluginServer", "main",
 ]
 
@@ -84,6 +89,7 @@ DEFAULT_TIMEOUT = 10.0            # seconds one docker call may take, OKX round 
 DEFAULT_STREAM_IDLE = 300.0       # seconds before an instrument nobody asks about is unsubscribed
 
 MAX_REQUEST_BYTES = 1 << 20       # a docker request body larger than this is refused unread
+MAX_JSON_DIGITS = 64              # a JSON integer with more digits is refused (int() of a long one is slow)
 CLIENT_READ_TIMEOUT = 20.0        # a docker connection silent this long (mid-request or idle) is closed
 MAX_DOCKER_CONNECTIONS = 256      # connections served at once; more are closed at once (bounded threads)
 POOL_IDLE_REUSE = 30.0            # a kept-alive OKX connection idle longer than this is not reused
@@ -91,16 +97,14 @@ POOL_MAX_IDLE = 32                # idle OKX connections kept per origin
 INSTRUMENTS_TTL = 300.0           # seconds an instrument list is reused
 ACCOUNT_CONFIG_TTL = 300.0        # seconds an account's position mode / account level is reused
 CLOCK_RESYNC_INTERVAL = 1800.0    # seconds between background re-syncs with OKX's clock
-ORDER_RECOVERY_SECONDS = 2.0     # of a trade call's time, kept to look for an order whose answer was lost
-ORDER_EXPIRY_SECONDS = 5.0       # an order must reach OKX within this (its expTime) or is never executed
-ORDER_EXPIRY_MARGIN = 0.25       # after expTime, wait this much more (clock sync accuracy) before "never"
-ORDER_MEMORY = 10000              # orders remembered by clOrdId, so a repeated request finds its order
+MEMORY_ENTRIES = 10000            # entries kept per kind of memory (keys, orders, leverage): least recent go
 
 OKX_MAX_DEPTH = 400               # /market/books sz maximum
 OKX_MAX_TRADES = 500              # /market/trades limit maximum
 OKX_CANDLES_PAGE = 300            # /market/candles limit maximum
 OKX_HISTORY_CANDLES_PAGE = 100    # /market/history-candles: OKX's sites document a maximum of 100 or 300
 OKX_ORDERS_PAGE = 100             # orders-pending / orders-history limit maximum
+OKX_MAX_INST_ID = 64              # longer than any OKX instId: a longer one is refused before any use
 MAX_RECORDS = 5000                # bars one `records` call may ask for (past ~2300, OKX's limit makes it wait)
 DEFAULT_RECORDS = 300
 DEFAULT_DEPTH = 20
@@ -126,8 +130,8 @@ ORDER_STATUS = {
 FUTURES_ALIASES = ("this_week", "next_week", "quarter", "next_quarter",
                    "this_month", "next_month", "third_quarter")     # the last three: OKX's, not FMZ's
 
-# OKX's public WebSocket for each REST host: (live keys, demo keys). Another --api-base (a test
-# server, say) has no stream unless --ws-base names one.
+# OKX's WebSocket base for each REST host: (live keys, demo keys). Another --api-base (a test server,
+# say) has no stream unless --ws-base names one.
 STREAM_BASES = {
     host: ("wss://ws.okx.com:8443", "wss://wspap.okx.com:8443")
     for host in ("www.okx.com", "okx.com", "aws.okx.com", "openapi.okx.com")
@@ -135,9 +139,9 @@ STREAM_BASES = {
 STREAM_BASES["eea.okx.com"] = ("wss://wseea.okx.com:8443", "wss://wseeapap.okx.com:8443")
 STREAM_BASES["us.okx.com"] = ("wss://wsus.okx.com:443", "wss://wsuspap.okx.com:443")
 
-# OKX's request limits (OKX.md section 8): (method, path) -> (requests, seconds, scope).
-# Scope says who shares the bucket, as OKX counts: "ip" (everybody on this host), "key" (one API key),
-# and "+instId" / "+instType" narrow it to one instrument / instrument type.
+# OKX's request limits, from each endpoint's page of OKX's v5 docs: (method, path) -> (requests, seconds,
+# scope). Scope says who shares the bucket, as OKX counts: "ip" (everybody on this host), "key" (one API
+# key), and "+instId" / "+instType" narrow it to one instrument / instrument type.
 RATE_LIMITS = {
     ("GET", "/api/v5/market/ticker"): (20, 2, "ip"),
     ("GET", "/api/v5/market/tickers"): (20, 2, "ip"),
@@ -165,14 +169,26 @@ RATE_LIMITS = {
 # that network jitter never puts one request too many into OKX's window.
 RATE_WINDOW_MARGIN = 0.15
 
-# OKX's answers to an order that leave its outcome open: it may or may not have been placed.
-OUTCOME_UNKNOWN_CODES = ("50004", "51149", "50013", "50026", "50001")
+# What an OKX error code asks of the plugin (OKX's v5 docs, "Error Code"). The request loop of OKXClient
+# acts on the first two; order safety on the third.
+RESYNC = "re-sync the clock and send again"            # refused for its time, before anything was done
+RETRY = "wait for the window and send again once"      # refused by the rate limit, before anything was done
+RECOVER = "find the order by its client id"            # an order's outcome is open: it may exist
+CODE_ACTIONS = {
+    "50102": RESYNC,      # the signature's timestamp is more than 30 s from OKX's clock
+    "50036": RESYNC,      # expTime is earlier than OKX's time
+    "50011": RETRY,       # rate limit
+    "50004": RECOVER,     # endpoint request timeout: "does not mean that the request was successful or failed"
+    "51149": RECOVER,     # order timed out
+    "50013": RECOVER,     # systems busy
+    "50026": RECOVER,     # system error
+    "50001": RECOVER,     # service temporarily unavailable
+    "51016": RECOVER,     # clOrdId already exists: the order is there
+    "51065": RECOVER,     # algoClOrdId already exists: the algo order is there
+}
 
-# OKX's answers to a request whose time is off from OKX's clock (the signature's timestamp, or expTime):
-# refused before anything was done, so the plugin re-syncs its clock and sends the request again.
-CLOCK_CODES = ("50102", "50036")
-
-# What an OKX error code most likely means for a user of this plugin, and what to do about it.
+# What an OKX error code most likely means for a user of this plugin, and what to do about it. The only
+# place hints are written; ``{path}`` and ``{limit}`` are filled in with the endpoint and its rate limit.
 ERROR_HINTS = {
     "50101": "the key does not match the environment: a demo-trading key needs ',simulate' at the end of "
              "the Secret Key field in FMZ, a live key must not have it",
@@ -186,19 +202,23 @@ ERROR_HINTS = {
     "50102": "this machine's clock is too far from OKX's: the plugin re-synchronised with OKX's clock; "
              "if this persists, enable NTP (timedatectl set-ntp true)",
     "50110": "this key is bound to IP addresses and this machine's address is not among them",
-    "50011": "OKX's rate limit was reached",
+    "50011": "OKX's rate limit was reached for {path}{limit}; the plugin waits for its turn before calling "
+             "OKX again",
     "50004": "OKX timed out on the request: its outcome is unknown, check before repeating it",
+    "51603": "no such order: the id is wrong, or the order was canceled without fills, which OKX forgets "
+             "about 2 hours after the cancel",
 }
 
 
 class Config:
-    """The plugin's settings (the command line's flags)."""
+    """The plugin's settings: the command line's flags, and the clock everything measures time with."""
 
     def __init__(self, api_base=DEFAULT_API_BASE, timeout=DEFAULT_TIMEOUT, margin_mode="cross", proxy=None,
-                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE):
+                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE, clock=None):
         self.api_base, self.timeout, self.margin_mode = api_base, timeout, margin_mode
         self.proxy, self.ca_file = proxy, ca_file
         self.ws_base, self.stream, self.stream_idle = ws_base, stream, stream_idle
+        self.clock = clock or Clock()
 
 
 class ProtocolError(Exception):
@@ -225,24 +245,15 @@ class TransportError(ProtocolError):
         self.maybe_sent = maybe_sent
 
 
-class OrderOutcomeUnknown(TransportError):
-    """An order may or may not have been placed, and OKX could not tell within the call's time.
-
-    ``executable_until`` (monotonic time) is when OKX's expTime for it passes: after that, an order OKX has
-    not got will never execute.
-    """
-
-    def __init__(self, message, executable_until):
-        super().__init__(message, maybe_sent=True)
-        self.executable_until = executable_until
-
-
 class RateLimited(ProtocolError):
     """A call would exceed OKX's rate limit for longer than the call may wait; OKX was not called."""
 
 
 class ExchangeError(ProtocolError):
-    """OKX answered with an error code: ``code`` and ``message`` are OKX's own (per-order sCode/sMsg first)."""
+    """OKX answered with an error code: ``code`` and ``message`` are OKX's own (per-order sCode/sMsg first).
+
+    ``outcome_unknown`` is True when the code (or an HTTP 5xx) leaves open whether OKX acted on the request.
+    """
 
     def __init__(self, code, message, http_status=200, path=""):
         self.code, self.message, self.http_status, self.path = str(code), message, http_status, path
@@ -250,15 +261,15 @@ class ExchangeError(ProtocolError):
         if http_status not in (200, None):
             text += " (HTTP %d)" % http_status
         hint = ERROR_HINTS.get(self.code)
-        if self.code == "50011":
-            limit = RATE_LIMITS.get(("GET", path)) or RATE_LIMITS.get(("POST", path))
-            hint += " for %s" % (path or "this endpoint")
-            if limit:
-                hint += " (%d requests per %d s)" % limit[:2]
-            hint += "; the plugin waits for its turn before calling OKX again"
         if hint:
-            text += " (hint: %s)" % hint
+            limit = RATE_LIMITS.get(("GET", path)) or RATE_LIMITS.get(("POST", path))
+            text += " (hint: %s)" % hint.format(path=path or "this endpoint",
+                                                limit=" (%d requests per %d s)" % limit[:2] if limit else "")
         super().__init__(text)
+
+    @property
+    def outcome_unknown(self):
+        return CODE_ACTIONS.get(self.code) == RECOVER or (self.http_status or 200) >= 500
 
 
 # =====================================================================================================
@@ -269,6 +280,8 @@ MAX_NUMBER_DIGITS = 40          # digits before (or zeros after) the point that 
 MAX_NUMBER_CHARS = 64
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]*$")      # what HTTP header values can carry
+_CURRENCY_RE = re.compile(r"^[A-Za-z0-9]{1,20}$")     # OKX currency names: BTC, USDT, 1INCH
+_CONTRACT_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")   # swap, this_week, 250328, BTC-USD-261225-100000-C
 
 
 def decimal_text(value, name, allow_negative_one=False):
@@ -298,7 +311,10 @@ def decimal_text(value, name, allow_negative_one=False):
 
 def _describe(value):
     """A short, safe description of a bad parameter value for error texts."""
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    if isinstance(value, str):
+        text = repr(value[:41])
+    else:
+        text = json.dumps(value, default=str)[:41]
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -333,14 +349,19 @@ def split_symbol(fmz_symbol, contract_type=None):
     """
     if not isinstance(fmz_symbol, str) or not fmz_symbol.strip():
         raise BadRequest("symbol must be a string like ETH_USDT, got %s" % _describe(fmz_symbol))
+    if len(fmz_symbol.strip()) > OKX_MAX_INST_ID:
+        raise BadRequest("symbol %s is longer than any OKX instrument" % _describe(fmz_symbol))
     pair, _, contract = fmz_symbol.strip().partition(".")
     base, sep, quote = pair.partition("_")
-    if not sep or not base or not quote or "_" in quote:
-        raise BadRequest("symbol %r is not an FMZ pair like ETH_USDT (BASE_QUOTE)" % fmz_symbol)
+    if not sep or not _CURRENCY_RE.match(base) or not _CURRENCY_RE.match(quote):
+        raise BadRequest("symbol %s is not an FMZ pair like ETH_USDT (BASE_QUOTE)" % _describe(fmz_symbol))
     if not contract and contract_type:
-        if not isinstance(contract_type, str):
-            raise BadRequest("contract_type must be a string, got %s" % _describe(contract_type))
+        if not isinstance(contract_type, str) or len(contract_type) > OKX_MAX_INST_ID:
+            raise BadRequest("contract_type must be a string like swap, got %s" % _describe(contract_type))
         contract = contract_type.strip()
+    if contract and not _CONTRACT_RE.match(contract):
+        raise BadRequest("unknown contract type %s: use swap, %s, or a delivery date YYMMDD"
+                         % (_describe(contract), ", ".join(FUTURES_ALIASES)))
     contract = contract.lower()
     if contract == "spot":
         contract = ""
@@ -455,8 +476,140 @@ def dumps(value):
     return json.dumps(value, separators=(",", ":"), default=json_default, ensure_ascii=False)
 
 
+class LastUsed:
+    """A mapping that keeps at most ``size`` entries: storing one more forgets the least recently used.
+
+    Every memory the plugin keeps per key, order or contract is one of these, so that weeks of robots,
+    keys and symbols coming and going cannot make it grow without bound. Thread-safe.
+    """
+
+    def __init__(self, size=MEMORY_ENTRIES):
+        self.size = size
+        self._entries = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._entries:
+                return default
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def __setitem__(self, key, value):
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def pop(self, key, default=None):
+        with self._lock:
+            return self._entries.pop(key, default)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    def __len__(self):
+        return len(self._entries)
+
+    def values(self):
+        with self._lock:
+            return list(self._entries.values())
+
+
 # =====================================================================================================
-# Transport: pooled keep-alive connections, proxy tunnel, rate limits, OKX's clock, the signed client
+# Time: the clock everything measures with, and OKX's time kept on it
+# =====================================================================================================
+
+class Clock:
+    """The plugin's one source of time (``Config.clock``).
+
+    ``time()`` is this machine's wall clock, which NTP, a VM resume or an operator may step at any moment;
+    ``monotonic()`` only moves forward, steadily, and is what every duration, deadline and timer uses;
+    ``sleep(seconds)`` and ``wait(event, timeout)`` are how the plugin waits. Tests give the plugin an
+    object with the same four methods that runs on virtual time, so that they move time instead of waiting
+    for it. (Durations in log lines are measured in real time, whatever the clock.)
+    """
+
+    def time(self):
+        return time.time()
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def sleep(self, seconds):
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def wait(self, event, timeout):
+        """Wait until ``event`` (a threading.Event) is set, True, or ``timeout`` seconds passed, False."""
+        return event.wait(timeout)
+
+
+class ExchangeClock:
+    """OKX's time, kept on the monotonic clock: what signatures and expTime are stamped with.
+
+    OKX refuses a signature whose timestamp is more than 30 s from its own time (50102), and executes an
+    order only before its expTime. Each sync with /api/v5/public/time keeps OKX's time and the monotonic
+    moment it was read at (the middle of the round trip); OKX's time at any later moment is that plus the
+    monotonic time elapsed since. A step of this machine's wall clock after a sync therefore changes
+    nothing, and the re-sync every CLOCK_RESYNC_INTERVAL covers the slow drift between the two clocks.
+    Before the first sync, and while OKX's clock cannot be read, OKX's time is taken to be the wall clock.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.synced_at = None     # monotonic time of the last successful sync
+        self._anchor = None       # (OKX's time in ms, the monotonic time it was read at)
+        self._lock = threading.Lock()
+        self._refreshing = False
+
+    def now_ms(self):
+        """OKX's time now, in milliseconds since the epoch."""
+        anchor = self._anchor
+        if anchor is None:
+            return self.clock.time() * 1000.0
+        return anchor[0] + (self.clock.monotonic() - anchor[1]) * 1000.0
+
+    def needs_sync(self):
+        return self.synced_at is None
+
+    def is_stale(self):
+        return self.synced_at is not None and self.clock.monotonic() - self.synced_at > CLOCK_RESYNC_INTERVAL
+
+    def update(self, server_ms, sent_at, received_at):
+        """Record OKX's time ``server_ms``, read between the monotonic moments ``sent_at`` and ``received_at``."""
+        middle = (sent_at + received_at) / 2.0
+        wall_ms = (self.clock.time() - (self.clock.monotonic() - middle)) * 1000.0
+        with self._lock:
+            self._anchor = (server_ms, middle)
+            self.synced_at = received_at
+        offset_ms = server_ms - wall_ms
+        if abs(offset_ms) > 1000:
+            log.warning("this machine's clock is %.1f s %s OKX's; signing with OKX's time",
+                        abs(offset_ms) / 1000, "behind" if offset_ms > 0 else "ahead of")
+
+    def retry_in(self, seconds):
+        """The first sync failed: go on with the wall clock, and make the next signed call try again after
+        ``seconds``."""
+        if self.synced_at is None or self._anchor is None:
+            self.synced_at = self.clock.monotonic() - CLOCK_RESYNC_INTERVAL + seconds
+
+    def start_refresh(self):
+        """True for the one caller that should refresh a stale sync (the others go on with the old one)."""
+        with self._lock:
+            if self._refreshing:
+                return False
+            self._refreshing = True
+            return True
+
+    def end_refresh(self):
+        with self._lock:
+            self._refreshing = False
+
+
+# =====================================================================================================
+# Transport: pooled keep-alive connections, proxy tunnel, rate limits, the signed client
 # =====================================================================================================
 
 def tls_context(ca_file=None):
@@ -468,24 +621,73 @@ def tls_context(ca_file=None):
     return context
 
 
-class Proxy:
-    """An HTTP proxy that HTTPS to OKX tunnels through with CONNECT (``http://[user:pass@]host:port``).
+def is_loopback(host):
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): traffic that never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
-    ``str(proxy)`` names it without the password, for logs and errors.
+
+def service_url(url, schemes, name):
+    """``(scheme, host, port)`` of a URL given as a flag, or ValueError saying what is wrong with it.
+
+    The plain scheme of ``schemes`` (``http``, ``ws``) is allowed only to loopback addresses: to any other
+    host it would carry API keys, passphrases and signatures in clear.
+    """
+    secure, plain = schemes
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError("%s is not a URL (%s)" % (name, exc)) from None
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        raise ValueError("%s must be a %s:// URL with a host, such as %s://%s"
+                         % (name, secure, secure, "www.okx.com" if secure == "https" else "ws.okx.com:8443"))
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
+        raise ValueError("%s must be %s://host[:port] alone, without a path, query or user" % (name, secure))
+    if parts.scheme.lower() == plain and not is_loopback(parts.hostname):
+        raise ValueError("%s %s://%s would send your API key, passphrase and signatures in clear; use %s://"
+                         % (name, plain, parts.netloc, secure))
+    return parts.scheme.lower(), parts.hostname, port
+
+
+class Proxy:
+    """An HTTP proxy that HTTPS to OKX tunnels through with CONNECT (``http://[user:password@]host:port``).
+
+    The password may hold any character (``#``, ``?``, ``/``, ``@``, ``:``), as it is or percent-encoded.
+    ``str(proxy)`` names the proxy without the password, and no error about a proxy URL shows any part of
+    what was given: it may be a password.
     """
 
     def __init__(self, url):
-        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-        if parts.scheme not in ("http", "") or not parts.hostname:
-            raise ValueError("proxy must look like http://[user:password@]host:port")
-        self.host, self.port = parts.hostname, parts.port or 8080
+        refusal = ValueError("the proxy must look like http://[user:password@]host:port (the value given is "
+                             "not shown: it may hold a password)")
+        text = url.strip()
+        scheme, sep, rest = text.partition("://")
+        if not sep:
+            rest = text
+        elif scheme.lower() != "http":
+            raise ValueError("only http:// proxies are supported (no https:// or SOCKS proxy)")
+        userinfo, at, hostport = rest.rpartition("@")
+        hostport = hostport[:-1] if hostport.endswith("/") else hostport
+        match = re.match(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?$", hostport)
+        if match is None or (match.group(2) and not 0 < int(match.group(2)) < 65536):
+            raise refusal
+        self.host, self.port = match.group(1).strip("[]"), int(match.group(2) or 8080)
         self.headers = {}
-        if parts.username is not None:
-            user = urllib.parse.unquote(parts.username)
-            password = urllib.parse.unquote(parts.password or "")
+        user = None
+        if at:
+            user, _, password = userinfo.partition(":")
+            user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+            if not _PRINTABLE_RE.match(user) or not user:
+                raise refusal
             token = base64.b64encode(("%s:%s" % (user, password)).encode("utf-8")).decode("ascii")
             self.headers["Proxy-Authorization"] = "Basic " + token
-        self.label = "http://%s%s:%d" % (parts.username + "@" if parts.username else "", self.host, self.port)
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        self.label = "http://%s%s:%d" % (user + "@" if user else "", host, self.port)
 
     def __str__(self):
         return self.label
@@ -501,7 +703,10 @@ class Proxy:
         url = proxies.get(parts.scheme)
         if not url or urllib.request.proxy_bypass_environment(parts.hostname, proxies):
             return None
-        return cls(url)
+        try:
+            return cls(url)
+        except ValueError as exc:
+            raise ValueError("%s_proxy: %s" % (parts.scheme, exc)) from None
 
 
 class ConnectionPool:
@@ -512,12 +717,13 @@ class ConnectionPool:
     concurrent call has its own connection. One TLS context serves every connection.
     """
 
-    def __init__(self, base_url, ssl_context=None, proxy=None):
+    def __init__(self, base_url, clock, ssl_context=None, proxy=None):
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("not an http(s) URL: %r" % base_url)
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.clock = clock
         self.ssl_context = ssl_context
         self.proxy = proxy
         self._idle = []           # [(connection, last used monotonic time)], most recent last
@@ -557,9 +763,16 @@ class ConnectionPool:
             return "cannot reach proxy %s: %s" % (self.proxy, _os_error_text(exc))
         return "cannot connect to %s:%d: %s" % (self.host, self.port, _os_error_text(exc))
 
+    def remaining(self, deadline):
+        """Seconds left until ``deadline``; TransportError when none are (checked before sending: not sent)."""
+        left = deadline - self.clock.monotonic()
+        if left <= 0.001:
+            raise TransportError("the call's time ran out before OKX could be asked")
+        return left
+
     def _take(self, timeout):
         """An idle connection fresh enough to reuse, or a new one; and whether it was reused."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             while self._idle:
                 connection, last_used = self._idle.pop()
@@ -572,21 +785,21 @@ class ConnectionPool:
     def _give_back(self, connection):
         with self._lock:
             if len(self._idle) < POOL_MAX_IDLE:
-                self._idle.append((connection, time.monotonic()))
+                self._idle.append((connection, self.clock.monotonic()))
                 return
         connection.close()
 
     def request(self, method, target, body, headers, deadline, retry_stale=True):
         """Send one request; return ``(status, body bytes)``.
 
-        ``deadline`` (time.monotonic()) bounds connecting, sending and reading. A reused connection that the
-        server had already closed is retried once on a new connection when ``retry_stale`` (safe calls);
-        otherwise TransportError says whether the request may have reached OKX (``maybe_sent``).
+        ``deadline`` (monotonic) bounds connecting, sending and reading. A reused connection that the server
+        had already closed is retried once on a new connection when ``retry_stale`` (safe calls); otherwise
+        TransportError says whether the request may have reached OKX (``maybe_sent``).
         """
         while True:
-            connection, reused = self._take(_remaining(deadline))
+            connection, reused = self._take(self.remaining(deadline))
             try:
-                connection.sock.settimeout(_remaining(deadline))
+                connection.sock.settimeout(self.remaining(deadline))
                 connection.request(method, target, body=body, headers=headers)
                 response = connection.getresponse()
                 payload = response.read()
@@ -633,14 +846,6 @@ def _closed_by_peer(sock):
         return True
 
 
-def _remaining(deadline):
-    """Seconds left until ``deadline``; TransportError when none are (checked before sending: not sent)."""
-    left = deadline - time.monotonic()
-    if left <= 0.001:
-        raise TransportError("the call's time ran out before OKX could be asked")
-    return left
-
-
 def _os_error_text(exc):
     """A short text for a network error (OSError or http.client's own exceptions)."""
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -653,12 +858,17 @@ class RateLimiter:
     for its turn when that comes before the call's deadline, else fails at once with RateLimited (without
     calling OKX). When OKX still answers 50011, the bucket is treated as full for a whole window.
     Endpoints not in RATE_LIMITS are not limited; buckets of different endpoints never wait for each other.
+    A bucket whose window has emptied is dropped, so keys and instruments that come and go leave nothing.
     """
 
-    def __init__(self, limits=None):
+    SWEEP_EVERY = 1024            # new buckets between two sweeps of emptied ones
+
+    def __init__(self, clock, limits=None):
+        self.clock = clock
         self.limits = RATE_LIMITS if limits is None else limits
         self._windows = {}        # bucket -> deque of send times (monotonic)
         self._lock = threading.Lock()
+        self._created = 0
 
     def bucket(self, method, path, api_key, params):
         """The bucket key of a request, or None for an endpoint without a known limit."""
@@ -671,8 +881,14 @@ class RateLimiter:
             key.append(api_key or "")
         for field in ("instId", "instType"):
             if "+" + field in scope:
-                key.append(str(params.get(field, "")) if isinstance(params, dict) else "")
+                value = str(params.get(field, "")) if isinstance(params, dict) else ""
+                key.append(value if len(value) <= OKX_MAX_INST_ID else "(too long)")  # OKX refuses those
         return tuple(key)
+
+    def in_use(self):
+        """The number of buckets that hold requests now."""
+        with self._lock:
+            return len(self._windows)
 
     def acquire(self, bucket, deadline):
         """Wait for a place in ``bucket``'s window, or raise RateLimited if it would come after deadline."""
@@ -682,8 +898,13 @@ class RateLimiter:
         window = seconds + RATE_WINDOW_MARGIN
         while True:
             with self._lock:
-                sent = self._windows.setdefault(bucket, collections.deque())
-                now = time.monotonic()
+                now = self.clock.monotonic()
+                sent = self._windows.get(bucket)
+                if sent is None:
+                    sent = self._windows[bucket] = collections.deque()
+                    self._created += 1
+                    if self._created % self.SWEEP_EVERY == 0:
+                        self._sweep(now)
                 while sent and sent[0] <= now - window:
                     sent.popleft()
                 if len(sent) < count:
@@ -694,7 +915,14 @@ class RateLimiter:
                 raise RateLimited("OKX allows %d requests per %d s on %s and they are used up for the next "
                                   "%.1f s, longer than the call may wait; OKX was not called"
                                   % (count, seconds, bucket[1], wait))
-            time.sleep(wait)
+            self.clock.sleep(wait)
+
+    def _sweep(self, now):
+        """Drop the buckets whose every request has left the window (under the lock)."""
+        for bucket, sent in list(self._windows.items()):
+            window = self.limits[(bucket[0], bucket[1])][1] + RATE_WINDOW_MARGIN
+            if not sent or sent[-1] <= now - window:
+                del self._windows[bucket]
 
     def backoff(self, bucket):
         """OKX answered 50011 anyway: treat the bucket as full for one whole window from now."""
@@ -702,93 +930,62 @@ class RateLimiter:
             return
         count, _, _ = self.limits[(bucket[0], bucket[1])]
         with self._lock:
-            now = time.monotonic()
-            self._windows[bucket] = collections.deque([now] * count, maxlen=None)
+            self._windows[bucket] = collections.deque([self.clock.monotonic()] * count)
 
 
-class ExchangeClock:
-    """OKX's clock, as an offset from ours, so that signed requests are accepted on a host whose clock is off.
+class _Flight:
+    """One answer on its way (a market-data request, a cache load), awaited by everyone who asked the same."""
 
-    OKX refuses a signature whose timestamp is more than 30 s from its own time (50102). The offset is read
-    from /api/v5/public/time before the first signed call, again in the background every
-    CLOCK_RESYNC_INTERVAL, and at once when OKX answers 50102.
-    """
+    def __init__(self, clock):
+        self.clock = clock
+        self.done = threading.Event()
+        self.value, self.error = None, None
 
-    def __init__(self):
-        self.offset_ms = 0.0
-        self.synced_at = None     # monotonic time of the last successful sync
-        self._lock = threading.Lock()
-        self._refreshing = False
-
-    def now_ms(self):
-        return time.time() * 1000.0 + self.offset_ms
-
-    def needs_sync(self):
-        return self.synced_at is None
-
-    def is_stale(self):
-        return self.synced_at is not None and time.monotonic() - self.synced_at > CLOCK_RESYNC_INTERVAL
-
-    def update(self, server_ms, sent_at, received_at):
-        """Record OKX's time ``server_ms`` read between our ``sent_at`` and ``received_at`` (epoch ms)."""
-        with self._lock:
-            self.offset_ms = server_ms - (sent_at + received_at) / 2.0
-            self.synced_at = time.monotonic()
-        if abs(self.offset_ms) > 1000:
-            log.warning("this machine's clock is %.1f s %s OKX's; signing with OKX's time",
-                        abs(self.offset_ms) / 1000, "behind" if self.offset_ms > 0 else "ahead of")
-
-    def start_refresh(self):
-        """True for the one caller that should refresh a stale offset (the others go on with the old one)."""
-        with self._lock:
-            if self._refreshing:
-                return False
-            self._refreshing = True
-            return True
-
-    def end_refresh(self):
-        with self._lock:
-            self._refreshing = False
+    def result(self, deadline):
+        if not self.clock.wait(self.done, max(0.0, deadline - self.clock.monotonic())):
+            raise TransportError("no answer from OKX within the timeout")
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class OKXClient:
-    """OKX's REST API as OKX defines it: signing, envelope, error codes, limits; shared by all robots.
+    """OKX's REST API as OKX defines it: signing, envelope, error codes, limits, clock; shared by all robots.
 
     ``request()`` sends one call and returns OKX's JSON envelope ``{"code", "msg", "data"}`` whatever its
-    code; ``call()`` returns ``data`` and raises ExchangeError for an error code.
-    Also keeps what changes rarely: instrument lists and account configurations.
+    code; ``call()`` returns ``data`` and raises ExchangeError for an error code. Also keeps what changes
+    rarely: instrument lists and account configurations. Knows nothing of FMZ.
     """
 
     def __init__(self, config):
         self.config = config
+        self.clock = config.clock
         self.api_base = config.api_base.rstrip("/")
         context = tls_context(config.ca_file) if self.api_base.startswith("https:") else None
         proxy = Proxy(config.proxy) if config.proxy else Proxy.from_environment(self.api_base)
-        self.pool = ConnectionPool(self.api_base, context, proxy)
-        self.limiter = RateLimiter()
-        self.clock = ExchangeClock()
-        self.orders = OrderMemory()
-        self.leverage = {}        # (api key, demo, instId, margin mode) -> the leverage last set by the plugin
-        self._flights = {}        # shared_call: request key -> _Flight on its way to OKX
-        self._flights_lock = threading.Lock()
-        self._caches = {}         # (kind, key) -> (expires monotonic, value)
-        self._cache_locks = collections.defaultdict(threading.Lock)
+        self.pool = ConnectionPool(self.api_base, self.clock, context, proxy)
+        self.limiter = RateLimiter(self.clock)
+        self.exchange_clock = ExchangeClock(self.clock)
         self.user_agent = "fmz-okx-plugin/%s" % __version__
-        self._streams = {}        # ws base URL -> MarketStream (live and demo keys use different hosts)
-        self._streams_lock = threading.Lock()
+        self.requests_sent = collections.Counter()   # path -> requests sent to OKX (for GET /status)
+        self._count_lock = threading.Lock()
+        self._flights = {}        # key -> _Flight of a shared request or a cache load on its way
+        self._flights_lock = threading.Lock()
+        self._caches = LastUsed()  # (kind, key) -> (expires at, monotonic; value)
 
     # --- one request ----------------------------------------------------------------------------------
     def request(self, method, path, params=None, body=None, credentials=None, deadline=None,
                 exp_time=None, retry_safe=None, demo=False):
         """Send one OKX call and return ``(HTTP status, parsed JSON envelope)``.
 
-        GET/DELETE ``params`` go into the query string; POST ``body`` (an object) becomes the JSON body.
-        ``credentials`` signs the call; ``demo`` (or demo credentials) adds OKX's demo-trading header.
-        ``exp_time`` (a time.monotonic() moment) becomes OKX's expTime header, in OKX's time: an order
-        stuck in transit is then never executed after it. ``retry_safe``
-        (default: GET only) allows one retry on a stale kept-alive connection.
+        GET/DELETE ``params`` go into the query string; POST ``body`` (an object, or a list for OKX's batch
+        endpoints) becomes the JSON body. ``credentials`` signs the call; ``demo`` (or demo credentials) adds
+        OKX's demo-trading header. ``exp_time`` (a monotonic moment) becomes OKX's expTime header, in OKX's
+        time: an order stuck in transit is never executed after it. ``retry_safe`` (default: GET only)
+        allows one retry on a stale kept-alive connection. OKX's answers that refused the request before
+        doing anything (CODE_ACTIONS: RESYNC, RETRY) are acted upon here, once each.
         """
-        deadline = deadline or time.monotonic() + self.config.timeout
+        deadline = deadline or self.clock.monotonic() + self.config.timeout
         method = method.upper()
         query = urllib.parse.urlencode([(k, _query_value(v)) for k, v in (params or {}).items()])
         target = path + ("?" + query if query else "")
@@ -799,40 +996,50 @@ class OKXClient:
             retry_safe = method == "GET"
         if credentials is not None:
             self._sync_clock_if_needed(deadline)
-        for attempt in (1, 2):
+        done = set()              # the actions taken already: each at most once
+        while True:
             try:
                 self.limiter.acquire(bucket, deadline)
             except RateLimited:
-                if attempt == 1:
+                if RETRY not in done:
                     raise
                 return status, envelope     # OKX's own 50011: no time is left to wait for the window
             headers = {"Content-Type": "application/json", "Accept": "application/json",
                        "User-Agent": self.user_agent}
             if credentials is not None:
-                timestamp = okx_timestamp(self.clock.now_ms())
+                timestamp = okx_timestamp(self.exchange_clock.now_ms())
                 headers.update(credentials.headers(timestamp, method, target, payload))
             if demo or (credentials is not None and credentials.demo):
                 headers["x-simulated-trading"] = "1"
             if exp_time is not None:
-                remaining_ms = max(0.0, exp_time - time.monotonic()) * 1000
-                headers["expTime"] = str(int(self.clock.now_ms() + remaining_ms))
+                remaining_ms = max(0.0, exp_time - self.clock.monotonic()) * 1000
+                headers["expTime"] = str(int(self.exchange_clock.now_ms() + remaining_ms))
             started = time.monotonic()
+            self._count(path)
             status, raw = self.pool.request(method, target, payload.encode("utf-8") if payload else None,
                                             headers, deadline, retry_stale=retry_safe)
             log.debug("OKX %s %s -> HTTP %d in %.1f ms", method, target, status,
                       (time.monotonic() - started) * 1000)
             envelope = self._parse(status, raw, path)
             code = _error_code(envelope)
-            if attempt == 1 and code in CLOCK_CODES and (credentials is not None or exp_time is not None):
+            action = CODE_ACTIONS.get(code)
+            if action is RESYNC and action not in done and (credentials is not None or exp_time is not None):
                 log.warning("OKX refused the request's time (%s): re-syncing with OKX's clock", code)
                 self.sync_clock(deadline)
-                continue        # OKX refused the request unprocessed: sending it again is safe
-            if code == "50011":
+            elif action is RETRY:
                 self.limiter.backoff(bucket)
-                if attempt == 1:
-                    log.warning("OKX rate limit (50011) on %s: waiting for the window and retrying once", path)
-                    continue    # OKX refused the request unprocessed: safe to send again in turn
-            return status, envelope
+                if action in done:
+                    return status, envelope
+                log.warning("OKX rate limit (50011) on %s: waiting for the window and retrying once", path)
+            else:
+                return status, envelope
+            done.add(action)        # and send again: OKX refused the request before doing anything
+
+    def _count(self, path):
+        with self._count_lock:
+            if path not in self.requests_sent and len(self.requests_sent) >= 64:
+                path = "(other paths)"        # exchange.IO may name any path: the count stays small
+            self.requests_sent[path] += 1
 
     def call(self, method, path, params=None, body=None, credentials=None, deadline=None, **options):
         """Send one OKX call; return its ``data`` list, or raise ExchangeError for any error code."""
@@ -845,13 +1052,33 @@ class OKXClient:
     def _parse(status, raw, path):
         try:
             envelope = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             envelope = None
         if not isinstance(envelope, dict) or ("code" not in envelope and "data" not in envelope):
             snippet = raw[:80].decode("utf-8", "replace").strip().replace("\n", " ") or "(empty)"
             raise TransportError("OKX answered HTTP %d with a body that is not OKX's JSON on %s: %s"
                                  % (status, path, snippet), maybe_sent=True)
         return envelope
+
+    def _once(self, key, deadline, produce):
+        """``produce()``'s value; callers asking with an equal ``key`` meanwhile wait for it instead."""
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight(self.clock)
+        if not leader:
+            return flight.result(deadline or self.clock.monotonic() + self.config.timeout)
+        try:
+            flight.value = produce()
+            return flight.value
+        except BaseException as exc:       # those waiting on it get the same failure
+            flight.error = exc
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[key]
+            flight.done.set()
 
     def shared_call(self, path, params, deadline=None, demo=False):
         """``call("GET", ...)`` for public market data, made once for all robots asking it at once.
@@ -860,127 +1087,70 @@ class OKXClient:
         waits for that answer instead of sending another: it costs no round trip and no place in OKX's
         rate limit, and the answer is no older than the one it would have had.
         """
-        key = (path, tuple(sorted(params.items())), demo)
-        with self._flights_lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if leader:
-                flight = self._flights[key] = _Flight()
-        if not leader:
-            return flight.result(deadline or time.monotonic() + self.config.timeout)
-        try:
-            flight.value = self.call("GET", path, params, deadline=deadline, demo=demo)
-            return flight.value
-        except BaseException as exc:       # the robots waiting on it get the same failure
-            flight.error = exc
-            raise
-        finally:
-            with self._flights_lock:
-                del self._flights[key]
-            flight.done.set()
+        return self._once(("GET", path, tuple(sorted(params.items())), demo), deadline,
+                          lambda: self.call("GET", path, params, deadline=deadline, demo=demo))
 
     # --- OKX's clock ----------------------------------------------------------------------------------
     def _sync_clock_if_needed(self, deadline):
-        if self.clock.needs_sync():
+        if self.exchange_clock.needs_sync():
             self.sync_clock(deadline)
-        elif self.clock.is_stale() and self.clock.start_refresh():
+        elif self.exchange_clock.is_stale() and self.exchange_clock.start_refresh():
             threading.Thread(target=self._refresh_clock, name="clock-sync", daemon=True).start()
 
     def _refresh_clock(self):
         try:
-            self.sync_clock(time.monotonic() + self.config.timeout)
+            self.sync_clock(self.clock.monotonic() + self.config.timeout)
         finally:
-            self.clock.end_refresh()
+            self.exchange_clock.end_refresh()
 
     def sync_clock(self, deadline):
-        """Read OKX's time once; on failure keep the previous offset and say so in the log."""
+        """Read OKX's time once; on failure keep what was known and say so in the log."""
         try:
-            sent_at = time.time() * 1000
+            sent_at = self.clock.monotonic()
             data = self.call("GET", "/api/v5/public/time", deadline=deadline)
-            received_at = time.time() * 1000
-            self.clock.update(float(data[0]["ts"]), sent_at, received_at)
+            received_at = self.clock.monotonic()
+            self.exchange_clock.update(float(data[0]["ts"]), sent_at, received_at)
         except (ProtocolError, KeyError, IndexError, ValueError, TypeError) as exc:
             log.warning("could not read OKX's clock (%s); signing with this machine's clock", exc)
-            if self.clock.synced_at is None:
-                self.clock.synced_at = time.monotonic() - CLOCK_RESYNC_INTERVAL + 60  # try again in a minute
+            self.exchange_clock.retry_in(60)
 
     # --- what rarely changes --------------------------------------------------------------------------
-    def cached(self, kind, key, ttl, load):
+    def cached(self, kind, key, ttl, load, deadline=None):
         """``load()``'s value, reused for ``ttl`` seconds; concurrent callers of one key load it once."""
         entry = self._caches.get((kind, key))
-        if entry and entry[0] > time.monotonic():
+        if entry and entry[0] > self.clock.monotonic():
             return entry[1]
-        with self._cache_locks[(kind, key)]:
-            entry = self._caches.get((kind, key))
-            if entry and entry[0] > time.monotonic():
-                return entry[1]
+
+        def produce():
             value = load()
-            self._caches[(kind, key)] = (time.monotonic() + ttl, value)
+            self._caches[(kind, key)] = (self.clock.monotonic() + ttl, value)
             return value
+        return self._once(("cache", kind, key), deadline, produce)
 
     def forget(self, kind, key):
         self._caches.pop((kind, key), None)
 
-    def instruments(self, inst_type, deadline=None):
-        """``{instId: instrument row}`` of one instrument type (SPOT, SWAP, FUTURES), cached."""
+    def instruments(self, inst_type, deadline=None, family=None):
+        """``{instId: instrument row}`` of one instrument type (SPOT, SWAP, FUTURES, or OPTION of one
+        ``family`` such as BTC-USD), cached."""
+        params = {"instType": inst_type}
+        if family:
+            params["instFamily"] = family
+
         def load():
-            rows = self.call("GET", "/api/v5/public/instruments", {"instType": inst_type}, deadline=deadline)
+            rows = self.call("GET", "/api/v5/public/instruments", params, deadline=deadline)
             return {row["instId"]: row for row in rows if isinstance(row, dict) and "instId" in row}
-        return self.cached("instruments", inst_type, INSTRUMENTS_TTL, load)
+        return self.cached("instruments", (inst_type, family), INSTRUMENTS_TTL, load, deadline)
 
     def account_config(self, credentials, deadline=None):
         """The key's account configuration (``posMode``, ``acctLv``), cached."""
         def load():
             rows = self.call("GET", "/api/v5/account/config", credentials=credentials, deadline=deadline)
             return rows[0] if rows else {}
-        return self.cached("account", (credentials.api_key, credentials.demo), ACCOUNT_CONFIG_TTL, load)
-
-    def stream(self, demo=False):
-        """The live market stream for live or demo keys, or None when it is off (--no-stream, or an
-        --api-base that is not an OKX site and no --ws-base)."""
-        if not self.config.stream:
-            return None
-        base = self.config.ws_base or STREAM_BASES.get(self.pool.host, (None, None))[1 if demo else 0]
-        if not base:
-            return None
-        stream = self._streams.get(base)
-        if stream is None:
-            with self._streams_lock:
-                stream = self._streams.get(base)
-                if stream is None:
-                    def rest_book(inst_id):
-                        return self.call("GET", "/api/v5/market/books", {"instId": inst_id, "sz": OKX_MAX_DEPTH},
-                                         demo=demo)[0]
-                    https = self.pool.ssl_context or tls_context(self.config.ca_file)
-                    proxy = Proxy(self.config.proxy) if self.config.proxy else Proxy.from_environment(
-                        base.replace("wss://", "https://").replace("ws://", "http://"))
-                    stream = MarketStream(base, https if base.startswith("wss:") else None, proxy,
-                                          self.config.stream_idle, rest_book)
-                    self._streams[base] = stream
-                    log.info("live market data from %s%s", base, " through proxy %s" % proxy if proxy else "")
-        return stream
+        return self.cached("account", (credentials.api_key, credentials.demo), ACCOUNT_CONFIG_TTL, load, deadline)
 
     def close(self):
         self.pool.close()
-        with self._streams_lock:
-            streams, self._streams = list(self._streams.values()), {}
-        for stream in streams:
-            stream.close()
-
-
-class _Flight:
-    """One market-data request on its way to OKX, awaited by every robot that asked the same."""
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.value, self.error = None, None
-
-    def result(self, deadline):
-        if not self.done.wait(max(0.0, deadline - time.monotonic())):
-            raise TransportError("no answer from OKX within the timeout")
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def _query_value(value):
@@ -1018,28 +1188,125 @@ def raise_for_code(envelope, status=200, path=""):
         raise ExchangeError(code, envelope.get("msg", ""), status, path)
 
 
-class OrderMemory:
-    """What became of the orders this plugin placed, by (api key, clOrdId), so that a repeated docker
-    request (same nonce) never places a second order: it answers the order already placed, even after the
-    order has left OKX's pending list. Concurrent requests with one clOrdId are handled one at a time.
+# =====================================================================================================
+# Order safety: every order placed at most once, and never lost track of
+# =====================================================================================================
 
-    Each key ends with its outcome: the order's docker id (it exists), or a float, the monotonic time until
-    which OKX could still execute it (its outcome could not be found out: check before placing again).
+ORDER_RECOVERY_SECONDS = 2.0      # of a call's time, kept to look for an order whose answer was lost
+ORDER_EXPIRY_SECONDS = 5.0        # an order must reach OKX within this (its expTime) or is never executed
+ORDER_EXPIRY_MARGIN = 0.25        # after expTime, wait this much more (clock sync accuracy) before "never"
+
+
+class OrderKind(collections.namedtuple("OrderKind", "what path id_field client_field lookup_path "
+                                                    "lookup_needs_inst_id expires")):
+    """How one kind of order is placed (``path``), named (``id_field``, ``client_field``) and found again
+    by its client id (``lookup_path``); ``expires`` when OKX honours the expTime header for it."""
+
+    def lookup(self, inst_id, client_id):
+        params = {self.client_field: client_id}
+        if self.lookup_needs_inst_id:
+            params["instId"] = inst_id
+        return self.lookup_path, params
+
+
+PLAIN_ORDER = OrderKind("order", "/api/v5/trade/order", "ordId", "clOrdId", "/api/v5/trade/order", True, True)
+# OKX has no expTime for algo orders; its refusal of a second algoClOrdId (51065) guards a late first one.
+ALGO_ORDER = OrderKind("condition order", "/api/v5/trade/order-algo", "algoId", "algoClOrdId",
+                       "/api/v5/trade/order-algo", False, False)
+NOT_FOUND_CODES = ("51603",)      # OKX's "Order does not exist" (orders and algo orders alike)
+
+
+class Placed(collections.namedtuple("Placed", "exchange_id raw")):
+    """OKX has the order: ``exchange_id`` is its ordId (or algoId), ``raw`` OKX's answer."""
+
+
+class Unknown(collections.namedtuple("Unknown", "until reason")):
+    """OKX may or may not have the order, and could still execute it until ``until`` (monotonic)."""
+
+
+class NotPlaced(collections.namedtuple("NotPlaced", "reason")):
+    """OKX has no such order and can never execute it: placing it again is safe."""
+
+
+class OrderNotPlaced(TransportError):
+    """The order's answer was lost, and OKX has no such order and can no longer execute one."""
+
+
+class OrderOutcomeUnknown(TransportError):
+    """The order may or may not have been placed, and OKX could not tell within the call's time."""
+
+    def __init__(self, message, outcome):
+        super().__init__(message, maybe_sent=True)
+        self.outcome = outcome
+
+
+class OrderPlacer:
+    """Places orders for every robot: each at most once, and never loses track of one.
+
+    Every order carries a client id made from the docker's nonce (``clOrdId``, ``algoClOrdId``), and a plain
+    order also OKX's expTime: OKX executes it only if it arrives within ORDER_EXPIRY_SECONDS, and never
+    after the moment this plugin stops waiting for its answer.
+
+    1. Outcomes are remembered by (API key, environment, kind, client id), the last MEMORY_ENTRIES of them:
+       the same nonce again answers the order already placed without calling OKX, and concurrent requests
+       with one nonce are served one after the other.
+    2. An order is sent once. When its answer is lost (timeout, reset, HTTP 5xx, not OKX's JSON, an OKX code
+       that leaves the outcome open: RECOVER in CODE_ACTIONS), it is looked up by its client id. Found: it
+       was placed. Not found: it may still be in transit, so the lookup is repeated once its expTime has
+       passed (plus ORDER_EXPIRY_MARGIN); still not found, it was not placed and never will be.
+    3. When neither can be told within the call's time, the outcome is Unknown, remembered, and answered as
+       such. A repeat of the nonce looks the order up again before anything else: it never places a
+       second order while the first could still execute.
     """
 
-    def __init__(self, size=ORDER_MEMORY):
-        self.size = size
-        self._outcomes = collections.OrderedDict()  # (api_key, clOrdId) -> docker id, or executable-until
-        self._in_flight = {}                        # (api_key, clOrdId) -> threading.Event
+    def __init__(self, client):
+        self.client = client
+        self.clock = client.clock
+        self._outcomes = LastUsed()      # key -> Placed | Unknown
+        self._in_flight = {}             # key -> threading.Event, while one request works on the key
         self._lock = threading.Lock()
 
-    def begin(self, key):
-        """The order's docker id when it is known to exist; otherwise claim ``key`` (call ``end`` after)
-        and return None (nothing known) or the executable-until time of an unknown outcome."""
+    def place(self, kind, credentials, inst_id, body, deadline):
+        """Place ``body`` (which carries ``kind.client_field``) once; return Placed. Raises ExchangeError
+        when OKX refused it (nothing placed), OrderNotPlaced or OrderOutcomeUnknown."""
+        client_id = body[kind.client_field]
+        key = (credentials.api_key, credentials.demo, kind.what, client_id)
+        known = self._claim(key)
+        if isinstance(known, Placed):
+            log.info("%s %s,%s (%s %s) was already placed by this request's nonce",
+                     kind.what, inst_id, known.exchange_id, kind.client_field, client_id)
+            return known
+        outcome = None
+        try:
+            if isinstance(known, Unknown):
+                outcome = self._settle(kind, credentials, inst_id, client_id, known.until,
+                                       "an earlier request with this nonce got no answer", deadline)
+            if outcome is None or isinstance(outcome, NotPlaced):
+                outcome = self._send(kind, credentials, inst_id, body, deadline)
+        except ExchangeError:
+            outcome = None               # OKX refused it: nothing was placed
+            raise
+        except BaseException:            # whatever failed, the order may be out there
+            outcome = Unknown(self.clock.monotonic() + ORDER_EXPIRY_SECONDS, "the plugin failed while placing it")
+            raise
+        finally:
+            self._release(key, outcome)
+        if isinstance(outcome, Placed):
+            return outcome
+        if isinstance(outcome, NotPlaced):
+            raise OrderNotPlaced("the %s was not placed: %s; OKX has no %s with %s %s and can no longer "
+                                 "execute one; it was not sent again"
+                                 % (kind.what, outcome.reason, kind.what, kind.client_field, client_id))
+        raise OrderOutcomeUnknown("the %s's outcome is unknown: %s: check open orders before placing it "
+                                  "again" % (kind.what, outcome.reason), outcome)
+
+    def _claim(self, key):
+        """The remembered outcome of ``key`` (Placed, Unknown or None), the key then held by this caller
+        unless Placed: others asking meanwhile wait for ``_release``."""
         while True:
             with self._lock:
                 outcome = self._outcomes.get(key)
-                if isinstance(outcome, str):
+                if isinstance(outcome, Placed):
                     return outcome
                 event = self._in_flight.get(key)
                 if event is None:
@@ -1047,26 +1314,94 @@ class OrderMemory:
                     return outcome
             event.wait()
 
-    def end(self, key, outcome):
-        """Release ``key`` with its outcome: a docker id, an executable-until time, or None (no order)."""
+    def _release(self, key, outcome):
         with self._lock:
-            if outcome is None:
-                self._outcomes.pop(key, None)
-            else:
+            if isinstance(outcome, Placed):
+                self._outcomes[key] = Placed(outcome.exchange_id, None)     # the id is all a repeat needs
+            elif isinstance(outcome, Unknown):
                 self._outcomes[key] = outcome
-                self._outcomes.move_to_end(key)
-                while len(self._outcomes) > self.size:
-                    self._outcomes.popitem(last=False)
+            else:                        # refused, or never placed: nothing to remember
+                self._outcomes.pop(key)
             event = self._in_flight.pop(key, None)
         if event:
             event.set()
 
+    def _send(self, kind, credentials, inst_id, body, deadline):
+        """POST the order once; the outcome (Placed, NotPlaced or Unknown), or ExchangeError (refused)."""
+        post_deadline = deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
+        until = min(post_deadline, self.clock.monotonic() + ORDER_EXPIRY_SECONDS)
+        client_id = body[kind.client_field]
+        try:
+            status, envelope = self.client.request("POST", kind.path, body=body, credentials=credentials,
+                                                   deadline=post_deadline, exp_time=until if kind.expires else None)
+            raise_for_code(envelope, status, kind.path)
+        except TransportError as exc:
+            if not exc.maybe_sent:
+                raise                    # it never left: nothing placed
+            return self._recover(kind, credentials, inst_id, client_id, str(exc), until, deadline)
+        except ExchangeError as exc:
+            if not exc.outcome_unknown:
+                raise
+            return self._recover(kind, credentials, inst_id, client_id, str(exc), until, deadline)
+        row = _first_row(envelope.get("data"), kind.id_field)
+        if row is None:
+            return self._recover(kind, credentials, inst_id, client_id, "OKX's answer named no %s" % kind.id_field,
+                                 until, deadline)
+        log.info("placed %s: %s %s,%s (%s %s)", _describe_order(body), kind.what, inst_id, row[kind.id_field],
+                 kind.client_field, client_id)
+        return Placed(str(row[kind.id_field]), envelope)
+
+    def _recover(self, kind, credentials, inst_id, client_id, reason, until, deadline):
+        log.warning("placing %s %s gave no clear answer (%s): asking OKX for it", kind.what, client_id, reason)
+        outcome = self._settle(kind, credentials, inst_id, client_id, until, reason, deadline)
+        if isinstance(outcome, Placed):
+            log.info("%s %s was placed: OKX %s %s", kind.what, client_id, kind.id_field, outcome.exchange_id)
+        return outcome
+
+    def _settle(self, kind, credentials, inst_id, client_id, until, reason, deadline):
+        """What became of an order whose answer was lost: Placed, NotPlaced once OKX has none and its time
+        to execute (``until``) has passed, or Unknown when neither can be told before ``deadline``."""
+        path, params = kind.lookup(inst_id, client_id)
+        while True:
+            try:
+                row = _first_row(self.client.call("GET", path, params, credentials=credentials, deadline=deadline),
+                                 kind.id_field)
+                if row is not None:
+                    return Placed(str(row[kind.id_field]), {"code": "0", "data": [row], "msg": ""})
+            except ExchangeError as exc:
+                if exc.code not in NOT_FOUND_CODES:
+                    return Unknown(until, "%s; asking OKX for %s %s failed too (%s)"
+                                   % (reason, kind.client_field, client_id, exc))
+            except ProtocolError as exc:
+                return Unknown(until, "%s; asking OKX for %s %s failed too (%s)"
+                               % (reason, kind.client_field, client_id, exc))
+            now = self.clock.monotonic()
+            wait = until + ORDER_EXPIRY_MARGIN - now
+            if wait <= 0:
+                return NotPlaced(reason)
+            if now + wait + 0.05 >= deadline:
+                return Unknown(until, "%s; OKX has no %s with %s %s yet, but could still execute one for %.1f s"
+                               % (reason, kind.what, kind.client_field, client_id, wait))
+            self.clock.sleep(wait)   # an order still in transit executes before its expTime or never
+
+
+def _first_row(rows, id_field):
+    """The first row of OKX's ``data`` that names ``id_field``, or None."""
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict) and rows[0].get(id_field):
+        return rows[0]
+    return None
+
+
+def _describe_order(body):
+    """``buy 0.01 ETH-USDT at 2900`` (or ``at market``, or the algo ``ordType``) for log lines."""
+    price = body.get("px") or ("market" if body.get("ordType") == "market" else body.get("ordType", ""))
+    return "%s %s %s at %s" % (body.get("side"), body.get("sz"), body.get("instId"), price)
+
 
 # =====================================================================================================
-# Live market stream: OKX's public WebSocket, kept in memory for ticker, depth and trades
+# The WebSocket client both live streams share
 # =====================================================================================================
 
-STREAM_PATH = "/ws/v5/public"
 STREAM_FRESH_SECONDS = 3.0        # answer from memory only if the connection was heard from this recently
 STREAM_PING_AFTER = 1.0           # silence after which we send the text "ping" (quiet instruments push nothing)
 STREAM_DEAD_AFTER = 5.0           # silence, pings unanswered, after which the connection is given up
@@ -1078,16 +1413,9 @@ STREAM_CONNECTS_PER_SECOND = 3    # OKX: "Connection limit: 3 requests per secon
 STREAM_BACKOFF_FIRST = 0.5        # wait before the 2nd attempt in a row, doubled for each further one...
 STREAM_BACKOFF_MAX = 10.0         # ...up to this
 STREAM_STABLE_SECONDS = 10.0      # a connection that lasted this long resets the backoff
-STREAM_CHECKSUM_LEVELS = 25
-STREAM_SYNC_BUFFER = 1000         # `books` updates held while a REST snapshot is being fetched
-STREAM_RESUBSCRIBE_MAX = 60.0     # a book that keeps breaking is rebuilt at most this rarely
-STREAM_ARGS_PER_REQUEST = 100     # keeps a subscribe request far below OKX's 64 KB
-STREAM_REFUSED_RETRY = 60.0       # a channel OKX refused (e.g. 60018) is not asked for again before this
-STREAM_IDLE_SCAN = 0.25           # how often subscriptions are checked for idleness
 
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"          # RFC 6455 section 1.3
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_REFUSED_ARG_RE = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w.-]+)")
 
 
 class StreamError(Exception):
@@ -1098,23 +1426,6 @@ class StreamError(Exception):
 def websocket_accept(key):
     """The ``Sec-WebSocket-Accept`` a server must answer to our ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
     return base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
-
-
-def okx_book_checksum(bids, asks):
-    """OKX's order-book checksum (OKX.md 11.5): signed CRC32 of ``bid1px:bid1sz:ask1px:ask1sz:bid2px:...``.
-
-    ``bids``/``asks`` are ``[px, sz, ...]`` rows best first, strings exactly as OKX sent them. The best 25
-    of each side count; where one side runs out, the other continues alone.
-    """
-    bids, asks = bids[:STREAM_CHECKSUM_LEVELS], asks[:STREAM_CHECKSUM_LEVELS]
-    parts = []
-    for i in range(max(len(bids), len(asks))):
-        if i < len(bids):
-            parts.extend(bids[i][:2])
-        if i < len(asks):
-            parts.extend(asks[i][:2])
-    value = zlib.crc32(":".join(parts).encode("ascii"))
-    return value - (1 << 32) if value >= (1 << 31) else value
 
 
 def _masked(payload, mask):
@@ -1144,7 +1455,7 @@ class WebSocketClient:
     ``heard_at`` is when the last frame arrived. Every failure raises StreamError.
     """
 
-    def __init__(self, url, ssl_context=None, proxy=None, stop=None):
+    def __init__(self, url, clock, ssl_context=None, proxy=None, stop=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError("not a ws:// or wss:// URL: %r" % url)
@@ -1153,6 +1464,7 @@ class WebSocketClient:
         self.path = parts.path or "/"
         self.ssl_context = ssl_context if ssl_context is not None or not self.tls else ssl.create_default_context()
         self.proxy = proxy
+        self.clock = clock
         self.stop = stop or threading.Event()
         self.sock = None
         self.heard_at = 0.0
@@ -1162,7 +1474,7 @@ class WebSocketClient:
 
     # --- opening --------------------------------------------------------------------------------------
     def open(self):
-        deadline = time.monotonic() + STREAM_CONNECT_TIMEOUT
+        deadline = self.clock.monotonic() + STREAM_CONNECT_TIMEOUT
         try:
             self._connect_tcp(self.proxy.host if self.proxy else self.host,
                               self.proxy.port if self.proxy else self.port, deadline)
@@ -1181,13 +1493,13 @@ class WebSocketClient:
                 raise StreamError("TLS certificate of %s could not be verified (%s)"
                                   % (self.host, exc.verify_message)) from None
             raise StreamError("connection to %s failed: %s" % (self.url, _os_error_text(exc))) from None
-        self.heard_at = time.monotonic()
+        self.heard_at = self.clock.monotonic()
         return self
 
     def _check(self, deadline):
         if self.stop.is_set():
             raise StreamError("stopped")
-        if time.monotonic() >= deadline:
+        if self.clock.monotonic() >= deadline:
             raise StreamError("%s did not answer within %.0f s" % (self.url, STREAM_CONNECT_TIMEOUT))
 
     def _patiently(self, operation, deadline):
@@ -1337,7 +1649,7 @@ class WebSocketClient:
         return bool(first & 0x80), first & 0x0F, payload
 
     def _on_frame(self, fin, opcode, payload):
-        self.heard_at = time.monotonic()
+        self.heard_at = self.clock.monotonic()
         if opcode >= _OP_CLOSE:
             if len(payload) > 125 or not fin:
                 self._fail(1002, "a control frame was fragmented or too long")
@@ -1365,7 +1677,7 @@ class WebSocketClient:
         data, opcode = b"".join(self._fragments), self._message_opcode
         self._fragments, self._fragments_size, self._message_opcode = [], 0, None
         if opcode == _OP_BINARY:
-            return None               # OKX's public stream speaks JSON text only
+            return None               # OKX's streams speak JSON text only
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
@@ -1393,11 +1705,213 @@ class WebSocketClient:
 
 # --- what the stream keeps -------------------------------------------------------------------------------
 
-class OrderBook:
-    """One instrument's `books` order book as OKX sent it, following OKX's seqId chain (OKX.md 11.5).
 
-    Each side is ``{Decimal price: (px text, sz text)}`` plus its prices in ascending order, so answers and
-    checksums use OKX's own strings. ``seq_id`` is None until a snapshot (pushed, or from REST through
+class LiveConnection:
+    """One OKX WebSocket URL kept open by a thread of its own for as long as something is wanted of it.
+
+    The common part of the market and account streams. The thread (started by ``_ensure_thread`` on first
+    use) connects, respecting OKX's limit of STREAM_CONNECTS_PER_SECOND new connections per IP address,
+    calls ``_opened(ws)`` (a login, say), then loops: ``_turn(ws, now)`` sends what the subclass wants sent,
+    the text ``ping`` goes out after STREAM_PING_AFTER of silence, every text message received is handed as
+    JSON to ``_on_message`` (under ``_lock``), and the connection is given up after STREAM_DEAD_AFTER without
+    a message or a ``pong``. After any loss it calls ``_lost()`` (under the lock: drop what the connection
+    held) and reconnects with growing backoff. Answers from memory count only while ``_live(now)``: the
+    connection was heard from within STREAM_FRESH_SECONDS. All timing follows the injected clock.
+    """
+
+    _connect_times = collections.deque()      # shared: OKX limits new connections per IP, not per stream
+    _connect_times_lock = threading.Lock()
+
+    def __init__(self, url, clock, ssl_context=None, proxy=None, name="stream"):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("a stream's base must be ws://host[:port] or wss://host[:port], not %r" % url)
+        if ssl_context is None and parts.scheme == "wss":
+            ssl_context = ssl.create_default_context()
+        self.url, self.clock, self.ssl_context, self.proxy, self.name = url, clock, ssl_context, proxy, name
+        self._lock = threading.Lock()
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._thread = None
+        self._closed = False
+        self._connected = False
+        self._heard_at = 0.0
+        self._reconnects = 0
+
+    # --- for subclasses -------------------------------------------------------------------------------
+    def _wanted(self, now):
+        """True while the connection should stay open (called under the lock)."""
+        raise NotImplementedError
+
+    def _opened(self, ws):
+        """A new connection is up (outside the lock); raise StreamError to give it up."""
+
+    def _turn(self, ws, now):
+        """Once per turn of the loop (outside the lock): send what must be sent; False to close."""
+        return True
+
+    def _on_message(self, message, now):
+        """One JSON message from OKX (under the lock)."""
+
+    def _lost(self):
+        """The connection is gone: forget what it held (under the lock)."""
+
+    # --- shared ----------------------------------------------------------------------------------------
+    def _ensure_thread(self):
+        """Start the thread on first use and wake it (under the lock)."""
+        if self._closed:
+            return
+        self._wake.set()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="okx-" + self.name, daemon=True)
+            self._thread.start()
+
+    def _live(self, now):
+        return self._connected and not self._closed and now - self._heard_at < STREAM_FRESH_SECONDS
+
+    def heard_ago(self):
+        """Seconds since the connection was last heard from, or None while it is down."""
+        with self._lock:
+            return self.clock.monotonic() - self._heard_at if self._connected else None
+
+    def close(self):
+        """Stop the thread and close the connection (waits at most 0.5 s; no answers from memory after)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._stop.set()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(0.5)
+
+    def _run(self):
+        failures, lost = 0, False     # failures: connections in a row that failed or did not last
+        while not self._stop.is_set():
+            self._wake.clear()
+            with self._lock:
+                wanted = self._wanted(self.clock.monotonic())
+            if not wanted:
+                self.clock.wait(self._wake, 1.0)
+                continue
+            backoff = min(STREAM_BACKOFF_MAX, STREAM_BACKOFF_FIRST * 2 ** (failures - 2)) if failures > 1 else 0.0
+            if self.clock.wait(self._stop, backoff) or not self._take_connect_slot():
+                break
+            ws = WebSocketClient(self.url, self.clock, self.ssl_context, self.proxy, self._stop)
+            opened_at = self.clock.monotonic()
+            try:
+                ws.open()
+                self._opened(ws)
+            except StreamError as exc:
+                ws.close()
+                failures += 1
+                if not self._stop.is_set():
+                    (log.warning if failures & (failures - 1) == 0 else log.debug)(
+                        "%s: %s (attempt %d; answering from REST meanwhile)", self.name, exc, failures)
+                continue
+            log.info("%s connected to %s%s", self.name, self.url, " via proxy %s" % self.proxy if self.proxy else "")
+            with self._lock:
+                self._connected, self._heard_at = True, ws.heard_at
+                self._reconnects += lost
+            lost = True
+            try:
+                self._serve(ws)
+                lost = False
+            except StreamError as exc:
+                if not self._stop.is_set():
+                    log.warning("%s lost: %s; reconnecting", self.name, exc)
+            except Exception:             # a bug here must not end the stream for good
+                log.exception("%s: unexpected error; reconnecting", self.name)
+            finally:
+                with self._lock:
+                    self._connected = False
+                    self._lost()
+                ws.close()
+            if not lost or self.clock.monotonic() - opened_at >= STREAM_STABLE_SECONDS:
+                failures = 1 if lost else 0   # the first reconnection after a good connection is immediate
+            else:
+                failures += 1
+
+    def _take_connect_slot(self):
+        """Wait until one more connection stays within OKX's per-IP rate; False when stopping."""
+        while True:
+            with LiveConnection._connect_times_lock:
+                now, times = self.clock.monotonic(), LiveConnection._connect_times
+                while times and (times[0] <= now - 1.0 or times[0] > now):   # (another clock's times too)
+                    times.popleft()
+                if len(times) < STREAM_CONNECTS_PER_SECOND:
+                    times.append(now)
+                    return True
+                wait = times[0] + 1.0 - now
+            if self.clock.wait(self._stop, wait):
+                return False
+
+    def _serve(self, ws):
+        """Run one connection until it fails (StreamError), nothing is wanted any more, or close()."""
+        pinged_at = 0.0
+        while not self._stop.is_set():
+            now = self.clock.monotonic()
+            if not self._turn(ws, now):
+                return
+            if now - max(ws.heard_at, pinged_at) >= STREAM_PING_AFTER:
+                ws.send_text("ping")      # OKX's keep-alive is this text, not an RFC 6455 ping frame
+                pinged_at = now
+            if now - ws.heard_at > STREAM_DEAD_AFTER:
+                raise StreamError("no pong from %s for %.0f s" % (self.url, now - ws.heard_at))
+            messages = []
+            for text in ws.receive():
+                if text != "pong":
+                    try:
+                        messages.append(json.loads(text))
+                    except (ValueError, RecursionError):
+                        log.debug("%s: ignored a message that is not JSON: %.80r", self.name, text)
+            with self._lock:
+                self._heard_at = ws.heard_at
+                for message in messages:
+                    if isinstance(message, dict):
+                        self._on_message(message, now)
+
+
+# =====================================================================================================
+# Live market stream: OKX's public WebSocket, kept in memory for ticker, depth and trades
+# =====================================================================================================
+
+STREAM_PATH = "/ws/v5/public"
+STREAM_CHECKSUM_LEVELS = 25
+STREAM_SYNC_BUFFER = 1000         # `books` updates held while a REST snapshot is being fetched
+STREAM_RESUBSCRIBE_MAX = 60.0     # a book that keeps breaking is rebuilt at most this rarely
+STREAM_ARGS_PER_REQUEST = 100     # keeps a subscribe request far below OKX's 64 KB
+STREAM_REFUSED_RETRY = 60.0       # a channel OKX refused (e.g. 60018) is not asked for again before this
+STREAM_IDLE_SCAN = 0.25           # how often subscriptions are checked for idleness
+
+_REFUSED_ARG_RE = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w.-]+)")
+
+
+def okx_book_checksum(bids, asks):
+    """OKX's order-book checksum: signed CRC32 of ``bid1px:bid1sz:ask1px:ask1sz:bid2px:...`` (OKX's v5
+    docs, WebSocket order book channel; OKX sends 0 instead since June 2026).
+
+    ``bids``/``asks`` are ``[px, sz, ...]`` rows best first, strings exactly as OKX sent them. The best 25
+    of each side count; where one side runs out, the other continues alone.
+    """
+    bids, asks = bids[:STREAM_CHECKSUM_LEVELS], asks[:STREAM_CHECKSUM_LEVELS]
+    parts = []
+    for i in range(max(len(bids), len(asks))):
+        if i < len(bids):
+            parts.extend(bids[i][:2])
+        if i < len(asks):
+            parts.extend(asks[i][:2])
+    value = zlib.crc32(":".join(parts).encode("ascii"))
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+# --- what the stream keeps -------------------------------------------------------------------------------
+
+class OrderBook:
+    """One instrument's `books` order book as OKX sent it, following OKX's seqId chain (OKX's v5 docs,
+    WebSocket "Order book channel": sequence ID).
+
+    Each side is ``{Decimal price: level row}`` plus its prices in ascending order; a level row is what OKX
+    sent, ``[px, sz, "0", orders]`` as text, so answers (and their ``raw``) and checksums use OKX's own
+    strings and shape. ``seq_id`` is None until a snapshot (pushed, or from REST through
     ``load_rest``) made the book complete. ``load``/``apply``/``load_rest`` return False when the book can no
     longer be trusted (a lost message, a non-zero checksum that does not match): it must then be rebuilt.
     Malformed data raises (KeyError, TypeError, ValueError, ArithmeticError).
@@ -1420,15 +1934,15 @@ class OrderBook:
         for side in ("asks", "bids"):
             levels, prices = self.levels[side], self.prices[side]
             for row in data[side]:
-                px, sz = str(row[0]), str(row[1])
-                price = Decimal(px)
-                if Decimal(sz) == 0:
+                level = [str(value) for value in row[:4]]
+                price = Decimal(level[0])
+                if Decimal(level[1]) == 0:
                     if levels.pop(price, None) is not None:
                         del prices[bisect.bisect_left(prices, price)]
                 else:
                     if price not in levels:
                         bisect.insort(prices, price)
-                    levels[price] = (px, sz)
+                    levels[price] = level
         self.ts = str(data.get("ts", self.ts))
 
     def _replace(self, data, seq_id):
@@ -1474,13 +1988,14 @@ class OrderBook:
                                                  self.side("asks", STREAM_CHECKSUM_LEVELS)) == expected
 
     def side(self, side, limit):
-        """The best ``limit`` levels of ``side`` as ``(px, sz)`` text pairs, best first."""
+        """The best ``limit`` level rows of ``side``, best first."""
         prices = self.prices[side]
         chosen = prices[:limit] if side == "asks" else prices[:-limit - 1:-1]
         levels = self.levels[side]
         return [levels[price] for price in chosen]
 
     def top(self, limit):
+        """The best ``limit`` levels a side as REST's ``/market/books`` data[0] has them (copies)."""
         return {"asks": [list(level) for level in self.side("asks", limit)],
                 "bids": [list(level) for level in self.side("bids", limit)], "ts": self.ts}
 
@@ -1511,7 +2026,8 @@ class TradeTape:
             if not isinstance(row, dict) or not row.get("tradeId"):
                 continue
             trade_id = str(row["tradeId"])
-            count = int(row.get("count") or 1) if str(row.get("count") or "1").isdigit() else 1
+            count = str(row.get("count") or "1")
+            count = min(int(count), OKX_MAX_TRADES) if count.isdigit() and len(count) < 7 else 1
             if count > 1 and trade_id.isdigit():
                 self.covered.update(str(int(trade_id) - n) for n in range(1, count))
             elif trade_id in by_id or trade_id in self.covered:
@@ -1528,88 +2044,79 @@ class TradeTape:
 
 # --- the stream ----------------------------------------------------------------------------------------
 
-class MarketStream:
+
+# --- the stream ----------------------------------------------------------------------------------------
+
+class _Subscription:
+    """What the market stream knows of one (channel, instId): when a robot last asked for it, where its
+    subscription stands on the current connection, and what it holds."""
+
+    __slots__ = ("asked_at", "state", "held", "refused_until", "rebuild_at", "rebuilt")
+
+    def __init__(self, now):
+        self.asked_at = now
+        self.state = None          # None: not sent on this connection; "asked": sent; "live": acknowledged
+        self.held = None           # ticker row | books5 {asks, bids, ts} | OrderBook | TradeTape
+        self.refused_until = 0.0   # OKX refused it (60018, say): not asked again before this
+        self.rebuild_at = None     # when its book is to be rebuilt (unsubscribe + subscribe)
+        self.rebuilt = (None, 0.0)  # (time, delay) of its last rebuild, to back off repeated ones
+
+
+class MarketStream(LiveConnection):
     """OKX's public WebSocket at one ws base URL, shared by every robot: ticker, depth and trades from memory.
 
     ``ticker``/``depth``/``trades`` never do I/O: each records that its (channel, instId) was asked for,
     queues the subscription for the stream's thread (started on first use), and answers from memory only
     while the connection is proven alive (a message or pong within STREAM_FRESH_SECONDS) and the data is
-    complete; otherwise None, and the caller asks REST. One thread owns the connection: it subscribes
-    (``tickers``; ``books5`` for depth up to 5, else ``books``; ``trades``), pings after STREAM_PING_AFTER of
-    silence, keeps the ``books`` books in sequence (rebuilding one that breaks), unsubscribes what nobody
-    asked for in ``idle_seconds``, and reconnects with backoff after any loss, discarding what it held.
+    complete; otherwise None, and the caller asks REST. The thread subscribes (``tickers``; ``books5`` for
+    depth up to 5, else ``books``; ``trades``), keeps the ``books`` books in sequence (rebuilding one that
+    breaks), unsubscribes what nobody asked for in ``idle_seconds``, and after any loss discards what it
+    held and subscribes again on a new connection. Answers carry OKX's rows as REST has them.
     """
 
-    _connect_times = collections.deque()      # shared: OKX limits new connections per IP, not per stream
-    _connect_times_lock = threading.Lock()
-
-    def __init__(self, ws_base, ssl_context=None, proxy=None, idle_seconds=DEFAULT_STREAM_IDLE, rest_book=None):
-        self.url = ws_base.rstrip("/") + STREAM_PATH
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError("the stream's base must be ws://host[:port] or wss://host[:port], not %r" % ws_base)
-        if ssl_context is None and parts.scheme == "wss":
-            ssl_context = ssl.create_default_context()
-        self.ssl_context, self.proxy = ssl_context, proxy
+    def __init__(self, ws_base, clock, ssl_context=None, proxy=None, idle_seconds=DEFAULT_STREAM_IDLE,
+                 rest_book=None):
+        super().__init__(ws_base.rstrip("/") + STREAM_PATH, clock, ssl_context, proxy, name="market stream")
         self.idle_seconds, self.rest_book = idle_seconds, rest_book
-        self._lock = threading.Lock()
-        self._stop, self._wake = threading.Event(), threading.Event()
-        self._thread = None
-        self._closed = False
-        self._asked = {}              # (channel, instId) -> monotonic time a robot last asked for it
-        self._refused = {}            # key -> time before which it is not subscribed again
-        self._resubscribe = {}        # key -> time its book is to be rebuilt (unsubscribe + subscribe)
-        self._rebuilt = {}            # key -> (time, delay) of its last rebuild, to back off repeated ones
-        # what the current connection holds: discarded with it
-        self._subs = {}               # key -> True once OKX acknowledged it, False while asked
-        self._held = {}               # key -> ticker row | books5 {asks, bids, ts} | OrderBook | TradeTape
+        self._subscriptions = {}      # (channel, instId) -> _Subscription
         self._requests = collections.OrderedDict()   # our request id -> its keys (errors carry no arg)
         self._rest_results = []       # (key, book, snapshot or None, error or None) from sync threads
-        self._connected = False
-        self._heard_at = 0.0
         self._request_id = 0
         self._next_idle_scan = 0.0
-        self._served = self._reconnects = 0
+        self._served = 0
 
     # --- what robots call -----------------------------------------------------------------------------
     def ticker(self, inst_id):
         """OKX's ticker row (REST ``/market/ticker`` data[0] fields) from memory, or None."""
-        now = time.monotonic()
         with self._lock:
-            self._ask(("tickers", inst_id), now)
-            row = self._held.get(("tickers", inst_id)) if self._live(now) else None
-            if row is None:
+            held = self._ask(("tickers", inst_id))
+            if held is None:
                 return None
             self._served += 1
-            return dict(row)
+            return dict(held)
 
     def depth(self, inst_id, limit):
-        """``{"asks": [[px, sz], ...] ascending, "bids": [...] descending, "ts"}``, at most ``limit`` levels a
-        side, or None. Up to 5 levels come from ``books5`` (or a synced ``books``), more from ``books``."""
-        now = time.monotonic()
+        """REST ``/market/books`` data[0] from memory: ``{"asks": [[px, sz, "0", orders], ...] ascending,
+        "bids": [...] descending, "ts"}``, at most ``limit`` levels a side, or None. Up to 5 levels come from
+        ``books5`` (or a synced ``books``), more from ``books``."""
         with self._lock:
-            self._ask(("books5" if limit <= 5 else "books", inst_id), now)
-            if not self._live(now):
-                return None
-            top5 = self._held.get(("books5", inst_id)) if limit <= 5 else None
-            book = self._held.get(("books", inst_id))
-            if top5 is not None:
-                answer = {"asks": [list(level) for level in top5["asks"][:limit]],
-                          "bids": [list(level) for level in top5["bids"][:limit]], "ts": top5["ts"]}
-            elif book is not None and book.synced and limit <= OKX_MAX_DEPTH:
-                answer = book.top(limit)
+            held = self._ask(("books5" if limit <= 5 else "books", inst_id))
+            if limit <= 5 and held is not None:
+                answer = {"asks": [list(level) for level in held["asks"][:limit]],
+                          "bids": [list(level) for level in held["bids"][:limit]], "ts": held["ts"]}
             else:
-                return None
+                book = held if limit > 5 else self._held(("books", inst_id))
+                if book is None or not book.synced or limit > OKX_MAX_DEPTH:
+                    return None
+                answer = book.top(limit)
             self._served += 1
             return answer
 
     def trades(self, inst_id, limit):
         """The ``limit`` latest trades (REST rows: instId, tradeId, px, sz, side, ts), newest first, or None:
         then the caller fetches REST and hands the rows to ``seed_trades``."""
-        now = time.monotonic()
         with self._lock:
-            self._ask(("trades", inst_id), now)
-            tape = self._held.get(("trades", inst_id)) if self._live(now) else None
+            tape = self._ask(("trades", inst_id))
             if tape is None:
                 return None
             if not tape.seeded or len(tape.rows) < limit:
@@ -1622,7 +2129,7 @@ class MarketStream:
         """REST trade rows (newest first) fetched after ``trades`` answered None: merged with the pushes
         when the subscription was live before that answer (else ignored: REST again next time)."""
         with self._lock:
-            tape = self._held.get(("trades", inst_id))
+            tape = self._held(("trades", inst_id))
             if tape is not None and tape.seedable:
                 tape.merge(rows)
                 tape.seeded = True
@@ -1630,154 +2137,82 @@ class MarketStream:
     def stats(self):
         """``{"connected", "subscriptions" (acknowledged), "served_from_memory", "reconnects"}``."""
         with self._lock:
-            return {"connected": self._connected, "subscriptions": sum(1 for live in self._subs.values() if live),
+            return {"connected": self._connected,
+                    "subscriptions": sum(1 for sub in self._subscriptions.values() if sub.state == "live"),
                     "served_from_memory": self._served, "reconnects": self._reconnects}
 
-    def close(self):
-        """Stop the thread and close the connection (waits at most 0.5 s; answers are None from now on)."""
+    def status(self):
+        """What GET /status shows of this stream."""
         with self._lock:
-            self._closed = True
-            thread = self._thread
-        self._stop.set()
-        self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(0.5)
+            now = self.clock.monotonic()
+            live = sorted("%s:%s" % key for key, sub in self._subscriptions.items() if sub.state == "live")
+            return {"url": self.url, "live": self._live(now), "subscriptions": live,
+                    "last_message_age": round(now - self._heard_at, 3) if self._connected else None,
+                    "served_from_memory": self._served, "reconnects": self._reconnects}
 
-    def _ask(self, key, now):
-        if self._closed:
-            return
-        if key not in self._asked:
-            self._wake.set()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="okx-stream", daemon=True)
-                self._thread.start()
-        self._asked[key] = now
+    def _ask(self, key):
+        """Record that a robot asked for ``key`` (under the lock); what the stream holds for it if that can
+        be trusted now, else None."""
+        now = self.clock.monotonic()
+        sub = self._subscriptions.get(key)
+        if sub is None:
+            if self._closed:
+                return None
+            sub = self._subscriptions[key] = _Subscription(now)
+            self._ensure_thread()
+        sub.asked_at = now
+        return sub.held if self._live(now) else None
 
-    def _live(self, now):
-        return self._connected and not self._closed and now - self._heard_at < STREAM_FRESH_SECONDS
+    def _held(self, key):
+        sub = self._subscriptions.get(key)
+        return sub.held if sub is not None and self._live(self.clock.monotonic()) else None
 
-    # --- the stream's thread --------------------------------------------------------------------------
-    def _run(self):
-        failures, lost = 0, False     # failures: connections in a row that failed or did not last
-        while not self._stop.is_set():
-            self._wake.clear()
-            with self._lock:
-                self._expire_idle(time.monotonic())
-                wanted = bool(self._asked)
-            if not wanted:
-                self._wake.wait(1.0)
-                continue
-            backoff = min(STREAM_BACKOFF_MAX, STREAM_BACKOFF_FIRST * 2 ** (failures - 2)) if failures > 1 else 0.0
-            if self._stop.wait(backoff) or not self._take_connect_slot():
-                break
-            ws = WebSocketClient(self.url, self.ssl_context, self.proxy, self._stop)
-            try:
-                ws.open()
-            except StreamError as exc:
-                failures += 1
-                if not self._stop.is_set():
-                    (log.warning if failures & (failures - 1) == 0 else log.debug)(
-                        "market stream: %s (attempt %d; answering from REST meanwhile)", exc, failures)
-                continue
-            log.info("market stream connected to %s%s", self.url,
-                     " via proxy %s" % self.proxy if self.proxy else "")
-            with self._lock:
-                self._connected, self._heard_at = True, ws.heard_at
-                self._reconnects += lost
-            opened_at, lost = time.monotonic(), True
-            try:
-                self._serve(ws)
-                lost = False
-            except StreamError as exc:
-                if not self._stop.is_set():
-                    log.warning("market stream lost: %s; reconnecting", exc)
-            except Exception:             # a bug here must not end the stream for good
-                log.exception("market stream: unexpected error; reconnecting")
-            finally:
-                with self._lock:
-                    self._connected = False
-                    self._subs.clear()
-                    self._held.clear()
-                    self._requests.clear()
-                    self._resubscribe.clear()
-                    self._rest_results = []
-                ws.close()
-            if not lost or time.monotonic() - opened_at >= STREAM_STABLE_SECONDS:
-                failures = 1 if lost else 0   # the first reconnection after a good connection is immediate
-            else:
-                failures += 1
+    # --- the stream's thread (LiveConnection's hooks) ------------------------------------------------
+    def _wanted(self, now):
+        self._expire_idle(now)
+        return bool(self._subscriptions)
 
-    def _take_connect_slot(self):
-        """Wait until one more connection stays within OKX's per-IP rate; False when stopping."""
-        while True:
-            with MarketStream._connect_times_lock:
-                now, times = time.monotonic(), MarketStream._connect_times
-                while times and times[0] <= now - 1.0:
-                    times.popleft()
-                if len(times) < STREAM_CONNECTS_PER_SECOND:
-                    times.append(now)
-                    return True
-                wait = times[0] + 1.0 - now
-            if self._stop.wait(wait):
+    def _turn(self, ws, now):
+        with self._lock:
+            self._apply_rest_results(now)
+            unsubscribe, subscribe = self._plan(now)
+            if not self._subscriptions:
                 return False
+        self._send_request(ws, "unsubscribe", unsubscribe)
+        self._send_request(ws, "subscribe", subscribe)
+        return True
 
-    def _serve(self, ws):
-        """Run one connection until it fails (StreamError), nothing is wanted any more, or close()."""
-        pinged_at = 0.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                unsubscribe, subscribe = self._plan(now)
-                if not self._asked:
-                    return
-            self._send_request(ws, "unsubscribe", unsubscribe)
-            self._send_request(ws, "subscribe", subscribe)
-            if now - max(ws.heard_at, pinged_at) >= STREAM_PING_AFTER:
-                ws.send_text("ping")      # OKX's keep-alive is this text, not an RFC 6455 ping frame
-                pinged_at = now
-            if now - ws.heard_at > STREAM_DEAD_AFTER:
-                raise StreamError("no pong from %s for %.0f s" % (self.url, now - ws.heard_at))
-            messages = []
-            for text in ws.receive():
-                if text != "pong":
-                    try:
-                        messages.append(json.loads(text))
-                    except ValueError:
-                        log.debug("market stream: ignored a message that is not JSON: %.80r", text)
-            with self._lock:
-                self._heard_at = ws.heard_at
-                for message in messages:
-                    self._dispatch(message, now)
-                self._apply_rest_results(now)
+    def _lost(self):
+        for sub in self._subscriptions.values():
+            sub.state, sub.held, sub.rebuild_at = None, None, None
+        self._requests.clear()
+        self._rest_results = []
 
     def _expire_idle(self, now):
         """Forget what nobody asked for in ``idle_seconds``; return those of them that are subscribed."""
         subscribed = []
         if now >= self._next_idle_scan:
             self._next_idle_scan = now + min(STREAM_IDLE_SCAN, self.idle_seconds / 4)
-            for key, asked_at in list(self._asked.items()):
-                if now - asked_at > self.idle_seconds:
-                    del self._asked[key]
-                    for memory in (self._resubscribe, self._rebuilt, self._refused, self._held):
-                        memory.pop(key, None)
-                    if self._subs.pop(key, None) is not None:
+            for key, sub in list(self._subscriptions.items()):
+                if now - sub.asked_at > self.idle_seconds:
+                    del self._subscriptions[key]
+                    if sub.state is not None:
                         subscribed.append(key)
         return subscribed
 
     def _plan(self, now):
         """What to send now, as (keys to unsubscribe, keys to subscribe)."""
         unsubscribe, subscribe = self._expire_idle(now), []
-        for key, due in list(self._resubscribe.items()):
-            if due <= now:
-                del self._resubscribe[key]
-                if key in self._subs:
+        for key, sub in self._subscriptions.items():
+            if sub.rebuild_at is not None and sub.rebuild_at <= now:
+                sub.rebuild_at = None
+                if sub.state is not None:
                     unsubscribe.append(key)
-                    subscribe.append(key)
-                    self._subs[key] = False
-        for key in self._asked:
-            if key not in self._subs and self._refused.get(key, 0.0) <= now:
                 subscribe.append(key)
-                self._subs[key] = False
+                sub.state = "asked"
+            elif sub.state is None and sub.refused_until <= now:
+                subscribe.append(key)
+                sub.state = "asked"
         return unsubscribe, subscribe
 
     def _send_request(self, ws, op, keys):
@@ -1792,60 +2227,62 @@ class MarketStream:
             ws.send_text(json.dumps({"id": str(self._request_id), "op": op, "args": args}, separators=(",", ":")))
 
     # --- what OKX sends (under the lock) --------------------------------------------------------------
-    def _dispatch(self, message, now):
-        if not isinstance(message, dict):
-            return
+    def _on_message(self, message, now):
         if "event" in message:
             return self._on_event(message, now)
         arg, data = message.get("arg"), message.get("data")
         if not isinstance(arg, dict) or not isinstance(data, list) or not data:
             return
         key = (arg.get("channel"), arg.get("instId"))
-        if key not in self._subs:
+        sub = self._subscriptions.get(key)
+        if sub is None or sub.state is None:
             return                        # a late push for something unsubscribed
         try:
-            self._on_push(key, message.get("action"), data, now)
+            self._on_push(key, sub, message.get("action"), data, now)
         except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
             log.warning("market stream: malformed %s push for %s (%s: %s)", key[0], key[1],
                         type(exc).__name__, exc)
-            self._rebuild(key, now)
+            self._rebuild(sub, now)
 
     def _on_event(self, message, now):
         event, code = message.get("event"), str(message.get("code", ""))
         if event == "subscribe":
             arg = message.get("arg") if isinstance(message.get("arg"), dict) else {}
             key = (arg.get("channel"), arg.get("instId"))
-            if key in self._subs:
-                self._subs[key] = True
+            sub = self._subscriptions.get(key)
+            if sub is not None and sub.state is not None:
+                sub.state = "live"
                 if key[0] == "books":     # its first push must be a snapshot; older pushes are ignored
-                    self._held[key] = OrderBook()
-                elif key[0] == "trades":
-                    self._held.setdefault(key, TradeTape())
+                    sub.held = OrderBook()
+                elif key[0] == "trades" and sub.held is None:
+                    sub.held = TradeTape()
         elif event == "error":
             text = str(message.get("msg", ""))
             match = _REFUSED_ARG_RE.search(text)
             keys = [match.groups()] if match else self._requests.get(str(message.get("id")), [])
-            log.warning("market stream: OKX refused a request (%s: %s)", code, text)
+            log.warning("market stream: OKX refused a request (%s: %s)", code, text[:200])
             for key in keys:
-                if self._subs.get(tuple(key)) is False:
-                    del self._subs[tuple(key)]
-                    self._refused[tuple(key)] = now + STREAM_REFUSED_RETRY
+                sub = self._subscriptions.get(tuple(key))
+                if sub is not None and sub.state == "asked":
+                    sub.state, sub.refused_until = None, now + STREAM_REFUSED_RETRY
         elif event == "notice" and code == "64008":
             raise StreamError("OKX announced a service upgrade (64008)")
 
-    def _on_push(self, key, action, data, now):
+    def _on_push(self, key, sub, action, data, now):
         channel = key[0]
         if channel == "tickers":
-            self._held[key] = dict(data[-1])
+            sub.held = dict(data[-1])
         elif channel == "books5":
             top = data[-1]
-            self._held[key] = {"asks": [(str(row[0]), str(row[1])) for row in top["asks"]],
-                               "bids": [(str(row[0]), str(row[1])) for row in top["bids"]],
-                               "ts": str(top.get("ts", ""))}
+            sub.held = {"asks": [[str(value) for value in row[:4]] for row in top["asks"]],
+                        "bids": [[str(value) for value in row[:4]] for row in top["bids"]],
+                        "ts": str(top.get("ts", ""))}
         elif channel == "trades":
-            self._held.setdefault(key, TradeTape()).merge(data)
+            if sub.held is None:
+                sub.held = TradeTape()
+            sub.held.merge(data)
         elif channel == "books":
-            book = self._held.get(key)
+            book = sub.held
             if book is None:
                 return                    # until the (re)subscription's ack: pushes of the old one
             for update in data:
@@ -1857,7 +2294,7 @@ class MarketStream:
                     intact = self._sync_from_rest(key, book, update)
                 if not intact:
                     log.info("market stream: %s book broke (lost message or checksum); rebuilding", key[1])
-                    return self._rebuild(key, now)
+                    return self._rebuild(sub, now)
 
     def _sync_from_rest(self, key, book, update):
         """A `books` stream that began without a snapshot: buffer its updates and fetch a REST snapshot
@@ -1882,7 +2319,8 @@ class MarketStream:
     def _apply_rest_results(self, now):
         results, self._rest_results = self._rest_results, []
         for key, book, snapshot, error in results:
-            if self._held.get(key) is not book or book.synced:
+            sub = self._subscriptions.get(key)
+            if sub is None or sub.held is not book or book.synced:
                 continue                  # rebuilt or snapshotted meanwhile
             book.fetching = False
             try:
@@ -1892,18 +2330,19 @@ class MarketStream:
             if not intact:
                 log.info("market stream: could not sync the %s book from REST (%s); resubscribing",
                          key[1], error or "its seqId does not meet the stream's")
-                self._rebuild(key, now)
+                self._rebuild(sub, now)
 
-    def _rebuild(self, key, now):
-        """Drop what is held for ``key`` and resubscribe it; again and again only with growing delays."""
-        self._held.pop(key, None)
-        last, delay = self._rebuilt.get(key, (None, 0.0))
+    def _rebuild(self, sub, now):
+        """Drop what is held for a subscription and resubscribe it; again and again only with growing delays."""
+        sub.held = None
+        last, delay = sub.rebuilt
         if last is None or now - last > STREAM_RESUBSCRIBE_MAX + delay:
             delay = 0.0
         else:
             delay = min(STREAM_RESUBSCRIBE_MAX, max(1.0, delay * 2))
-        self._rebuilt[key] = (now + delay, delay)
-        self._resubscribe[key] = now + delay
+        sub.rebuilt = (now + delay, delay)
+        sub.rebuild_at = now + delay
+
 
 # =====================================================================================================
 # BaseProtocol: the docker-facing contract
@@ -1927,7 +2366,7 @@ class DockerRequest:
         self.secret_key = secret_key
         self.nonce = nonce
         self.http_method = http_method       # the Http-Method header: the verb of an `__api_` call
-        self.deadline = deadline or time.monotonic() + DEFAULT_TIMEOUT
+        self.deadline = deadline             # monotonic; None: the plugin's --timeout from now
 
 
 class BaseProtocol:
@@ -2048,20 +2487,79 @@ def _precision(step):
     return max(0, -exponent)
 
 
+class OKXShared:
+    """What the OKX calls of every robot share: the REST client (transport), the order placer, the leverage
+    last set per contract, and the live streams (one per WebSocket host)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.client = OKXClient(config)
+        self.orders = OrderPlacer(self.client)
+        self.leverage = LastUsed()        # (api key, demo, margin mode, scope) -> the leverage last set
+        self._streams = {}                # ws base URL -> MarketStream (live and demo keys use other hosts)
+        self._streams_lock = threading.Lock()
+
+    def ws_base(self, demo):
+        """The WebSocket base for live or demo keys: --ws-base, or the one of --api-base's OKX site."""
+        return self.config.ws_base or STREAM_BASES.get(self.client.pool.host, (None, None))[1 if demo else 0]
+
+    def market_stream(self, demo=False):
+        """The live market stream for live or demo keys, or None when it is off (--no-stream, or an
+        --api-base that is not an OKX site and no --ws-base)."""
+        base = self.ws_base(demo) if self.config.stream else None
+        if not base:
+            return None
+        stream = self._streams.get(base)
+        if stream is None:
+            with self._streams_lock:
+                stream = self._streams.get(base)
+                if stream is None:
+                    stream = self._streams[base] = self._new_market_stream(base, demo)
+        return stream
+
+    def _new_market_stream(self, base, demo):
+        def rest_book(inst_id):
+            return self.client.call("GET", "/api/v5/market/books", {"instId": inst_id, "sz": OKX_MAX_DEPTH},
+                                    demo=demo)[0]
+        https = self.client.pool.ssl_context or tls_context(self.config.ca_file)
+        proxy = self._ws_proxy(base)
+        log.info("live market data from %s%s", base, " through proxy %s" % proxy if proxy else "")
+        return MarketStream(base, self.config.clock, https if base.startswith("wss:") else None, proxy,
+                            self.config.stream_idle, rest_book)
+
+    def _ws_proxy(self, base):
+        if self.config.proxy:
+            return Proxy(self.config.proxy)
+        return Proxy.from_environment(base.replace("wss://", "https://").replace("ws://", "http://"))
+
+    def streams(self):
+        with self._streams_lock:
+            return list(self._streams.values())
+
+    def close(self):
+        self.client.close()
+        with self._streams_lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
+
+
 class OKX(BaseProtocol):
     """OKX v5: spot, perpetual swaps and delivery futures.
 
-    One instance serves one docker request; everything shared (connections, clock, limits, caches, the
-    live stream) lives in ``client``, an OKXClient.
+    One instance serves one docker request; everything shared (connections, clock, limits, caches, order
+    memory, the live streams) lives in ``shared``, an OKXShared.
     """
 
     name = "OKX"
 
-    def __init__(self, request, client):
+    def __init__(self, request, shared):
         super().__init__(request)
-        self.client = client
-        self.deadline = request.deadline
+        self.shared = shared
+        self.client = shared.client
+        self.deadline = request.deadline or self.client.clock.monotonic() + self.client.config.timeout
         self._credentials = None
+        self._demo = None
 
     # --- plumbing -------------------------------------------------------------------------------------
     @property
@@ -2079,10 +2577,12 @@ class OKX(BaseProtocol):
     @property
     def demo(self):
         """True for a demo-trading key (``,simulate``): its market-data calls carry the demo header too."""
-        try:
-            return parse_secret_field(self.request.secret_key)[2]
-        except BadRequest:        # public calls need no valid key
-            return False
+        if self._demo is None:
+            try:
+                self._demo = parse_secret_field(self.request.secret_key)[2]
+            except BadRequest:        # public calls need no valid key
+                self._demo = False
+        return self._demo
 
     def _market(self, path, params):
         """An unsigned market-data call (shared with robots asking the same at the same time)."""
@@ -2109,7 +2609,7 @@ class OKX(BaseProtocol):
             return "%s-%s" % (pair, contract)
         if contract in FUTURES_ALIASES:
             for _ in range(2):     # once more after re-reading a list in which the contract expired
-                now, expired = self.client.clock.now_ms(), False
+                now, expired = self.client.exchange_clock.now_ms(), False
                 for inst_id, row in self.client.instruments("FUTURES", self.deadline).items():
                     if row.get("alias") == contract and (row.get("instFamily") or row.get("uly")) == pair:
                         if _ms(row.get("expTime")) > now or not row.get("expTime"):
@@ -2118,7 +2618,7 @@ class OKX(BaseProtocol):
                 if not expired:
                     break
                 # The contract of that alias expired since the list was read: read the list again.
-                self.client.forget("instruments", "FUTURES")
+                self.client.forget("instruments", ("FUTURES", None))
             raise BadRequest("OKX lists no %s futures contract for %s" % (contract, symbol.fmz))
         raise BadRequest("unknown contract type %r: use swap, %s, or a delivery date YYMMDD"
                          % (contract, ", ".join(FUTURES_ALIASES)))
@@ -2140,7 +2640,7 @@ class OKX(BaseProtocol):
     def ticker(self, symbol):
         """ticker -> GET /api/v5/market/ticker (or the live ``tickers`` stream)."""
         inst_id = self.inst_id(symbol)
-        stream = self.client.stream(self.demo)
+        stream = self.shared.market_stream(self.demo)
         row = stream.ticker(inst_id) if stream else None
         if row is None:
             row = self._first(self._market("/api/v5/market/ticker", {"instId": inst_id}), "ticker")
@@ -2150,7 +2650,7 @@ class OKX(BaseProtocol):
         """depth -> GET /api/v5/market/books?sz=limit (or the live ``books5``/``books`` stream)."""
         inst_id = self.inst_id(symbol)
         limit = min(limit, OKX_MAX_DEPTH)
-        stream = self.client.stream(self.demo)
+        stream = self.shared.market_stream(self.demo)
         book = stream.depth(inst_id, limit) if stream else None
         if book is None:
             book = self._first(self._market("/api/v5/market/books", {"instId": inst_id, "sz": limit}), "order book")
@@ -2162,7 +2662,7 @@ class OKX(BaseProtocol):
     def trades(self, symbol, limit):
         """trades -> GET /api/v5/market/trades (or the live ``trades`` stream)."""
         inst_id = self.inst_id(symbol)
-        stream = self.client.stream(self.demo)
+        stream = self.shared.market_stream(self.demo)
         rows = stream.trades(inst_id, limit) if stream else None
         if rows is None:
             rows = self._market("/api/v5/market/trades", {"instId": inst_id, "limit": limit})
@@ -2251,52 +2751,39 @@ class OKX(BaseProtocol):
 
     # --- orders ---------------------------------------------------------------------------------------
     def trade(self, symbol, type, price, amount, direction=None, leverage=None):
-        """trade -> POST /api/v5/trade/order with a clOrdId from the nonce and OKX's expTime.
-
-        A leverage param first sets the contract's leverage (only when it differs from the last one set).
+        """trade -> POST /api/v5/trade/order, placed at most once (OrderPlacer): a clOrdId from the nonce,
+        OKX's expTime, and a lost answer found again by clOrdId.
 
         Spot: tdMode cash; price "-1" is a market order whose buy amount is in the quote currency.
         Futures: amount in contracts; tdMode from --margin-mode; buy/sell open, closebuy/closesell close
-        (posSide in long/short mode, reduceOnly in net mode).
+        (posSide in long/short mode, reduceOnly in net mode). A leverage param first sets the contract's
+        leverage (only when it differs from the last one set).
         """
         inst_id = self.inst_id(symbol)
         direction = self._order_direction(symbol, type, direction)
         clord_id = clord_id_for(self.request.nonce)
         if symbol.contract and leverage is not None:
-            if self.client.leverage.get(self._leverage_key(inst_id)) != Decimal(leverage):  # not every order
+            if self.shared.leverage.get(self._leverage_key(inst_id)) != Decimal(leverage):  # not every order
                 self.set_margin_level(symbol, leverage)
-        memory_key = (self.credentials.api_key, clord_id)
-        known = self.client.orders.begin(memory_key)
-        if isinstance(known, str):
-            log.info("order %s (clOrdId %s) was already placed by this request's nonce", known, clord_id)
-            return {"id": known}, None
-        order_id = None
+        placed = self._place(PLAIN_ORDER, symbol, inst_id,
+                             lambda: self._order_body(symbol, inst_id, clord_id, direction, price, amount))
+        return {"id": "%s,%s" % (inst_id, placed.exchange_id)}, placed.raw
+
+    def _place(self, kind, symbol, inst_id, build_body):
+        """Place the order ``build_body()`` describes, at most once. A contract order that OKX refused for
+        its posSide (nothing was placed: the account's position mode changed since it was read) is built
+        and placed once more with the mode read again."""
         try:
-            if known is not None:    # an earlier request with this nonce left its order's outcome unknown
-                row = self._settle(inst_id, clord_id, known, "an earlier request with this nonce got no answer")
-                if row is not None:
-                    order_id = "%s,%s" % (inst_id, row["ordId"])
-                    return {"id": order_id}, row
-            body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
+            return self.shared.orders.place(kind, self.credentials, inst_id, build_body(), self.deadline)
+        except ExchangeError as exc:
+            if not (symbol.contract and exc.code == "51000" and "posSide" in exc.message):
+                raise
+            self.client.forget("account", (self.credentials.api_key, self.credentials.demo))
             try:
-                order_id, raw = self._place(inst_id, clord_id, body)
-            except ExchangeError as exc:
-                if not (symbol.contract and exc.code == "51000" and "posSide" in exc.message):
-                    raise
-                # OKX refused the order (nothing was placed): the account's position mode changed
-                # since it was read. Read it again and place the order once more.
-                self.client.forget("account", (self.credentials.api_key, self.credentials.demo))
-                try:
-                    body = self._order_body(symbol, inst_id, clord_id, direction, price, amount)
-                except ProtocolError:
-                    raise exc from None     # OKX's own reason, not why reading the mode failed
-                order_id, raw = self._place(inst_id, clord_id, body)
-            return {"id": order_id}, raw
-        except OrderOutcomeUnknown as exc:
-            order_id = exc.executable_until
-            raise
-        finally:
-            self.client.orders.end(memory_key, order_id)
+                body = build_body()
+            except ProtocolError:
+                raise exc from None     # OKX's own reason, not why reading the mode failed
+            return self.shared.orders.place(kind, self.credentials, inst_id, body, self.deadline)
 
     def _order_body(self, symbol, inst_id, clord_id, direction, price, amount):
         """The /trade/order body: spot in cash mode; contracts with tdMode and posSide or reduceOnly."""
@@ -2345,68 +2832,6 @@ class OKX(BaseProtocol):
         """True when the account keeps long and short positions apart (posMode long_short_mode)."""
         config = self.client.account_config(self.credentials, self.deadline)
         return config.get("posMode") == "long_short_mode"
-
-    def _place(self, inst_id, clord_id, body):
-        """Place one order and return ``(docker id, raw)``; never twice.
-
-        The order carries OKX's expTime: OKX executes it only if it arrives within ORDER_EXPIRY_SECONDS.
-        When the answer is lost (timeout, reset, 5xx, non-JSON, OKX 50004/51149) or OKX says the clOrdId
-        is taken (51016), the order is looked up by its clOrdId, as long as it could still be executed.
-        """
-        # Part of the call's time is kept to find the order should its answer be lost.
-        post_deadline = self.deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
-        executable_until = min(post_deadline, time.monotonic() + ORDER_EXPIRY_SECONDS)
-        try:
-            status, envelope = self.client.request("POST", "/api/v5/trade/order", body=body,
-                                                   credentials=self.credentials, deadline=post_deadline,
-                                                   exp_time=executable_until)
-            raise_for_code(envelope, status, "/api/v5/trade/order")
-        except TransportError as exc:
-            if not exc.maybe_sent:
-                raise
-            return self._recover(inst_id, clord_id, str(exc), executable_until)
-        except ExchangeError as exc:
-            if exc.code in OUTCOME_UNKNOWN_CODES or exc.http_status >= 500 or exc.code == "51016":
-                return self._recover(inst_id, clord_id, str(exc), executable_until)
-            raise
-        row = self._first(envelope.get("data"), "order id")
-        log.info("placed %s %s %s at %s: order %s,%s (clOrdId %s)", body["side"], body["sz"], inst_id,
-                 body.get("px", "market"), inst_id, row["ordId"], clord_id)
-        return "%s,%s" % (inst_id, row["ordId"]), envelope
-
-    def _recover(self, inst_id, clord_id, reason, executable_until):
-        """The order whose placing answer was lost; a clear error when OKX has none."""
-        log.warning("placing order %s gave no clear answer (%s): asking OKX for it", clord_id, reason)
-        row = self._settle(inst_id, clord_id, executable_until, reason)
-        if row is None:
-            raise TransportError("the order was not placed: %s; OKX has no order with clOrdId %s and can no "
-                                 "longer execute one; it was not sent again" % (reason, clord_id))
-        log.info("order %s was placed: OKX ordId %s", clord_id, row.get("ordId"))
-        return "%s,%s" % (inst_id, row["ordId"]), {"code": "0", "data": [row], "msg": ""}
-
-    def _settle(self, inst_id, clord_id, executable_until, reason):
-        """The order with this clOrdId as OKX has it, or None when OKX has none and its expTime has passed
-        (it can never execute). Raises OrderOutcomeUnknown when neither can be told in the call's time."""
-        def unknown(why):
-            return OrderOutcomeUnknown("the order's outcome is unknown: %s; %s: check open orders before "
-                                       "placing it again" % (reason, why), executable_until)
-        while True:
-            try:
-                rows = self.client.call("GET", "/api/v5/trade/order", {"instId": inst_id, "clOrdId": clord_id},
-                                        credentials=self.credentials, deadline=self.deadline)
-                return self._first(rows, "order")
-            except ExchangeError as exc:
-                if exc.code != "51603":
-                    raise unknown("asking OKX for clOrdId %s failed too (%s)" % (clord_id, exc)) from None
-            except ProtocolError as exc:
-                raise unknown("asking OKX for clOrdId %s failed too (%s)" % (clord_id, exc)) from None
-            wait = executable_until + ORDER_EXPIRY_MARGIN - time.monotonic()
-            if wait <= 0:
-                return None
-            if time.monotonic() + wait + 0.05 >= self.deadline:
-                raise unknown("OKX has no order with clOrdId %s yet, but could still execute one for %.1f s"
-                              % (clord_id, wait))
-            time.sleep(wait)    # an order still in transit executes before its expTime or never
 
     def _order_data(self, row):
         inst_id = row.get("instId", "")
@@ -2465,14 +2890,7 @@ class OKX(BaseProtocol):
     def order(self, id, symbol):
         """order -> GET /api/v5/trade/order?instId&ordId."""
         inst_id, ord_id = self._split_order_id(id, symbol)
-        try:
-            rows = self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id})
-        except ExchangeError as exc:
-            if exc.code == "51603":
-                raise ExchangeError(exc.code, "order %s,%s not found (%s) - OKX forgets canceled orders "
-                                    "without fills after 2 hours" % (inst_id, ord_id, exc.message),
-                                    exc.http_status) from None
-            raise
+        rows = self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id})
         row = self._first(rows, "order")
         return self._order_data(row), row
 
@@ -2485,7 +2903,7 @@ class OKX(BaseProtocol):
             queries = [{"instType": inst_type_of(inst_id), "instId": inst_id}]
         else:
             queries = [{"instType": inst_type} for inst_type in ("SPOT", "SWAP", "FUTURES")]
-        week_ago = self.client.clock.now_ms() - HISTORY_DAYS * 86400000
+        week_ago = self.client.exchange_clock.now_ms() - HISTORY_DAYS * 86400000
         rows = []
         for params in queries:
             if since:
@@ -2551,7 +2969,7 @@ class OKX(BaseProtocol):
                     for side in ("long", "short")]
         else:
             rows = self._private("POST", "/api/v5/account/set-leverage", body=body)
-        self.client.leverage[self._leverage_key(inst_id)] = Decimal(str(margin_level))
+        self.shared.leverage[self._leverage_key(inst_id)] = Decimal(str(margin_level))
         return True, rows
 
     def _leverage_key(self, inst_id):
@@ -2670,30 +3088,46 @@ CONTRACT = Param("contract_type", _contract, default="", aliases=("contractType"
 ORDER_ID = Param("id", _order_id, aliases=("orderId", "order_id"))
 LEVERAGE = ("marginLevel", "margin_level", "leverage")
 
+
+
+class Method(collections.namedtuple("Method", "handler params reads")):
+    """One docker method: the BaseProtocol handler that serves it, the parameters it reads, and whether it
+    only reads (then FMZ's strategy spelling, "Get" + name, reaches it too; one that acts never is)."""
+
+
+def reads(handler, params=()):
+    return Method(handler, list(params), True)
+
+
+def acts(handler, params=()):
+    return Method(handler, list(params), False)
+
+
 # The docker's method names (matched case-insensitively; other spellings below) and, for each, the
 # handler of BaseProtocol/OKX that serves it with the parameters it reads.
 DISPATCH = {
-    "ticker": ("ticker", [SYMBOL]),
-    "depth": ("depth", [SYMBOL, Param("limit", _count(1, None, zero_means=DEFAULT_DEPTH), DEFAULT_DEPTH)]),
-    "trades": ("trades", [SYMBOL, Param("limit", _count(1, OKX_MAX_TRADES, zero_means=100), 100)]),
-    "records": ("records", [SYMBOL, Param("period", _count(1, None)),
-                            Param("limit", _count(1, MAX_RECORDS, zero_means=DEFAULT_RECORDS), DEFAULT_RECORDS)]),
-    "tickers": ("tickers", [CONTRACT]),
-    "markets": ("markets", [CONTRACT]),
-    "accounts": ("accounts", []),
-    "assets": ("assets", []),
-    "trade": ("trade", [SYMBOL, Param("type", _text), Param("price", _price), Param("amount", _amount),
-                        Param("direction", _text, default=None),
-                        Param(LEVERAGE[0], _amount, default=None, aliases=LEVERAGE[1:], arg="leverage")]),
-    "orders": ("orders", [OPTIONAL_SYMBOL]),
-    "order": ("order", [ORDER_ID, OPTIONAL_SYMBOL]),
-    "historyorders": ("historyorders", [OPTIONAL_SYMBOL, Param("since", _count(0, None), 0),
-                                        Param("limit", _count(0, 1000), 0)]),
-    "cancel": ("cancel", [ORDER_ID, OPTIONAL_SYMBOL]),
-    "positions": ("positions", [OPTIONAL_SYMBOL]),
-    "setmarginlevel": ("set_margin_level", [SYMBOL, Param(LEVERAGE[0], _amount, aliases=LEVERAGE[1:],
-                                                          arg="margin_level")]),
-    "fundings": ("fundings", [OPTIONAL_SYMBOL]),
+    "ticker": reads("ticker", [SYMBOL]),
+    "depth": reads("depth", [SYMBOL, Param("limit", _count(1, None, zero_means=DEFAULT_DEPTH), DEFAULT_DEPTH)]),
+    "trades": reads("trades", [SYMBOL, Param("limit", _count(1, OKX_MAX_TRADES, zero_means=100), 100)]),
+    "records": reads("records", [SYMBOL, Param("period", _count(1, None)),
+                                 Param("limit", _count(1, MAX_RECORDS, zero_means=DEFAULT_RECORDS),
+                                       DEFAULT_RECORDS)]),
+    "tickers": reads("tickers", [CONTRACT]),
+    "markets": reads("markets", [CONTRACT]),
+    "accounts": reads("accounts"),
+    "assets": reads("assets"),
+    "trade": acts("trade", [SYMBOL, Param("type", _text), Param("price", _price), Param("amount", _amount),
+                            Param("direction", _text, default=None),
+                            Param(LEVERAGE[0], _amount, default=None, aliases=LEVERAGE[1:], arg="leverage")]),
+    "orders": reads("orders", [OPTIONAL_SYMBOL]),
+    "order": reads("order", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "historyorders": reads("historyorders", [OPTIONAL_SYMBOL, Param("since", _count(0, None), 0),
+                                             Param("limit", _count(0, 1000), 0)]),
+    "cancel": acts("cancel", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "positions": reads("positions", [OPTIONAL_SYMBOL]),
+    "setmarginlevel": acts("set_margin_level", [SYMBOL, Param(LEVERAGE[0], _amount, aliases=LEVERAGE[1:],
+                                                              arg="margin_level")]),
+    "fundings": reads("fundings", [OPTIONAL_SYMBOL]),
 }
 
 # Other spellings of the same methods, from FMZ's strategy functions and the reference example.
@@ -2704,11 +3138,6 @@ METHOD_SPELLINGS = {
     "getfunding": "fundings", "funding": "fundings",
 }
 
-# Methods that read, which the docker may also spell as FMZ's strategy function ("Get" + name). Those that
-# act (trade, cancel, SetMarginLevel) are never reached by a "Get" spelling.
-READ_METHODS = frozenset(("ticker", "depth", "trades", "records", "tickers", "markets", "accounts", "assets",
-                          "orders", "order", "historyorders", "positions", "fundings"))
-
 API_PREFIX = "__api_"           # exchange.IO("api", verb, path, ...) arrives as method "__api_" + path
 
 
@@ -2718,7 +3147,7 @@ def resolve_method(method):
         raise BadRequest("method must be a non-empty string, got %s" % _describe(method))
     name = method.strip().lower()
     name = METHOD_SPELLINGS.get(name, name)
-    if name.startswith("get") and name[3:] in READ_METHODS:     # GetTicker, getmarkets, ...
+    if name.startswith("get") and name[3:] in DISPATCH and DISPATCH[name[3:]].reads:   # GetTicker, getmarkets
         name = name[3:]
     if name not in DISPATCH:
         raise BadRequest("unknown method %r; known: %s, and %s<path> for exchange.IO"
@@ -2730,16 +3159,16 @@ def dispatch(protocol, method, params):
     """Run one docker method on a protocol instance; returns ``(data, raw)``."""
     if method[:len(API_PREFIX)].lower() == API_PREFIX:
         return protocol.api(method[len(API_PREFIX):], params)
-    handler, spec = DISPATCH[resolve_method(method)]
-    arguments = {param.arg: param.read(params) for param in spec}
-    return getattr(protocol, handler)(**arguments)
+    entry = DISPATCH[resolve_method(method)]
+    arguments = {param.arg: param.read(params) for param in entry.params}
+    return getattr(protocol, entry.handler)(**arguments)
 
 
 # =====================================================================================================
 # The HTTP server the docker talks to
 # =====================================================================================================
 
-EXCHANGES = {"okx": (OKX, OKXClient)}   # last path segment of the service address -> (protocol, client)
+EXCHANGES = {"okx": (OKX, OKXShared)}   # last path segment of the service address -> (protocol, shared state)
 
 _context = threading.local()             # the docker method being served, for log lines
 
@@ -2763,7 +3192,6 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "fmz-okx-plugin/" + __version__
-    sys_version = ""                      # the Server header names the plugin, not the Python under it
     timeout = CLIENT_READ_TIMEOUT         # bounds reading a request and idle keep-alive time
     disable_nagle_algorithm = True        # answers go out at once, not after a delayed ACK
 
@@ -2775,7 +3203,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
             exchange, request, method, params = self._parse(body)
             _context.method = method
             protocol_class, _ = EXCHANGES[exchange]
-            data, raw = dispatch(protocol_class(request, self.server.clients[exchange]), method, params)
+            data, raw = dispatch(protocol_class(request, self.server.exchanges[exchange]), method, params)
             answer = {"data": data}
             if raw is not None:
                 answer["raw"] = raw
@@ -2823,12 +3251,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         if exchange not in EXCHANGES:
             raise BadRequest("unknown exchange %r in the path: use /%s"
                              % (exchange, " or /".join(name.upper() for name in EXCHANGES)))
-        try:
-            envelope = json.loads(body.decode("utf-8"), parse_float=Decimal, parse_constant=_no_constants)
-        except UnicodeDecodeError:
-            raise BadRequest("request body is not UTF-8 text") from None
-        except ValueError as exc:
-            raise BadRequest("request body is not JSON (%s)" % exc) from None
+        envelope = parse_docker_json(body)
         if not isinstance(envelope, dict):
             raise BadRequest("request body must be a JSON object, got %s" % type(envelope).__name__)
         method = envelope.get("method")
@@ -2844,7 +3267,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
                 raise BadRequest("%s must be a string" % field)
         request = DockerRequest(envelope.get("access_key", ""), envelope.get("secret_key", ""),
                                 envelope.get("nonce"), self.headers.get("Http-Method"),
-                                time.monotonic() + self.server.config.timeout)
+                                self.server.config.clock.monotonic() + self.server.config.timeout)
         return exchange, request, method.strip(), params
 
     def _answer(self, answer, status=200):
@@ -2872,8 +3295,33 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         self._answer({"error": "malformed HTTP request (HTTP %d %s)" % (code, self.responses.get(code, ("",))[0])},
                      status=code)
 
+    def version_string(self):
+        """The Server header names the plugin only, not the Python under it."""
+        return self.server_version
+
     def log_message(self, format, *args):
         log.debug("docker %s: " + format, self.address_string(), *args)
+
+
+def parse_docker_json(body):
+    """A docker request body as JSON, numbers with a point as Decimal (never float); BadRequest when it is
+    not UTF-8, not JSON, nested deeper than Python can follow, or holds an integer of more than
+    MAX_JSON_DIGITS digits (Python 3.8 to 3.10 take seconds to read one of a million digits)."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_float=Decimal, parse_int=_json_int,
+                          parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8 text") from None
+    except RecursionError:
+        raise BadRequest("request body is not JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise BadRequest("request body is not JSON (%s)" % exc) from None
+
+
+def _json_int(text):
+    if len(text) > MAX_JSON_DIGITS:
+        raise ValueError("an integer of %d digits" % len(text))
+    return int(text)
 
 
 def _no_constants(name):
@@ -2892,7 +3340,7 @@ class PluginServer(http.server.ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.config = config
-        self.clients = {name: client_class(config) for name, (_, client_class) in EXCHANGES.items()}
+        self.exchanges = {name: shared_class(config) for name, (_, shared_class) in EXCHANGES.items()}
         self._active = 0
         self._active_lock = threading.Lock()
         super().__init__(address, handler)
@@ -2930,8 +3378,8 @@ class PluginServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        for client in self.clients.values():
-            client.close()
+        for shared in self.exchanges.values():
+            shared.close()
 
 
 # =====================================================================================================
@@ -2992,28 +3440,27 @@ def configure_logging(level):
 
 
 def config_from_args(args, parser):
-    """Config from parsed flags; a bad value ends the program with one line."""
+    """Config from parsed flags, each checked exactly as it is used later: a bad value ends the program
+    with one line (exit status 2)."""
     try:
-        parts = urllib.parse.urlsplit(args.api_base)
-        parts.port
-        ws_scheme = urllib.parse.urlsplit(args.ws_base).scheme if args.ws_base else "wss"
+        service_url(args.api_base, ("https", "http"), "--api-base")
+        if args.ws_base:
+            service_url(args.ws_base, ("wss", "ws"), "--ws-base")
+        if args.proxy:
+            Proxy(args.proxy)
+        else:   # the variables' proxy for each host the plugin may reach
+            for url in [args.api_base, args.ws_base] + list(STREAM_BASES.get(urllib.parse.urlsplit(
+                    args.api_base).hostname or "", ())):
+                if url:
+                    Proxy.from_environment(url.replace("wss://", "https://").replace("ws://", "http://"))
     except ValueError as exc:
-        parser.error("not a URL: %s" % exc)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        parser.error("--api-base must be an http(s) URL such as https://www.okx.com")
+        parser.error(str(exc))
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         parser.error("--timeout must be a number of seconds greater than 0")
     if args.ca_file and not os.path.isfile(args.ca_file):
         parser.error("--ca-file %s does not exist" % args.ca_file)
-    if args.proxy:
-        try:
-            Proxy(args.proxy)
-        except ValueError as exc:
-            parser.error("--proxy: %s" % exc)
-    if ws_scheme not in ("ws", "wss"):
-        parser.error("--ws-base must be a ws:// or wss:// URL")
     if not (math.isfinite(args.stream_idle) and args.stream_idle > 0):
         parser.error("--stream-idle must be a number of seconds greater than 0")
     return Config(api_base=args.api_base, timeout=args.timeout, margin_mode=args.margin_mode, proxy=args.proxy,

@@ -2912,7 +2912,7 @@ class OrderTest(PluginTestCase):
 
     def test_unknown_order_is_a_clear_error(self):
         error = self.error("order", {"id": "BTC-USDT,1234567890123456789", "symbol": "BTC_USDT"})
-        self.assertIn("not found", error)
+        self.assertIn("no such order", error)
         self.assertIn("51603", error)
 
     def test_historyorders_reaches_the_archive_newest_first(self):
@@ -4742,7 +4742,7 @@ class RateLimitTest(PluginTestCase):
     """OKX's limits kept on our side: robots sharing a key never see 50011, and wait only for their own bucket."""
 
     def test_limiter_waits_for_a_place_in_the_window(self):
-        limiter = plugin.RateLimiter({("GET", "/x"): (3, 1, "ip")})
+        limiter = plugin.RateLimiter(plugin.Clock(), {("GET", "/x"): (3, 1, "ip")})
         bucket = limiter.bucket("GET", "/x", None, {})
         started = time.monotonic()
         for _ in range(4):
@@ -4750,7 +4750,7 @@ class RateLimitTest(PluginTestCase):
         self.assertGreaterEqual(time.monotonic() - started, 1.0)
 
     def test_limiter_refuses_at_once_when_the_wait_exceeds_the_deadline(self):
-        limiter = plugin.RateLimiter({("GET", "/x"): (2, 10, "ip")})
+        limiter = plugin.RateLimiter(plugin.Clock(), {("GET", "/x"): (2, 10, "ip")})
         bucket = limiter.bucket("GET", "/x", None, {})
         limiter.acquire(bucket, time.monotonic() + 1)
         limiter.acquire(bucket, time.monotonic() + 1)
@@ -4761,7 +4761,7 @@ class RateLimitTest(PluginTestCase):
         self.assertIn("2 requests per 10 s", str(caught.exception))
 
     def test_buckets_are_keyed_as_okx_counts(self):
-        limiter = plugin.RateLimiter()
+        limiter = plugin.RateLimiter(plugin.Clock())
         order = limiter.bucket("POST", "/api/v5/trade/order", "key1", {"instId": "BTC-USDT"})
         self.assertEqual(order, ("POST", "/api/v5/trade/order", "key1", "BTC-USDT"))
         self.assertNotEqual(order, limiter.bucket("POST", "/api/v5/trade/order", "key1", {"instId": "ETH-USDT"}))
@@ -4831,7 +4831,7 @@ class ErrorHintTest(PluginTestCase):
         for code, hint in plugin.ERROR_HINTS.items():
             text = str(plugin.ExchangeError(code, "message from OKX", 401, "/api/v5/account/balance"))
             self.assertTrue(text.startswith("OKX %s: message from OKX" % code), text)
-            self.assertIn(hint, text)
+            self.assertIn(hint.format(path="/api/v5/account/balance", limit=" (10 requests per 2 s)"), text)
 
     def test_site_hints_name_the_api_base(self):
         for code in ("50119", "50111"):
@@ -5091,14 +5091,14 @@ class StreamTestCase(unittest.TestCase):
     idle_seconds = 300.0
 
     def setUp(self):
-        plugin.MarketStream._connect_times.clear()      # OKX's per-IP connection rate is not the fake's
+        plugin.LiveConnection._connect_times.clear()      # OKX's per-IP connection rate is not the fake's
         self.okx = FakeOKXStream().start()
         self.addCleanup(self.okx.stop)
         self.market = self.make_stream()
 
     def make_stream(self, **options):
         options.setdefault("idle_seconds", self.idle_seconds)
-        market = plugin.MarketStream(self.okx.url, **options)
+        market = plugin.MarketStream(self.okx.url, plugin.Clock(), **options)
         self.addCleanup(market.close)
         return market
 
@@ -5120,7 +5120,8 @@ class StreamTestCase(unittest.TestCase):
 
         def same():
             book = market.depth(inst_id, limit)
-            return book is not None and {"bids": book["bids"], "asks": book["asks"]} == expected
+            return book is not None and {side: [level[:2] for level in book[side]]
+                                         for side in ("bids", "asks")} == expected
         self.assertTrue(wait_for(same), "memory's book differs from OKX's")
 
 
@@ -5160,17 +5161,19 @@ class AnswersFromMemoryTest(StreamTestCase):
         self.okx.set_level(BTC, "bids", "42990", "0")             # a deeper level deleted
         self.assert_book_matches(BTC)
         book = self.market.depth(BTC, 3)
-        self.assertEqual(book["bids"][0], ["43000.05", "3.5"])
+        self.assertEqual(book["bids"][0], ["43000.05", "3.5", "0", "1"])    # OKX's row, as REST has it
         self.assertEqual(len(book["asks"]), 3)
         self.assertTrue(book["ts"].isdigit())
 
     def test_depth_up_to_5_uses_books5(self):
         top = wait_for(lambda: self.market.depth(ETH, 5))
         bids, asks = self.okx.book(ETH)
-        self.assertEqual((top["bids"], top["asks"]), (bids[:5], asks[:5]))
+        self.assertEqual(([level[:2] for level in top["bids"]], [level[:2] for level in top["asks"]]),
+                         (bids[:5], asks[:5]))
+        self.assertEqual([len(level) for level in top["bids"]], [4] * 5)
         self.assertEqual(self.okx.subscriptions(), {("books5", ETH)})
         self.okx.set_level(ETH, "asks", "2922.01", "99")
-        self.assertTrue(wait_for(lambda: self.market.depth(ETH, 2)["asks"][0] == ["2922.01", "99"]))
+        self.assertTrue(wait_for(lambda: self.market.depth(ETH, 2)["asks"][0][:2] == ["2922.01", "99"]))
 
     def test_trades_need_a_seed_then_pushes_come_first(self):
         rest_rows = [self.okx.add_trade(BTC, "43000", "0.1") for _ in range(3)][::-1]   # newest first
@@ -5357,7 +5360,7 @@ class ConnectionLossTest(StreamTestCase):
         port.bind(("127.0.0.1", 0))
         address = port.getsockname()
         port.close()                                         # nothing listens there
-        market = plugin.MarketStream("ws://%s:%d" % address)
+        market = plugin.MarketStream("ws://%s:%d" % address, plugin.Clock())
         self.assertIsNone(market.ticker(BTC))
         time.sleep(0.2)
         started = time.monotonic()
@@ -5408,7 +5411,7 @@ class TransportTest(unittest.TestCase):
     def client_with_peer(self):
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
-        client = plugin.WebSocketClient("ws://127.0.0.1:1/ws/v5/public")
+        client = plugin.WebSocketClient("ws://127.0.0.1:1/ws/v5/public", plugin.Clock())
         client.sock, client._upgraded = ours, True
         ours.settimeout(plugin.STREAM_POLL)
         self.addCleanup(client.close)
@@ -5465,12 +5468,12 @@ class TransportTest(unittest.TestCase):
         with FakeOKXStream() as okx:
             proxy = _ConnectProxy("user", "secret")
             self.addCleanup(proxy.stop)
-            market = plugin.MarketStream(okx.url, proxy=proxy.as_product_proxy("user", "secret"))
+            market = plugin.MarketStream(okx.url, plugin.Clock(), proxy=proxy.as_product_proxy("user", "secret"))
             self.addCleanup(market.close)
             self.assertTrue(wait_for(lambda: market.ticker(BTC)))
             self.assertEqual(proxy.tunnels, ["127.0.0.1:%d" % okx.port])
             market.close()
-            refused = plugin.MarketStream(okx.url, proxy=proxy.as_product_proxy("user", "wrong"))
+            refused = plugin.MarketStream(okx.url, plugin.Clock(), proxy=proxy.as_product_proxy("user", "wrong"))
             self.addCleanup(refused.close)
             refused.ticker(BTC)
             time.sleep(0.3)
@@ -5488,12 +5491,12 @@ class TransportTest(unittest.TestCase):
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(cert, key)
         with FakeOKXStream(ssl_context=server_context) as okx:
-            trusting = plugin.MarketStream(okx.url, ssl_context=ssl.create_default_context(cafile=cert))
+            trusting = plugin.MarketStream(okx.url, plugin.Clock(), ssl_context=ssl.create_default_context(cafile=cert))
             self.addCleanup(trusting.close)
             self.assertTrue(wait_for(lambda: trusting.depth(BTC, 400)))
             bids, asks = okx.book(BTC)
-            self.assertEqual(trusting.depth(BTC, 400)["bids"], bids)
-            distrusting = plugin.MarketStream(okx.url, ssl_context=ssl.create_default_context())
+            self.assertEqual([level[:2] for level in trusting.depth(BTC, 400)["bids"]], bids)
+            distrusting = plugin.MarketStream(okx.url, plugin.Clock(), ssl_context=ssl.create_default_context())
             self.addCleanup(distrusting.close)
             distrusting.ticker(BTC)
             time.sleep(0.3)
@@ -5588,7 +5591,7 @@ class StreamPluginTest(PluginTestCase):
 
     def setUp(self):
         super().setUp()
-        plugin.MarketStream._connect_times.clear()
+        plugin.LiveConnection._connect_times.clear()
         self.okx_stream = FakeOKXStream().start()
         self.addCleanup(self.okx_stream.stop)
         self.server = self.start_plugin(stream=True, ws_base=self.okx_stream.url)
@@ -5690,16 +5693,16 @@ class StreamPluginTest(PluginTestCase):
         self.assertEqual(self.okx_stream.connections_total, 0)
 
     def test_stream_hosts_follow_the_api_base_and_demo_keys(self):
-        live = plugin.OKXClient(plugin.Config(api_base="https://www.okx.com"))
-        eea = plugin.OKXClient(plugin.Config(api_base="https://eea.okx.com"))
-        local = plugin.OKXClient(plugin.Config(api_base=self.fake.base_url))
-        for client in (live, eea, local):
-            self.addCleanup(client.close)
-        self.assertEqual(live.stream().url, "wss://ws.okx.com:8443/ws/v5/public")       # made, not connected
-        self.assertEqual(live.stream(demo=True).url, "wss://wspap.okx.com:8443/ws/v5/public")
-        self.assertEqual(eea.stream(demo=True).url, "wss://wseeapap.okx.com:8443/ws/v5/public")
-        self.assertIsNone(local.stream())
-        self.assertIsNone(plugin.OKXClient(plugin.Config(api_base="https://www.okx.com", stream=False)).stream())
+        live = plugin.OKXShared(plugin.Config(api_base="https://www.okx.com"))
+        eea = plugin.OKXShared(plugin.Config(api_base="https://eea.okx.com"))
+        local = plugin.OKXShared(plugin.Config(api_base=self.fake.base_url))
+        for shared in (live, eea, local):
+            self.addCleanup(shared.close)
+        self.assertEqual(live.market_stream().url, "wss://ws.okx.com:8443/ws/v5/public")       # made, not connected
+        self.assertEqual(live.market_stream(demo=True).url, "wss://wspap.okx.com:8443/ws/v5/public")
+        self.assertEqual(eea.market_stream(demo=True).url, "wss://wseeapap.okx.com:8443/ws/v5/public")
+        self.assertIsNone(local.market_stream())
+        self.assertIsNone(plugin.OKXShared(plugin.Config(api_base="https://www.okx.com", stream=False)).market_stream())
 
 
 # ---- Benchmark: python3 test_protocol.py bench [--rtt-ms 20] [--robots 8] [--calls 40] [NAME=COMMAND ...] ----
