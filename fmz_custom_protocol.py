@@ -90,6 +90,7 @@ DEFAULT_STREAM_IDLE = 300.0       # seconds before an instrument nobody asks abo
 
 MAX_REQUEST_BYTES = 1 << 20       # a docker request body larger than this is refused unread
 MAX_JSON_DIGITS = 64              # a JSON integer with more digits is refused (int() of a long one is slow)
+MAX_KEY_CHARS = 64                # an access key longer than this is refused (OKX's are 36 characters)
 CLIENT_READ_TIMEOUT = 20.0        # a docker connection silent this long (mid-request or idle) is closed
 MAX_DOCKER_CONNECTIONS = 256      # connections served at once; more are closed at once (bounded threads)
 POOL_IDLE_REUSE = 30.0            # a kept-alive OKX connection idle longer than this is not reused
@@ -431,6 +432,9 @@ def parse_secret_field(secret_field):
     """Split FMZ's Secret Key field ``SECRET,PASSPHRASE[,simulate]`` into ``(secret, passphrase, demo)``."""
     if not isinstance(secret_field, str):
         raise BadRequest("secret_key must be a string 'SECRET,PASSPHRASE'")
+    if len(secret_field) > 4 * MAX_KEY_CHARS:
+        raise BadRequest("secret_key is longer than an OKX secret and passphrase (%d characters at most)"
+                         % (4 * MAX_KEY_CHARS))
     parts = [part.strip() for part in secret_field.split(",")]
     demo = len(parts) > 2 and parts[-1].lower() == "simulate"
     if demo:
@@ -1724,7 +1728,7 @@ class LiveConnection:
 
     def __init__(self, url, clock, ssl_context=None, proxy=None, name="stream"):
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.port == 0:
             raise ValueError("a stream's base must be ws://host[:port] or wss://host[:port], not %r" % url)
         if ssl_context is None and parts.scheme == "wss":
             ssl_context = ssl.create_default_context()
@@ -2509,13 +2513,15 @@ class OKXShared:
         base = self.ws_base(demo) if self.config.stream else None
         if not base:
             return None
-        stream = self._streams.get(base)
-        if stream is None:
+        if base not in self._streams:
             with self._streams_lock:
-                stream = self._streams.get(base)
-                if stream is None:
-                    stream = self._streams[base] = self._new_market_stream(base, demo)
-        return stream
+                if base not in self._streams:
+                    try:
+                        self._streams[base] = self._new_market_stream(base, demo)
+                    except ValueError as exc:      # a Config made in code, not checked by the command line
+                        log.error("no live market data: %s", exc)
+                        self._streams[base] = None
+        return self._streams[base]
 
     def _new_market_stream(self, base, demo):
         def rest_book(inst_id):
@@ -2534,14 +2540,14 @@ class OKXShared:
 
     def streams(self):
         with self._streams_lock:
-            return list(self._streams.values())
+            return [stream for stream in self._streams.values() if stream is not None]
 
     def close(self):
         self.client.close()
-        with self._streams_lock:
-            streams, self._streams = list(self._streams.values()), {}
-        for stream in streams:
+        for stream in self.streams():
             stream.close()
+        with self._streams_lock:
+            self._streams = {}
 
 
 class OKX(BaseProtocol):
@@ -2570,6 +2576,8 @@ class OKX(BaseProtocol):
                 raise BadRequest("access_key is empty: this method needs an OKX API key")
             if not _PRINTABLE_RE.match(self.request.access_key):
                 raise BadRequest("access_key may hold only printable ASCII characters")
+            if len(self.request.access_key) > MAX_KEY_CHARS:
+                raise BadRequest("access_key is longer than any OKX API key (%d characters at most)" % MAX_KEY_CHARS)
             secret, passphrase, demo = parse_secret_field(self.request.secret_key)
             self._credentials = Credentials(self.request.access_key, secret, passphrase, demo)
         return self._credentials
