@@ -53,6 +53,112 @@ from unittest import mock
 
 # ---- Fake OKX ----
 
+# -- time: the clock the fakes (and the plugin) read ------------------------------------------------------
+#
+# Every reading of the time that matters for OKX's rules (signature window, expTime, cTime/uTime/ts, rate
+# limit windows, the stream's idle rule and push delays) goes through a clock object with the four methods
+# the plugin's `Config(clock=...)` takes: time(), monotonic(), sleep(seconds), wait(event, timeout), plus
+# true_time(), what the exchange's own clock reads. REAL_CLOCK is the default; a test that passes one
+# VirtualClock to the plugin and to the fakes runs on virtual time. Simulated network costs (latency_ms,
+# handshake_ms, the slow/timeout faults, socket polling) always stay real.
+
+_VIRTUAL_POLL_S = 0.005     # real seconds between looks of VirtualClock.wait at its event and deadline
+_VIRTUAL_YIELD_S = 0.0002   # real pause of VirtualClock.sleep, so that other threads get the GIL
+
+
+class RealClock:
+    """The machine's clocks: host wall clock, monotonic clock, real sleeps and waits."""
+
+    def time(self):
+        return time.time()
+
+    def true_time(self):
+        """What the exchange's clock reads: here the same as the host's wall clock."""
+        return time.time()
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def sleep(self, seconds):
+        time.sleep(max(0.0, seconds))
+
+    def wait(self, event, timeout):
+        """True if `event` got set within `timeout` seconds (None: wait for it without limit)."""
+        return event.wait(timeout)
+
+
+REAL_CLOCK = RealClock()
+
+
+class VirtualClock:
+    """Time that passes only when a test says so (`advance`) or a thread sleeps (`sleep`).
+
+        clock = VirtualClock()
+        clock.monotonic()      # 10000.0, then whatever advance()/sleep() made of it
+        clock.true_time()      # the exchange's clock: real time.time() at creation + virtual elapsed
+        clock.time()           # the host's wall clock: true_time() + every step_wall() so far
+        clock.advance(5)       # 5 s pass for every clock; threads in wait() whose deadline came return
+        clock.step_wall(-40)   # only the host's wall clock jumps (an NTP step, a VM resume)
+
+    `sleep(s)` returns at once with time moved to max(now, now at the call + s), so a sleeping thread
+    drives time. `wait(event, timeout)` never moves time: it returns True as soon as `event` is set and
+    False once time (moved by advance() or another thread's sleep()) reaches its deadline. One lock and
+    condition guard everything.
+    """
+
+    def __init__(self, start=10000.0, true_start=None):
+        self._cond = threading.Condition(threading.Lock())
+        self._start = self._now = float(start)
+        self._true_start = time.time() if true_start is None else float(true_start)
+        self._wall_step = 0.0
+
+    def monotonic(self):
+        with self._cond:
+            return self._now
+
+    def true_time(self):
+        with self._cond:
+            return self._true_start + (self._now - self._start)
+
+    def time(self):
+        with self._cond:
+            return self._true_start + (self._now - self._start) + self._wall_step
+
+    def advance(self, seconds):
+        """Let `seconds` (>= 0) pass: monotonic, true and host time move together; waiters wake."""
+        if seconds < 0:
+            raise ValueError("time does not run backwards: %r" % (seconds,))
+        with self._cond:
+            self._now += seconds
+            self._cond.notify_all()
+
+    def step_wall(self, seconds):
+        """Jump only the host's wall clock by `seconds` (either sign); monotonic and true time stay."""
+        with self._cond:
+            self._wall_step += seconds
+
+    def sleep(self, seconds):
+        with self._cond:
+            target = self._now + max(0.0, seconds)
+            if target > self._now:
+                self._now = target
+                self._cond.notify_all()
+        time.sleep(_VIRTUAL_YIELD_S)
+
+    def wait(self, event, timeout):
+        """True as soon as `event` is set; False once virtual time reaches the call's time + `timeout`."""
+        if timeout is None:
+            return event.wait()
+        with self._cond:
+            deadline = self._now + max(0.0, timeout)
+        while not event.is_set():
+            with self._cond:
+                if self._now >= deadline:
+                    break
+                self._cond.wait(_VIRTUAL_POLL_S)
+        return event.is_set()
+
+
 # A self-signed certificate for CN 127.0.0.1 (subjectAltName IP:127.0.0.1, DNS:localhost; RSA 2048,
 # valid 100 years), made once with:
 #   openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj /CN=127.0.0.1 \
@@ -472,11 +578,12 @@ class FakeOKX(_BackgroundServer):
     moving the price with `set_price()` fills nothing by itself.
     """
 
-    def __init__(self, tls=False, latency_ms=0, handshake_ms=0):
+    def __init__(self, tls=False, latency_ms=0, handshake_ms=0, clock=None):
         self.tls = tls
+        self.clock = REAL_CLOCK if clock is None else clock   # true_time() and monotonic() of the exchange
         self.latency_ms = latency_ms        # slept before every answer (simulated round trip)
         self.handshake_ms = handshake_ms    # slept once per new connection (TCP + TLS set-up)
-        self.clock_skew_ms = 0              # the exchange's "now" is the real now plus this
+        self.clock_skew_ms = 0              # the exchange's "now" is the clock's true time plus this
         self.enforce_rate_limits = False    # count requests in OKX's windows and answer 429 / 50011 past them
         self.rate_limited = 0               # 50011 answers sent (including the "ratelimit" fault)
         self.fee_rate = Decimal("0.001")    # taker fee on every fill, charged in what is received / settle ccy
@@ -490,12 +597,12 @@ class FakeOKX(_BackgroundServer):
         self._sockets = set()
         self._server = None
         self._seq = 0
-        self._instruments, prices = build_instruments(now_ms())
+        self._instruments, prices = build_instruments(self.now_ms())
         self._market = {}
         for inst_id, (bid, ask) in prices.items():
             self._market[inst_id] = {"bid": Decimal(bid), "ask": Decimal(ask), "last": Decimal(bid),
                                      "base": Decimal(bid), "seq": 1000}
-        next_funding = (now_ms() // (8 * 3600000) + 1) * 8 * 3600000
+        next_funding = (self.now_ms() // (8 * 3600000) + 1) * 8 * 3600000
         self._funding = {inst_id: (Decimal(rate), next_funding, next_funding + 8 * 3600000)
                          for inst_id, rate in SWAP_FUNDING_RATES.items()}
         self.accounts = {
@@ -526,8 +633,12 @@ class FakeOKX(_BackgroundServer):
         return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self._server.server_address[1])
 
     def now_ms(self):
-        """The exchange's clock: real time plus clock_skew_ms."""
-        return now_ms() + self.clock_skew_ms
+        """The exchange's clock: the clock's true time plus clock_skew_ms."""
+        return int(self.clock.true_time() * 1000) + self.clock_skew_ms
+
+    def now_us(self):
+        """now_ms() in microseconds (inTime/outTime of trade answers)."""
+        return int(self.clock.true_time() * 1000000) + self.clock_skew_ms * 1000
 
     # -- test helpers -----------------------------------------------------------------------------------
 
@@ -670,7 +781,7 @@ class FakeOKX(_BackgroundServer):
         extra = route.per.partition("+")[2]
         bucket = (method, path, who, str(params.get(extra, "")) if extra else "")
         stamps = self._rate_windows.setdefault(bucket, deque())
-        moment = time.monotonic()
+        moment = self.clock.monotonic()
         while stamps and stamps[0] <= moment - route.window:
             stamps.popleft()
         if len(stamps) >= route.limit:
@@ -1319,10 +1430,10 @@ class FakeOKX(_BackgroundServer):
 
     def _trade_answer(self, code, row, in_time):
         return {"code": code, "msg": "", "data": [row], "inTime": str(in_time),
-                "outTime": str(int(time.time() * 1000000))}
+                "outTime": str(self.now_us())}
 
     def _api_place_order(self, call):
-        in_time, params = int(time.time() * 1000000), call.params
+        in_time, params = self.now_us(), call.params
         try:
             order = self._place(call.account, params, call.headers)
         except OkxError as error:
@@ -1333,7 +1444,7 @@ class FakeOKX(_BackgroundServer):
                                         "ts": order["cTime"], "sCode": "0", "sMsg": "Order placed"}, in_time)
 
     def _api_cancel_order(self, call):
-        in_time, params = int(time.time() * 1000000), call.params
+        in_time, params = self.now_us(), call.params
         ord_id, cl_ord_id = str(params.get("ordId", "")), str(params.get("clOrdId", ""))
         try:
             inst = self._instrument(text_param(params, "instId"))
@@ -1809,7 +1920,7 @@ class _Market:
     side one tick apart, best bid at the reference price, best ask one tick above.
     """
 
-    def __init__(self, inst_id: str):
+    def __init__(self, inst_id: str, ts: str = ""):
         price, tick = (Decimal(v) for v in _PRICE_TICK.get(inst_id.split("-")[0], ("100", "0.01")))
         rng = random.Random(inst_id)          # str seeds are stable across runs and hash seeds
         contracts = inst_id.endswith("-SWAP")
@@ -1837,7 +1948,7 @@ class _Market:
             "open24h": scaled("0.98"), "high24h": scaled("1.02"), "low24h": scaled("0.97"),
             "volCcy24h": _fmt((price * Decimal("8123.45")).quantize(Decimal("0.01"))),
             "vol24h": "8123.45", "sodUtc0": scaled("0.99"), "sodUtc8": scaled("0.985"),
-            "ts": _now_ms(),
+            "ts": ts or _now_ms(),
         }
 
     def levels(self, side: str, depth=None) -> list:
@@ -1874,7 +1985,7 @@ class _Connection:
         self.handshaken = False
         self.dead = False                 # aborted or finished
         self.close_deadline = None        # set once we sent a close frame
-        self.last_recv = time.monotonic()
+        self.last_recv = server.clock.monotonic()    # the idle rule runs on the stream's clock
         self._pending = b""
         self._send_lock = threading.Lock()
 
@@ -1914,14 +2025,14 @@ class _Connection:
             if self.close_deadline is not None and now > self.close_deadline:
                 raise _ConnectionDone()
             if (self.close_deadline is None and self.handshaken and self.server.idle_close_s is not None
-                    and now - self.last_recv > self.server.idle_close_s):
+                    and self.server.clock.monotonic() - self.last_recv > self.server.idle_close_s):
                 self.send_close(4004, "No data received in 30s")
             tls_buffered = getattr(self.sock, "pending", lambda: 0)()
             if tls_buffered or select.select([self.sock], [], [], _POLL_S)[0]:
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     raise _ConnectionDone()
-                self.last_recv = time.monotonic()
+                self.last_recv = self.server.clock.monotonic()
                 return chunk
 
     def _recv_exact(self, count: int) -> bytes:
@@ -2077,7 +2188,7 @@ class FakeOKXStream:
       ``checksums``    True: `books` carry the real CRC32; False: always 0 (OKX since 2026-06);
       ``answer_pings`` False: the server goes silent (no pong, ack, push or pong frame) while
                        still reading and recording requests: a dead-but-open connection;
-      ``idle_close_s`` None, or seconds without any received byte before close code 4004;
+      ``idle_close_s`` None, or seconds (of ``clock``) without any received byte before close 4004;
       ``bad_accept``   True: the handshake answers a wrong ``Sec-WebSocket-Accept``;
       ``send_update_without_snapshot_next``  True: the next `books` subscribe gets an
                        ``update`` (a no-change re-send of the best bid) instead of a snapshot.
@@ -2086,8 +2197,9 @@ class FakeOKXStream:
     All state is behind one lock; mutators push synchronously from the caller's thread.
     """
 
-    def __init__(self, ssl_context=None):
+    def __init__(self, ssl_context=None, clock=None):
         self.ssl_context = ssl_context
+        self.clock = REAL_CLOCK if clock is None else clock    # ts fields and the idle rule
         self.instruments = set(DEFAULT_INSTRUMENTS)
         self.checksums = True
         self.answer_pings = True
@@ -2156,6 +2268,10 @@ class FakeOKXStream:
                 self._conns.add(conn)
             self._spawn(conn.run, "fake-okx-conn")
 
+    def _stamp(self) -> str:
+        """Now on the stream's clock (its true time), as the ms string of OKX's ``ts`` fields."""
+        return str(int(self.clock.true_time() * 1000))
+
     # -- introspection ------------------------------------------------------------------------
 
     @property
@@ -2183,7 +2299,7 @@ class FakeOKXStream:
 
     def _market(self, inst_id: str) -> _Market:
         if inst_id not in self._markets:
-            self._markets[inst_id] = _Market(inst_id)
+            self._markets[inst_id] = _Market(inst_id, self._stamp())
         return self._markets[inst_id]
 
     def _on_text(self, conn: _Connection, text: str) -> None:
@@ -2258,13 +2374,13 @@ class FakeOKXStream:
         bids, asks = market.top5()
         return {"arg": self._arg("books5", market),
                 "data": [{"asks": [_book_row(*lv) for lv in asks], "bids": [_book_row(*lv) for lv in bids],
-                          "instId": market.inst_id, "ts": _now_ms(), "seqId": market.seq_id}]}
+                          "instId": market.inst_id, "ts": self._stamp(), "seqId": market.seq_id}]}
 
     def _snapshot_message(self, market: _Market) -> dict:
         return {"arg": self._arg("books", market), "action": "snapshot",
                 "data": [{"asks": [_book_row(*lv) for lv in market.levels("asks", SNAPSHOT_DEPTH)],
                           "bids": [_book_row(*lv) for lv in market.levels("bids", SNAPSHOT_DEPTH)],
-                          "ts": _now_ms(), "checksum": market.checksum() if self.checksums else 0,
+                          "ts": self._stamp(), "checksum": market.checksum() if self.checksums else 0,
                           "prevSeqId": -1, "seqId": market.seq_id}]}
 
     def _push(self, channel: str, inst_id: str, message: dict) -> None:
@@ -2275,7 +2391,7 @@ class FakeOKXStream:
     def _push_books_update(self, market: _Market, asks: list, bids: list,
                            prev_seq_id: int, checksum: int) -> dict:
         """Push one ``books`` update carrying ``market.seq_id``; returns its ``data[0]``."""
-        data = {"asks": asks, "bids": bids, "ts": _now_ms(), "checksum": checksum,
+        data = {"asks": asks, "bids": bids, "ts": self._stamp(), "checksum": checksum,
                 "prevSeqId": prev_seq_id, "seqId": market.seq_id}
         self._push("books", market.inst_id,
                    {"arg": self._arg("books", market), "action": "update", "data": [data]})
@@ -2315,7 +2431,7 @@ class FakeOKXStream:
             market = self._market(inst_id)
             market.ticker.update({name: str(value) for name, value in fields.items()})
             if "ts" not in fields:
-                market.ticker["ts"] = _now_ms()
+                market.ticker["ts"] = self._stamp()
             self._push("tickers", inst_id, self._ticker_message(market))
             return dict(market.ticker)
 
@@ -2333,7 +2449,7 @@ class FakeOKXStream:
             market = self._market(inst_id)
             market.next_trade_id += 1
             trade = {"instId": inst_id, "tradeId": str(market.next_trade_id), "px": str(px),
-                     "sz": str(sz), "side": side, "ts": _now_ms(), "count": "1", "source": "0",
+                     "sz": str(sz), "side": side, "ts": self._stamp(), "count": "1", "source": "0",
                      "seqId": market.next_trade_id}
             market.trades.appendleft(trade)
             self._push("trades", inst_id, {"arg": {"channel": "trades", "instId": inst_id},
@@ -5069,6 +5185,142 @@ class FakeStreamSelfTest(unittest.TestCase):
                                            [["3366.8", "9"], ["3368", "8"], ["3372", "8"]]), 831078360)
         self.assertEqual(okx_book_checksum([["3366.1", "7"], ["3366", "6"]],
                                            [["3366.8", "9"], ["3368", "8"]]), -1881014294)
+
+
+class VirtualClockSelfTest(unittest.TestCase):
+    """VirtualClock on its own, and the fakes reading it (REST rules, the stream's ts and idle rule)."""
+
+    def start_waiter(self, clock, event, timeout):
+        """wait() in a thread; returns (thread, result list that gets wait()'s answer)."""
+        result = []
+        thread = threading.Thread(target=lambda: result.append(clock.wait(event, timeout)), daemon=True)
+        thread.start()
+        return thread, result
+
+    def test_sleep_moves_every_clock_at_once(self):
+        clock = VirtualClock()
+        start, true_start, wall_start = clock.monotonic(), clock.true_time(), clock.time()
+        self.assertEqual(start, 10000.0)
+        self.assertLess(abs(true_start - time.time()), 5)
+        began = time.monotonic()
+        clock.sleep(3600)
+        self.assertLess(time.monotonic() - began, 0.5)
+        self.assertEqual(clock.monotonic(), start + 3600)
+        self.assertAlmostEqual(clock.true_time(), true_start + 3600, places=5)
+        self.assertAlmostEqual(clock.time(), wall_start + 3600, places=5)
+        clock.sleep(-5)
+        clock.sleep(0)
+        self.assertEqual(clock.monotonic(), start + 3600)
+        with self.assertRaises(ValueError):
+            clock.advance(-1)
+
+    def test_wait_returns_when_the_event_is_set_without_moving_time(self):
+        clock, event = VirtualClock(), threading.Event()
+        thread, result = self.start_waiter(clock, event, 30)
+        time.sleep(0.05)
+        self.assertEqual(result, [])
+        event.set()
+        thread.join(1)
+        self.assertEqual((result, clock.monotonic()), ([True], 10000.0))
+        self.assertTrue(clock.wait(event, None))
+        self.assertFalse(clock.wait(threading.Event(), 0))
+
+    def test_wait_times_out_only_when_virtual_time_reaches_its_deadline(self):
+        clock, event = VirtualClock(), threading.Event()
+        thread, result = self.start_waiter(clock, event, 5)
+        time.sleep(0.1)                                   # far longer than its poll slice: still waiting
+        clock.advance(4)
+        time.sleep(0.05)
+        self.assertEqual((result, clock.monotonic()), ([], 10004.0))
+        clock.advance(1)
+        thread.join(1)
+        self.assertEqual(result, [False])
+        thread, result = self.start_waiter(clock, event, 3)    # another thread's sleep ends it too
+        time.sleep(0.02)
+        clock.sleep(3)
+        thread.join(1)
+        self.assertEqual((result, clock.monotonic()), ([False], 10008.0))
+
+    def test_step_wall_moves_only_the_host_wall_clock(self):
+        clock = VirtualClock()
+        start, true_start, wall_start = clock.monotonic(), clock.true_time(), clock.time()
+        self.assertEqual(wall_start, true_start)
+        clock.step_wall(-40)
+        self.assertEqual((clock.monotonic(), clock.true_time(), clock.time()), (start, true_start, wall_start - 40))
+        clock.advance(2)
+        self.assertEqual(clock.monotonic(), start + 2)
+        self.assertAlmostEqual(clock.true_time(), true_start + 2, places=5)
+        self.assertAlmostEqual(clock.time(), wall_start - 38, places=5)
+
+    def test_real_clock_is_the_machine_clock(self):
+        event = threading.Event()
+        self.assertLess(abs(REAL_CLOCK.true_time() - time.time()), 1)
+        self.assertLess(abs(REAL_CLOCK.time() - time.time()), 1)
+        self.assertLess(abs(REAL_CLOCK.monotonic() - time.monotonic()), 1)
+        self.assertFalse(REAL_CLOCK.wait(event, 0.01))
+        event.set()
+        self.assertTrue(REAL_CLOCK.wait(event, 5))
+
+    def test_fake_okx_keeps_its_own_time_on_the_clock(self):
+        clock = VirtualClock()
+        fake = FakeOKX(clock=clock).start()
+        self.addCleanup(fake.stop)
+        clock.advance(3600)                        # an hour ahead of the real clock
+        _, answer = okx_request(fake.base_url, "GET", "/api/v5/public/time", signed=False)
+        self.assertEqual(int(answer["data"][0]["ts"]), int(clock.true_time() * 1000))
+        self.assertEqual(fake.now_ms(), int(clock.true_time() * 1000))
+        clock.step_wall(40)                        # the host's clock jumps; OKX's does not
+        status, answer = okx_request(fake.base_url, "GET", "/api/v5/account/config",
+                                     timestamp=okx_timestamp(int(clock.time() * 1000)))
+        self.assertEqual((status, answer["code"]), (401, "50102"))
+        status, answer = okx_request(fake.base_url, "GET", "/api/v5/account/config",
+                                     timestamp=okx_timestamp(fake.now_ms()))
+        self.assertEqual((status, answer["code"]), (200, "0"))
+        order = {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000",
+                 "sz": "0.01"}
+        stamp = okx_timestamp(fake.now_ms())
+        _, late = okx_request(fake.base_url, "POST", "/api/v5/trade/order", order, timestamp=stamp,
+                              headers={"expTime": str(fake.now_ms() - 1000)})   # past for OKX, future for us
+        self.assertEqual(late["data"][0]["sCode"], "50037")
+        _, placed = okx_request(fake.base_url, "POST", "/api/v5/trade/order", order, timestamp=stamp,
+                                headers={"expTime": str(fake.now_ms() + 5000)})
+        self.assertEqual(placed["data"][0]["sCode"], "0")
+        self.assertEqual(fake.orders()[0]["cTime"], str(fake.now_ms()))
+        self.assertEqual(int(placed["inTime"]) // 1000, fake.now_ms())
+
+    def test_rate_limit_windows_run_on_the_clock(self):
+        clock = VirtualClock()
+        fake = FakeOKX(clock=clock).start()
+        self.addCleanup(fake.stop)
+        fake.enforce_rate_limits = True
+        statuses = [okx_request(fake.base_url, "GET", "/api/v5/public/time", signed=False)[0] for _ in range(11)]
+        self.assertEqual(statuses, [200] * 10 + [429])
+        time.sleep(0.1)
+        self.assertEqual(okx_request(fake.base_url, "GET", "/api/v5/public/time", signed=False)[0], 429)
+        clock.advance(2)
+        self.assertEqual(okx_request(fake.base_url, "GET", "/api/v5/public/time", signed=False)[0], 200)
+
+    def test_stream_stamps_and_idle_rule_follow_the_clock(self):
+        clock = VirtualClock()
+        stream = FakeOKXStream(clock=clock).start()
+        self.addCleanup(stream.stop)
+        client = _WSClient(stream.url)
+        self.addCleanup(client.close)
+        client.send_json({"op": "subscribe", "args": [{"channel": "tickers", "instId": "BTC-USDT"}]})
+        client.recv_json()
+        self.assertEqual(client.recv_json()["data"][0]["ts"], str(int(clock.true_time() * 1000)))
+        clock.advance(90)
+        self.assertEqual(stream.set_ticker("BTC-USDT", last="1")["ts"], str(int(clock.true_time() * 1000)))
+        client.recv_json()
+        stream.idle_close_s = 30
+        client.sock.settimeout(0.3)
+        client.send_frame(OP_TEXT, b"ping")
+        self.assertEqual(client.recv_frame(), (OP_TEXT, b"pong"))
+        with self.assertRaises(socket.timeout):       # real time passes, virtual time does not
+            client.recv_frame()
+        clock.advance(31)
+        client.sock.settimeout(2)
+        self.assertEqual(client.recv_frame(), (OP_CLOSE, struct.pack("!H", 4004) + b"No data received in 30s"))
 
 
 BTC, ETH = "BTC-USDT", "ETH-USDT"
