@@ -565,7 +565,163 @@ class _BackgroundServer:
         self.stop()
 
 
-class FakeOKX(_BackgroundServer):
+# -- account events: what FakeOKX tells its observers (the private WebSocket) ---------------------------
+#
+# `FakeOKX.observers` is a list of callables `observer(api_key, kind, rows)`, called under the fake's lock
+# once an account has changed. One change (a placement with its fills, a cancel, a helper call) reports,
+# in this order and only what it changed:
+#   "orders"     one row per order event, shaped as an `orders` push (OKX.md §12.5): the REST row plus
+#                fillPx/fillSz/tradeId/fillTime/fillFee/fillFeeCcy/execType of THIS update's fill only
+#                (""/"0" when it is no fill), avgPx "0" while nothing filled, amendResult, reqId, code, msg;
+#                a taker order gives its accepted ("live") row, then its fill;
+#   "account"    [the GET /account/balance data[0] object, its `details` cut to the changed currencies];
+#   "positions"  the changed /account/positions rows; a position that closed comes once with pos "0".
+# The methods that change an account carry `@account_change(...)`: the outermost call opens the change
+# (noting balances and positions), and its return compares and reports. Order events come from
+# `_order_event()`: `_place`, `_fill` and `_cancel` report through their decorator, so any new path that
+# goes through them (an algo order that triggers and calls `_place`) pushes by itself. A new path that
+# changes an order otherwise (amend) decorates its method with `@account_change()` and calls
+# `self._order_event(account, order, amendResult="0", reqId=req_id)`. Without observers it all costs nothing.
+
+_ORDER_PUSH_DEFAULTS = {"amendResult": "", "amendSource": "", "reqId": "", "code": "0", "msg": ""}
+_NO_FILL = {"fillPx": "", "fillSz": "0", "tradeId": "", "fillTime": "", "fillFee": "0", "fillFeeCcy": "",
+            "execType": ""}
+
+
+def account_change(event=None):
+    """Decorate a FakeOKX method that changes an account, found as its `account` argument, `call.account`
+    or the account of its `key` argument (default KEY). `event`: "place" (the method returns the new
+    order), "fill" / "cancel" (of its `order` argument), or None (balances and positions only)."""
+    def decorate(method):
+        code = method.__code__
+        names = code.co_varnames[1:code.co_argcount]
+
+        def wrapper(self, *args, **kwargs):
+            if not self.observers:
+                return method(self, *args, **kwargs)
+            arguments = dict(zip(names, args), **kwargs)
+            if isinstance(arguments.get("account"), dict):
+                account = arguments["account"]
+            elif isinstance(arguments.get("call"), Call):
+                account = arguments["call"].account
+            else:
+                account = self.accounts[arguments.get("key", KEY)]
+            with self._lock:
+                change = self._open_change(account)
+                try:
+                    order = arguments.get("order")
+                    if event in ("fill", "cancel"):
+                        self._announce(change, account, order)
+                        fee_before = Decimal(order["fee"])
+                    result = method(self, *args, **kwargs)
+                    if event == "place":
+                        self._announce(change, account, result)
+                    elif event == "fill":
+                        self._order_event(account, order, fill_fee=Decimal(order["fee"]) - fee_before,
+                                          exec_type="T" if order["ordId"] in change["new_orders"] else "M")
+                    elif event == "cancel":
+                        self._order_event(account, order)
+                    return result
+                finally:
+                    self._close_change(account)
+
+        wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
+        wrapper.__wrapped__ = method
+        return wrapper
+    return decorate
+
+
+class _AccountEvents:
+    """The change bookkeeping behind `account_change` (mixed into FakeOKX; see the banner above)."""
+
+    def _api_key_of(self, account):
+        return next(key for key, known in self.accounts.items() if known is account)
+
+    def _balance_rows(self, account):
+        """{ccy: detail row of GET /account/balance, without its uTime} as it is now."""
+        details = self._api_balance(Call({}, account, {}))[0]["details"]
+        return {row["ccy"]: dict(row, uTime="") for row in details}
+
+    def _position_state(self, account):
+        """{(instId, mgnMode, posSide): (the stored position, its REST row now)}."""
+        return {key: (position, self._position_row(account, position))
+                for key, position in account["positions"].items()}
+
+    def _open_change(self, account):
+        key = self._api_key_of(account)
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = {
+                "depth": 0, "orders": [], "old_orders": set(account["orders"]), "new_orders": set(),
+                "balances": self._balance_rows(account), "positions": self._position_state(account)}
+        change["depth"] += 1
+        return change
+
+    def _close_change(self, account):
+        key = self._api_key_of(account)
+        change = self._changes[key]
+        change["depth"] -= 1
+        if change["depth"] == 0:
+            del self._changes[key]
+            self._report_change(key, account, change)
+
+    def _announce(self, change, account, order):
+        """The accepted push of an order placed in this change, once, before anything else happens to it."""
+        ord_id = order["ordId"]
+        if ord_id not in change["old_orders"] and ord_id not in change["new_orders"]:
+            change["new_orders"].add(ord_id)
+            self._order_event(account, order)
+
+    def _order_event(self, account, order, fill_fee=None, exec_type="", **fields):
+        """Report one order event: `order` (stored or REST row) as it is now; `fill_fee` (a Decimal, OKX's
+        sign: negative is a charge) when this update is a fill of fillSz at fillPx; `fields` override
+        push fields (amendResult, reqId, code, msg, ...)."""
+        if not self.observers:
+            return
+        row = public_order(order)
+        for name, value in _ORDER_PUSH_DEFAULTS.items():
+            row.setdefault(name, value)
+        if not Decimal(row.get("accFillSz") or 0):
+            row["avgPx"] = "0"
+        if fill_fee is None:
+            row.update(_NO_FILL)
+        else:
+            row.update(fillFee=fmt(fill_fee), fillFeeCcy=row.get("feeCcy", ""), execType=exec_type)
+        row.update(fields)
+        with self._lock:
+            self._open_change(account)["orders"].append(row)
+            self._close_change(account)
+
+    def _report_change(self, api_key, account, change):
+        data = self._api_balance(Call({}, account, {}))[0]
+        after = {row["ccy"]: row for row in data["details"]}
+        before = change["balances"]
+        details = []
+        for ccy in sorted(set(before) | set(after)):
+            if ccy not in after:                    # emptied: no longer listed by REST, pushed once as zero
+                details.append(dict(before[ccy], eq="0", cashBal="0", availBal="0", frozenBal="0", ordFrozen="0",
+                                    availEq="" if account["acct_lv"] == "1" else "0", eqUsd="0", disEq="0",
+                                    upl="0", uTime=data["uTime"]))
+            elif dict(after[ccy], uTime="") != before.get(ccy):
+                details.append(after[ccy])
+        positions_before, positions = change["positions"], []
+        for key, (position, row) in self._position_state(account).items():
+            if key not in positions_before or positions_before[key][1] != row:
+                positions.append(row)
+        for key, (position, _) in positions_before.items():
+            if key not in account["positions"]:
+                positions.append(dict(self._position_row(account, position), pos="0"))
+        reports = (("orders", change["orders"]), ("account", [dict(data, details=details)] if details else []),
+                   ("positions", positions))
+        for kind, rows in reports:
+            for observer in list(self.observers) if rows else ():
+                try:
+                    observer(api_key, kind, rows)
+                except Exception:          # a bug of an observer: show it, never break the REST answer
+                    traceback.print_exc()
+
+
+class FakeOKX(_AccountEvents, _BackgroundServer):
     """A fake OKX v5 REST exchange on 127.0.0.1, run by a ThreadingHTTPServer in a background thread.
 
         with FakeOKX(tls=True) as fake:          # or fake = FakeOKX().start(); ...; fake.stop()
@@ -581,6 +737,8 @@ class FakeOKX(_BackgroundServer):
     def __init__(self, tls=False, latency_ms=0, handshake_ms=0, clock=None):
         self.tls = tls
         self.clock = REAL_CLOCK if clock is None else clock   # true_time() and monotonic() of the exchange
+        self.observers = []                 # observer(api_key, kind, rows) after each account change
+        self._changes = {}                  # api key -> the change being made (see account_change)
         self.latency_ms = latency_ms        # slept before every answer (simulated round trip)
         self.handshake_ms = handshake_ms    # slept once per new connection (TCP + TLS set-up)
         self.clock_skew_ms = 0              # the exchange's "now" is the clock's true time plus this
@@ -659,16 +817,19 @@ class FakeOKX(_BackgroundServer):
         with self._lock:
             del self._faults[:]
 
+    @account_change()
     def set_position_mode(self, mode, key=KEY):
         assert mode in ("net_mode", "long_short_mode"), mode
         with self._lock:
             self.accounts[key]["pos_mode"] = mode
 
+    @account_change()
     def set_account_level(self, acct_lv, key=KEY):
         """"1" spot mode (no derivatives, availEq ""), "2" futures mode."""
         with self._lock:
             self.accounts[key]["acct_lv"] = acct_lv
 
+    @account_change()
     def set_balance(self, ccy, avail, frozen="0", key=KEY):
         with self._lock:
             self.accounts[key]["balances"][ccy] = [Decimal(avail), Decimal(frozen)]
@@ -697,6 +858,7 @@ class FakeOKX(_BackgroundServer):
             market.update(bid=Decimal(bid), ask=Decimal(ask), last=Decimal(last if last is not None else bid))
             market["seq"] += 7
 
+    @account_change()
     def fill(self, ord_id, sz=None, px=None, key=KEY):
         """Fill a pending order fully (sz None) or by `sz`, at `px` (default: the order's price)."""
         with self._lock:
@@ -1106,6 +1268,7 @@ class FakeOKX(_BackgroundServer):
             return ["long", "short"]
         return ["net"]
 
+    @account_change()
     def _api_set_leverage(self, call):
         params, account = call.params, call.account
         lever_text = str(params.get("lever", ""))       # ccxt sends a JSON number here; OKX takes both
@@ -1208,6 +1371,7 @@ class FakeOKX(_BackgroundServer):
             return (order["side"] == "sell") == (order["posSide"] == "long")
         return order["reduceOnly"] == "true"
 
+    @account_change("place")
     def _place(self, account, params, headers):
         """Place an order as OKX does: check its parameters, reserve funds or margin, store it and fill
         what crosses the book. An OkxError raised here becomes the answer's sCode/sMsg."""
@@ -1318,6 +1482,7 @@ class FakeOKX(_BackgroundServer):
             self._cancel(account, order)
         return order
 
+    @account_change("fill")
     def _fill(self, account, order, qty, price):
         """Fill `qty` of an order at `price`: balances, fee, position and the order's fill fields."""
         inst = self._instruments[order["instId"]]
@@ -1358,6 +1523,7 @@ class FakeOKX(_BackgroundServer):
             fee=fmt(Decimal(order["fee"]) - fee), pnl=fmt(Decimal(order["pnl"]) + pnl), uTime=stamp,
             state="filled" if filled >= order["_target"] else "partially_filled")
 
+    @account_change()
     def _move_position(self, account, inst, order, qty, price):
         """Apply a derivative fill to the position; returns the realised profit (settle currency)."""
         hedge = account["pos_mode"] == "long_short_mode"
@@ -1403,6 +1569,7 @@ class FakeOKX(_BackgroundServer):
             del account["positions"][key]
         return pnl
 
+    @account_change("cancel")
     def _cancel(self, account, order):
         if order["_reserve"]:
             ccy, amount = order["_reserve"]
