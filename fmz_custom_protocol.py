@@ -215,10 +215,12 @@ class Config:
     """The plugin's settings: the command line's flags, and the clock everything measures time with."""
 
     def __init__(self, api_base=DEFAULT_API_BASE, timeout=DEFAULT_TIMEOUT, margin_mode="cross", proxy=None,
-                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE, clock=None):
+                 ca_file=None, ws_base=None, stream=True, stream_idle=DEFAULT_STREAM_IDLE, clock=None,
+                 private_stream=True):
         self.api_base, self.timeout, self.margin_mode = api_base, timeout, margin_mode
         self.proxy, self.ca_file = proxy, ca_file
         self.ws_base, self.stream, self.stream_idle = ws_base, stream, stream_idle
+        self.private_stream = stream and private_stream
         self.clock = clock or Clock()
 
 
@@ -1713,8 +1715,8 @@ class WebSocketClient:
 class LiveConnection:
     """One OKX WebSocket URL kept open by a thread of its own for as long as something is wanted of it.
 
-    The common part of the market and account streams. The thread (started by ``_ensure_thread`` on first
-    use) connects, respecting OKX's limit of STREAM_CONNECTS_PER_SECOND new connections per IP address,
+    The common part of the market and account streams. The thread (started by ``_ensure_thread`` when
+    something is wanted, ending when nothing is) connects, respecting OKX's limit of STREAM_CONNECTS_PER_SECOND new connections per IP address,
     calls ``_opened(ws)`` (a login, say), then loops: ``_turn(ws, now)`` sends what the subclass wants sent,
     the text ``ping`` goes out after STREAM_PING_AFTER of silence, every text message received is handed as
     JSON to ``_on_message`` (under ``_lock``), and the connection is given up after STREAM_DEAD_AFTER without
@@ -1734,7 +1736,7 @@ class LiveConnection:
             ssl_context = ssl.create_default_context()
         self.url, self.clock, self.ssl_context, self.proxy, self.name = url, clock, ssl_context, proxy, name
         self._lock = threading.Lock()
-        self._stop, self._wake = threading.Event(), threading.Event()
+        self._stop = threading.Event()
         self._thread = None
         self._closed = False
         self._connected = False
@@ -1761,10 +1763,9 @@ class LiveConnection:
 
     # --- shared ----------------------------------------------------------------------------------------
     def _ensure_thread(self):
-        """Start the thread on first use and wake it (under the lock)."""
+        """Start the thread unless it runs (under the lock)."""
         if self._closed:
             return
-        self._wake.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="okx-" + self.name, daemon=True)
             self._thread.start()
@@ -1783,19 +1784,16 @@ class LiveConnection:
             self._closed = True
             thread = self._thread
         self._stop.set()
-        self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(0.5)
 
     def _run(self):
         failures, lost = 0, False     # failures: connections in a row that failed or did not last
         while not self._stop.is_set():
-            self._wake.clear()
             with self._lock:
-                wanted = self._wanted(self.clock.monotonic())
-            if not wanted:
-                self.clock.wait(self._wake, 1.0)
-                continue
+                if not self._wanted(self.clock.monotonic()):
+                    self._thread = None   # nothing to do: the thread ends, the next use starts another
+                    return
             backoff = min(STREAM_BACKOFF_MAX, STREAM_BACKOFF_FIRST * 2 ** (failures - 2)) if failures > 1 else 0.0
             if self.clock.wait(self._stop, backoff) or not self._take_connect_slot():
                 break
@@ -2349,6 +2347,423 @@ class MarketStream(LiveConnection):
 
 
 # =====================================================================================================
+# Live account stream: OKX's private WebSocket, one per API key, for balances, positions and orders
+# =====================================================================================================
+
+ACCOUNT_STREAM_PATH = "/ws/v5/private"
+LOGIN_TIMEOUT = 5.0               # seconds OKX has to answer a login
+LOGIN_RETRY_FIRST = 30.0          # a refused login is tried again after this, doubling each time...
+LOGIN_RETRY_MAX = 600.0           # ...up to this: a wrong key never makes a reconnect loop
+WRITE_SETTLE = 1.0                # after an order or cancel, memory waits this long at most for its push
+ORDER_PUSH_WAIT = 3.0             # an order answered by REST whose push never came: orders are re-read
+ORDERS_RELOAD_RETRY = 5.0         # a failed REST read of open orders is tried again after this
+FINISHED_ORDERS_KEPT = 1000       # finished orders of this connection kept for `order` (the newest)
+ACCOUNT_CHANNELS = ({"channel": "account"}, {"channel": "positions", "instType": "ANY"},
+                    {"channel": "orders", "instType": "ANY"})
+
+# OKX's rank of order states: a push never takes an order back to a lower one (OKX's v5 docs, orders
+# channel: "filled", "canceled", "mmp_canceled" are final).
+STATE_RANK = {"live": 0, "partially_filled": 1, "filled": 2, "canceled": 2, "mmp_canceled": 2}
+# Fields of an orders push that REST's order rows do not have (they describe one push, not the order).
+PUSH_ONLY_FIELDS = ("amendResult", "amendSource", "code", "msg", "reqId", "execType", "fillFee", "fillFeeCcy",
+                    "fillNotionalUsd", "fillPnl", "fillMarkPx", "fillIdxPx", "fillFwdPx", "fillMarkVol",
+                    "fillPxVol", "fillPxUsd", "fillMarkPxUsd", "lastPx", "notionalUsd", "pTime")
+
+
+def login_request(credentials, timestamp):
+    """OKX's WebSocket login frame: the signature of ``timestamp + "GET" + "/users/self/verify"``, the
+    timestamp in whole seconds of OKX's time. Never logged: it carries the passphrase."""
+    sign = sign_request(credentials.secret, timestamp, "GET", "/users/self/verify")
+    return json.dumps({"op": "login", "args": [{"apiKey": credentials.api_key, "passphrase": credentials.passphrase,
+                                                "timestamp": timestamp, "sign": sign}]}, separators=(",", ":"))
+
+
+class LoginRefused(StreamError):
+    """OKX refused the private stream's login: ``code`` is OKX's."""
+
+    def __init__(self, code, message):
+        hint = ERROR_HINTS.get(code)
+        super().__init__("OKX refused the login (%s: %s)%s" % (code, message or "(no message)",
+                                                                " (hint: %s)" % hint if hint else ""))
+        self.code = code
+
+
+def _rank(row):
+    return STATE_RANK.get(row.get("state"), 0)
+
+
+def _filled(row):
+    try:
+        return Decimal(row.get("accFillSz") or 0)
+    except ArithmeticError:
+        return Decimal(0)
+
+
+def supersedes(stored, row):
+    """True when order ``row`` may replace the ``stored`` one: OKX's rules against duplicate and
+    out-of-order pushes (a final state stays final, what filled never shrinks, a lower state with an older
+    uTime is an old push)."""
+    if stored is None:
+        return True
+    if _rank(stored) == 2:
+        return False
+    if _filled(row) != _filled(stored):
+        return _filled(row) > _filled(stored)
+    return not (_ms(row.get("uTime")) < _ms(stored.get("uTime")) and _rank(row) < _rank(stored))
+
+
+def rest_order_row(row):
+    """An orders push as REST's order row: without the push-only fields, ``avgPx`` "" while nothing filled."""
+    rest = {name: value for name, value in row.items() if name not in PUSH_ONLY_FIELDS}
+    if rest.get("avgPx") in ("0", 0) and _filled(rest) == 0:
+        rest["avgPx"] = ""
+    return rest
+
+
+class AccountStream(LiveConnection):
+    """OKX's private WebSocket for one API key: its balances, positions and orders kept in memory.
+
+    Opened on the first private read of the key, closed after ``idle_seconds`` without one. On each
+    connection: log in (signed with OKX's time), wait for the answer, subscribe ``account``, ``positions``
+    and ``orders`` (instType ANY). OKX pushes a snapshot of balances and of positions on subscribe, and
+    nothing for orders, so open orders are read from REST (every page) after the acknowledgement. Memory
+    answers only while the connection is alive (as the market stream) and that channel is in sync; after
+    any loss everything is dropped and synced again. Snapshots replace, updates merge, and order pushes
+    follow ``supersedes``. An order or cancel this plugin made is read from REST until its own push has
+    arrived (read your writes); balances and positions wait up to WRITE_SETTLE for the push that follows
+    a write. Reads return None whenever memory cannot answer: the caller then asks REST.
+    """
+
+    def __init__(self, ws_base, clock, credentials, exchange_clock, load_open_orders, sync_clock=None,
+                 ssl_context=None, proxy=None, idle_seconds=DEFAULT_STREAM_IDLE):
+        super().__init__(ws_base.rstrip("/") + ACCOUNT_STREAM_PATH, clock, ssl_context, proxy,
+                         name="account stream %s..." % credentials.api_key[:4])
+        self.credentials, self.exchange_clock, self.sync_clock = credentials, exchange_clock, sync_clock
+        self.load_open_orders, self.idle_seconds = load_open_orders, idle_seconds
+        self._asked_at = 0.0
+        self._refused_until, self._login_retry, self.login_error = 0.0, LOGIN_RETRY_FIRST, None
+        self._served = 0
+        self._lost()
+
+    # --- what robots call (each returns None when memory cannot answer) ---------------------------------
+    def balance(self):
+        """REST ``/account/balance`` data: ``[{account fields..., "details": [per currency]}]``."""
+        with self._lock:
+            now = self._ask()
+            if not self._trusted("account", now) or self._settling(self._account_heard, self._write_at, now):
+                return None
+            self._served += 1
+            return [dict(self._account, details=[dict(row) for row in self._details.values()])]
+
+    def positions(self, inst_id=None):
+        """REST ``/account/positions`` rows (of one instId when given)."""
+        with self._lock:
+            now = self._ask()
+            if (not self._trusted("positions", now) or self._settling(self._positions_heard, self._contract_write_at, now)
+                    or self._settling(self._positions_heard, self._fill_at, now)):
+                return None
+            self._served += 1
+            return [dict(row) for row in self._positions.values() if inst_id in (None, row.get("instId"))]
+
+    def open_orders(self, inst_id=None):
+        """REST ``/trade/orders-pending`` rows (of one instId when given), newest first."""
+        with self._lock:
+            now = self._ask()
+            if not self._orders_trusted(now) or any(inst_id in (None, awaited[0]) for awaited in self._awaited.values()):
+                return None
+            self._served += 1
+            rows = [row for row in self._orders.values() if _rank(row) < 2 and inst_id in (None, row.get("instId"))]
+            return sorted((dict(row) for row in rows), key=lambda row: _ms(row.get("ordId")), reverse=True)
+
+    def order(self, inst_id, ord_id):
+        """REST ``/trade/order`` row of one order this connection knows, or None."""
+        with self._lock:
+            now = self._ask()
+            row = self._orders.get(ord_id)
+            if row is None or row.get("instId") != inst_id or ord_id in self._awaited or not self._orders_trusted(now):
+                return None
+            self._served += 1
+            return dict(row)
+
+    def begin_write(self, contract):
+        """An order or cancel is about to be sent; returns the moment, for ``end_write``."""
+        with self._lock:
+            now = self.clock.monotonic()
+            self._write_at = max(self._write_at, now)
+            if contract:
+                self._contract_write_at = max(self._contract_write_at, now)
+            return now
+
+    def end_write(self, inst_id, ord_id, sent_at, cancel=False):
+        """OKX answered an order (``ord_id``) or its cancel: until that order's own push arrives (a final
+        state, for a cancel), ``order`` and ``open_orders`` of its instrument leave it to REST."""
+        with self._lock:
+            if cancel:
+                row = self._orders.get(ord_id)
+                if row is not None and _rank(row) == 2:
+                    return                # OKX already said how it ended
+            elif self._order_heard.get(ord_id, -1.0) >= sent_at:
+                return                    # its push came before the answer
+            self._awaited[ord_id] = (inst_id, sent_at, cancel)
+
+    def status(self):
+        """What GET /status shows of this stream (the key by its first 4 characters only)."""
+        with self._lock:
+            now = self.clock.monotonic()
+            return {"key": self.credentials.api_key[:4] + "...", "demo": self.credentials.demo, "url": self.url,
+                    "live": self._live(now), "login": self.login_error or ("ok" if self._connected else None),
+                    "subscriptions": sorted(channel for channel, state in self._channels.items() if state == "live"),
+                    "synced": {channel: self._trusted(channel, now) for channel in ("account", "positions", "orders")},
+                    "last_message_age": round(now - self._heard_at, 3) if self._connected else None,
+                    "served_from_memory": self._served, "reconnects": self._reconnects}
+
+    def idle(self):
+        """True when no robot read this key for ``idle_seconds`` and the connection is closed."""
+        with self._lock:
+            return self._thread is None and self.clock.monotonic() - self._asked_at > self.idle_seconds
+
+    def _ask(self):
+        """Record a read (under the lock), starting the connection when it is down; returns now."""
+        now = self.clock.monotonic()
+        self._asked_at = now
+        if now >= self._refused_until and not self._closed:
+            self._ensure_thread()
+        return now
+
+    def _trusted(self, channel, now):
+        return self._live(now) and self._channels.get(channel) == "live" and self._synced.get(channel, False)
+
+    def _orders_trusted(self, now):
+        if not self._trusted("orders", now):
+            return False
+        overdue = [ord_id for ord_id, awaited in self._awaited.items() if now - awaited[1] > ORDER_PUSH_WAIT]
+        if overdue:                       # a push that never came: read the open orders again
+            log.warning("%s: no push for order %s; reading open orders again", self.name, overdue[0])
+            for ord_id in overdue:
+                del self._awaited[ord_id]
+            self._reload_orders(now)
+            return False
+        return True
+
+    def _settling(self, heard_at, changed_at, now):
+        """True while a push that follows a change (an order or cancel sent, a fill) may still come to a
+        channel last heard at ``heard_at``: for WRITE_SETTLE at most."""
+        return heard_at < changed_at and now - changed_at < WRITE_SETTLE
+
+    # --- the connection (LiveConnection's hooks) ---------------------------------------------------------
+    def _wanted(self, now):
+        return now >= self._refused_until and now - self._asked_at <= self.idle_seconds
+
+    def _lost(self):
+        """Drop everything the connection held (also the initial state)."""
+        self._channels = {}               # channel -> "asked" | "live" | "refused"
+        self._synced = {}                 # channel -> True once memory holds all of it
+        self._account, self._details = {}, collections.OrderedDict()
+        self._positions = collections.OrderedDict()      # position key -> REST row
+        self._pages = {}                  # channel -> pages of a snapshot being received
+        self._orders = collections.OrderedDict()         # ordId -> REST row (open, and finished lately)
+        self._order_heard = LastUsed(FINISHED_ORDERS_KEPT)   # ordId -> when its last push arrived
+        self._awaited = {}                # ordId -> (instId, sent at, cancel?): answered, push not yet seen
+        self._account_heard = self._positions_heard = -1.0
+        self._write_at = self._contract_write_at = self._fill_at = -1.0
+        self._orders_loading = False
+        self._orders_results = []
+        self._reload_at = None
+
+    def _opened(self, ws):
+        """Log in, wait for OKX's answer, then subscribe the three channels."""
+        timestamp = str(int(self.exchange_clock.now_ms() // 1000))
+        ws.send_text(login_request(self.credentials, timestamp))
+        deadline = self.clock.monotonic() + LOGIN_TIMEOUT
+        while True:
+            for text in ws.receive():
+                try:
+                    message = json.loads(text)
+                except (ValueError, RecursionError):
+                    continue
+                if not isinstance(message, dict):
+                    continue
+                code = str(message.get("code", ""))
+                if message.get("event") == "login" and code == "0":
+                    return self._logged_in(ws)
+                if message.get("event") in ("login", "error"):
+                    self._refused(code, str(message.get("msg", "")))
+            if self.clock.monotonic() > deadline or self._stop.is_set():
+                raise StreamError("OKX did not answer the login within %.0f s" % LOGIN_TIMEOUT)
+
+    def _logged_in(self, ws):
+        with self._lock:
+            self.login_error, self._login_retry = None, LOGIN_RETRY_FIRST
+            for arg in ACCOUNT_CHANNELS:
+                self._channels[arg["channel"]] = "asked"
+        ws.send_text(json.dumps({"id": "1", "op": "subscribe", "args": list(ACCOUNT_CHANNELS)},
+                                separators=(",", ":")))
+
+    def _refused(self, code, message):
+        """A refused login: REST for this key, and no new attempt for a while (growing)."""
+        with self._lock:
+            self.login_error = "refused (%s)" % code
+            retry = 1.0 if code == "60006" else self._login_retry
+            self._refused_until = self.clock.monotonic() + retry
+            if code != "60006":
+                self._login_retry = min(LOGIN_RETRY_MAX, self._login_retry * 2)
+        if code == "60006" and self.sync_clock is not None:     # OKX says our time is off
+            self.sync_clock()
+        raise LoginRefused(code, "%s; this key is read over REST, next login in %.0f s" % (message, retry))
+
+    def _turn(self, ws, now):
+        with self._lock:
+            if not self._wanted(now):
+                return False
+            self._apply_orders_results(now)
+            start = self._channels.get("orders") == "live" and not self._synced.get("orders") and \
+                not self._orders_loading and (self._reload_at is None or self._reload_at <= now)
+            if start:
+                self._orders_loading = True
+        if start:
+            threading.Thread(target=self._load_orders, name="okx-account-sync", daemon=True).start()
+        return True
+
+    def _reload_orders(self, now):
+        """Read the open orders from REST again (under the lock); memory leaves orders to REST meanwhile."""
+        self._synced["orders"] = False
+        self._reload_at = now
+
+    def _load_orders(self):
+        try:
+            rows, error = self.load_open_orders(), None
+        except Exception as exc:          # whatever REST raises, the stream goes on
+            rows, error = None, exc
+        with self._lock:
+            self._orders_results.append((rows, error))
+
+    def _apply_orders_results(self, now):
+        results, self._orders_results = self._orders_results, []
+        for rows, error in results:
+            self._orders_loading = False
+            if error is not None:
+                log.warning("%s: could not read open orders (%s); trying again in %.0f s", self.name, error,
+                            ORDERS_RELOAD_RETRY)
+                self._reload_at = now + ORDERS_RELOAD_RETRY
+                continue
+            pending = set()
+            for row in rows:
+                if isinstance(row, dict) and row.get("ordId"):
+                    pending.add(row["ordId"])
+                    self._merge_order(row, None)
+            for ord_id, row in list(self._orders.items()):
+                if _rank(row) < 2 and ord_id not in pending and self._order_heard.get(ord_id) is None:
+                    del self._orders[ord_id]      # known open before, not open now, not pushed: ask REST
+            self._synced["orders"] = True
+
+    # --- what OKX sends (under the lock) --------------------------------------------------------------
+    def _on_message(self, message, now):
+        event = message.get("event")
+        if event is not None:
+            return self._on_event(event, message, now)
+        arg, data = message.get("arg"), message.get("data")
+        if not isinstance(arg, dict) or not isinstance(data, list):
+            return
+        channel = arg.get("channel")
+        try:
+            if channel == "orders":
+                for row in data:
+                    if isinstance(row, dict) and row.get("ordId"):
+                        self._merge_order(rest_order_row(row), now)
+            elif channel in ("account", "positions"):
+                self._on_snapshot_or_update(channel, message, data, now)
+        except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
+            log.warning("%s: malformed %s push (%s: %s); syncing it again", self.name, channel,
+                        type(exc).__name__, exc)
+            raise StreamError("malformed %s push" % channel) from None
+
+    def _on_event(self, event, message, now):
+        channel = message.get("channel") or (message.get("arg") or {}).get("channel")
+        if event == "subscribe" and channel in self._channels:
+            self._channels[channel] = "live"
+        elif event == "channel-conn-count-error" and channel in self._channels:
+            log.warning("%s: OKX ended the %s subscription: more than %s connections of this account use it; "
+                        "reading it over REST", self.name, channel, message.get("connCount", "30"))
+            self._channels[channel] = "refused"
+        elif event == "error":
+            log.warning("%s: OKX refused a request (%s: %s)", self.name, message.get("code"),
+                        str(message.get("msg", ""))[:200])
+            for channel, state in self._channels.items():
+                if state == "asked":
+                    self._channels[channel] = "refused"
+        elif event == "notice" and str(message.get("code")) == "64008":
+            raise StreamError("OKX announced a service upgrade (64008)")
+
+    def _on_snapshot_or_update(self, channel, message, data, now):
+        # A snapshot replaces what is held; so does a first push without eventType (older servers).
+        snapshot = message.get("eventType") == "snapshot" or (message.get("eventType") is None
+                                                              and not self._synced.get(channel))
+        if snapshot:
+            pages = self._pages.setdefault(channel, [])
+            pages.extend(data)
+            if message.get("lastPage", True) in (False, "false"):
+                return                    # more pages of this snapshot follow
+            del self._pages[channel]
+            if channel == "account":
+                self._account, self._details = {}, collections.OrderedDict()
+            else:
+                self._positions = collections.OrderedDict()
+            data = pages
+        for row in data:
+            if not isinstance(row, dict):
+                continue
+            if channel == "account":
+                self._merge_account(row)
+            else:
+                self._merge_position(row)
+        if channel == "account":
+            self._account_heard = now
+        else:
+            self._positions_heard = now
+        if snapshot:
+            self._synced[channel] = True
+
+    def _merge_account(self, row):
+        self._account.update((name, value) for name, value in row.items() if name != "details")
+        for detail in row.get("details") or []:
+            ccy = detail.get("ccy")
+            stored = self._details.get(ccy)
+            if ccy and (stored is None or _ms(detail.get("uTime")) >= _ms(stored.get("uTime"))):
+                self._details[ccy] = dict(detail)
+
+    def _merge_position(self, row):
+        key = row.get("posId") or (row.get("instId"), row.get("mgnMode"), row.get("posSide"))
+        stored = self._positions.get(key)
+        if stored is not None and _ms(row.get("uTime")) < _ms(stored.get("uTime")):
+            return                        # an older push than what is held
+        if row.get("pos") in ("", None, "0") or Decimal(row["pos"]) == 0:
+            self._positions.pop(key, None)
+        else:
+            self._positions[key] = {name: value for name, value in row.items() if name != "pTime"}
+
+    def _merge_order(self, row, now):
+        """One order row (pushed, ``now`` its arrival; or from REST, ``now`` None) merged by ``supersedes``."""
+        ord_id = row["ordId"]
+        stored = self._orders.get(ord_id)
+        if now is not None:
+            self._order_heard[ord_id] = now
+            awaited = self._awaited.get(ord_id)
+            if awaited is not None and (not awaited[2] or _rank(row) == 2 or
+                                        stored is not None and _rank(stored) == 2):
+                del self._awaited[ord_id]         # the push an order (or, final, a cancel) waited for
+            if _filled(row) > _filled(stored or {}) and inst_type_of(row.get("instId", "")) != "SPOT":
+                self._fill_at = now               # a positions push follows a fill
+        if not supersedes(stored, row):
+            return
+        self._orders[ord_id] = row
+        self._orders.move_to_end(ord_id)
+        if len(self._orders) > 2 * FINISHED_ORDERS_KEPT:      # forget the oldest finished ones
+            finished = [key for key, order in self._orders.items() if _rank(order) == 2]
+            for key in finished[:len(finished) - FINISHED_ORDERS_KEPT]:
+                del self._orders[key]
+
+
+# =====================================================================================================
 # BaseProtocol: the docker-facing contract
 # =====================================================================================================
 
@@ -2491,6 +2906,22 @@ def _precision(step):
     return max(0, -exponent)
 
 
+def paged(client, credentials, path, params, limit=None, after=None, deadline=None, cursor="ordId"):
+    """Every row (or ``limit`` rows) of one of OKX's paged lists (orders-pending, -history, -archive, the
+    algo lists by ``cursor`` algoId), newest first, older than the cursor ``after`` when given."""
+    rows = []
+    while limit is None or len(rows) < limit:
+        page_params = dict(params, limit=OKX_ORDERS_PAGE if limit is None else min(OKX_ORDERS_PAGE, limit - len(rows)))
+        if after:
+            page_params["after"] = after
+        page = client.call("GET", path, page_params, credentials=credentials, deadline=deadline)
+        rows.extend(page)
+        if len(page) < page_params["limit"] or not page:
+            break
+        after = page[-1].get(cursor)
+    return rows
+
+
 class OKXShared:
     """What the OKX calls of every robot share: the REST client (transport), the order placer, the leverage
     last set per contract, and the live streams (one per WebSocket host)."""
@@ -2501,6 +2932,7 @@ class OKXShared:
         self.orders = OrderPlacer(self.client)
         self.leverage = LastUsed()        # (api key, demo, margin mode, scope) -> the leverage last set
         self._streams = {}                # ws base URL -> MarketStream (live and demo keys use other hosts)
+        self._accounts = {}               # (api key, demo) -> AccountStream
         self._streams_lock = threading.Lock()
 
     def ws_base(self, demo):
@@ -2533,21 +2965,61 @@ class OKXShared:
         return MarketStream(base, self.config.clock, https if base.startswith("wss:") else None, proxy,
                             self.config.stream_idle, rest_book)
 
+    def account_stream(self, credentials):
+        """The key's live account stream, or None when it is off (--no-stream, --no-private-stream, or no
+        WebSocket host for --api-base)."""
+        base = self.ws_base(credentials.demo) if self.config.private_stream else None
+        if not base:
+            return None
+        key = (credentials.api_key, credentials.demo)
+        stream = self._accounts.get(key)
+        if stream is None:
+            with self._streams_lock:
+                stream = self._accounts.get(key)
+                if stream is None:
+                    self._forget_idle_accounts()
+                    stream = self._accounts[key] = self._new_account_stream(base, credentials)
+        if stream.credentials.secret != credentials.secret or stream.credentials.passphrase != credentials.passphrase:
+            stream.credentials = credentials      # a new secret for the key: the next login uses it
+        return stream
+
+    def _new_account_stream(self, base, credentials):
+        def load_open_orders():
+            return paged(self.client, credentials, "/api/v5/trade/orders-pending", {},
+                         deadline=self.config.clock.monotonic() + self.config.timeout)
+
+        def sync_clock():
+            self.client.sync_clock(self.config.clock.monotonic() + self.config.timeout)
+        https = self.client.pool.ssl_context or tls_context(self.config.ca_file)
+        return AccountStream(base, self.config.clock, credentials, self.client.exchange_clock, load_open_orders,
+                             sync_clock, https if base.startswith("wss:") else None, self._ws_proxy(base),
+                             self.config.stream_idle)
+
+    def _forget_idle_accounts(self):
+        """Drop the account streams of keys not read for a long while (under the lock)."""
+        if len(self._accounts) >= 64:
+            for key, stream in list(self._accounts.items()):
+                if stream.idle():
+                    stream.close()
+                    del self._accounts[key]
+
     def _ws_proxy(self, base):
         if self.config.proxy:
             return Proxy(self.config.proxy)
         return Proxy.from_environment(base.replace("wss://", "https://").replace("ws://", "http://"))
 
     def streams(self):
+        """Every live stream: the market streams, then the account streams."""
         with self._streams_lock:
-            return [stream for stream in self._streams.values() if stream is not None]
+            return ([stream for stream in self._streams.values() if stream is not None]
+                    + list(self._accounts.values()))
 
     def close(self):
         self.client.close()
         for stream in self.streams():
             stream.close()
         with self._streams_lock:
-            self._streams = {}
+            self._streams, self._accounts = {}, {}
 
 
 class OKX(BaseProtocol):
@@ -2595,6 +3067,10 @@ class OKX(BaseProtocol):
     def _market(self, path, params):
         """An unsigned market-data call (shared with robots asking the same at the same time)."""
         return self.client.shared_call(path, params, deadline=self.deadline, demo=self.demo)
+
+    def _account_stream(self):
+        """The key's live account stream, or None: then every read of the account goes to REST."""
+        return self.shared.account_stream(self.credentials)
 
     def _private(self, method, path, params=None, body=None, **options):
         return self.client.call(method, path, params=params, body=body, credentials=self.credentials,
@@ -2746,8 +3222,12 @@ class OKX(BaseProtocol):
 
     # --- account --------------------------------------------------------------------------------------
     def accounts(self):
-        """accounts -> GET /api/v5/account/balance: free = availBal, frozen = frozenBal."""
-        rows = self._private("GET", "/api/v5/account/balance")
+        """accounts -> GET /api/v5/account/balance (or the live ``account`` channel): free = availBal,
+        frozen = frozenBal."""
+        stream = self._account_stream()
+        rows = stream.balance() if stream else None
+        if rows is None:
+            rows = self._private("GET", "/api/v5/account/balance")
         details = self._first(rows, "balance").get("details", [])
         data = [{"currency": row.get("ccy", ""), "free": _zero_if_empty(row.get("availBal")),
                  "frozen": _zero_if_empty(row.get("frozenBal"))} for row in details]
@@ -2773,8 +3253,12 @@ class OKX(BaseProtocol):
         if symbol.contract and leverage is not None:
             if self.shared.leverage.get(self._leverage_key(inst_id)) != Decimal(leverage):  # not every order
                 self.set_margin_level(symbol, leverage)
+        stream = self._account_stream()
+        sent_at = stream.begin_write(bool(symbol.contract)) if stream else None
         placed = self._place(PLAIN_ORDER, symbol, inst_id,
                              lambda: self._order_body(symbol, inst_id, clord_id, direction, price, amount))
+        if stream:
+            stream.end_write(inst_id, placed.exchange_id, sent_at)    # read your writes
         return {"id": "%s,%s" % (inst_id, placed.exchange_id)}, placed.raw
 
     def _place(self, kind, symbol, inst_id, build_body):
@@ -2871,35 +3355,28 @@ class OKX(BaseProtocol):
         return inst_id.strip().upper(), ord_id.strip()
 
     def _paged(self, path, params, limit=None, after=None):
-        """Every row (or ``limit`` rows) of an ordId-paged list (orders-pending, -history, -archive), newest
-        first, older than the ordId ``after`` when given."""
-        rows = []
-        while limit is None or len(rows) < limit:
-            page_params = dict(params, limit=OKX_ORDERS_PAGE if limit is None
-                               else min(OKX_ORDERS_PAGE, limit - len(rows)))
-            if after:
-                page_params["after"] = after
-            page = self._private("GET", path, page_params)
-            rows.extend(page)
-            if len(page) < page_params["limit"] or not page:
-                break
-            after = page[-1].get("ordId")
-        return rows
+        return paged(self.client, self.credentials, path, params, limit, after, self.deadline)
 
     def orders(self, symbol):
-        """orders -> GET /api/v5/trade/orders-pending, every page."""
-        params = {}
+        """orders -> GET /api/v5/trade/orders-pending, every page (or the live ``orders`` channel)."""
+        params, inst_id = {}, None
         if symbol is not None:
             inst_id = self.inst_id(symbol)
             params = {"instType": inst_type_of(inst_id), "instId": inst_id}
-        rows = self._paged("/api/v5/trade/orders-pending", params)
+        stream = self._account_stream()
+        rows = stream.open_orders(inst_id) if stream else None
+        if rows is None:
+            rows = self._paged("/api/v5/trade/orders-pending", params)
         return [self._order_data(row) for row in rows], rows
 
     def order(self, id, symbol):
-        """order -> GET /api/v5/trade/order?instId&ordId."""
+        """order -> GET /api/v5/trade/order?instId&ordId (or the live ``orders`` channel)."""
         inst_id, ord_id = self._split_order_id(id, symbol)
-        rows = self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id})
-        row = self._first(rows, "order")
+        stream = self._account_stream()
+        row = stream.order(inst_id, ord_id) if stream else None
+        if row is None:
+            row = self._first(self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id}),
+                              "order")
         return self._order_data(row), row
 
     def historyorders(self, symbol, since, limit):
@@ -2931,19 +3408,27 @@ class OKX(BaseProtocol):
     def cancel(self, id, symbol):
         """cancel -> POST /api/v5/trade/cancel-order."""
         inst_id, ord_id = self._split_order_id(id, symbol)
+        stream = self._account_stream()
+        sent_at = stream.begin_write(inst_type_of(inst_id) != "SPOT") if stream else None
         rows = self._private("POST", "/api/v5/trade/cancel-order", body={"instId": inst_id, "ordId": ord_id})
+        if stream:
+            stream.end_write(inst_id, ord_id, sent_at, cancel=True)
         log.info("canceled order %s,%s", inst_id, ord_id)
         return True, rows
 
     # --- futures --------------------------------------------------------------------------------------
     def positions(self, symbol):
-        """positions -> GET /api/v5/account/positions (SWAP and FUTURES; one symbol when given)."""
+        """positions -> GET /api/v5/account/positions (or the live ``positions`` channel); SWAP and FUTURES,
+        one symbol when given."""
         params = {}
         if symbol is not None:
             if not symbol.contract:
                 raise BadRequest("positions exist for swaps and futures, not for spot %s" % symbol.fmz)
             params["instId"] = self.inst_id(symbol)
-        rows = self._private("GET", "/api/v5/account/positions", params)
+        stream = self._account_stream()
+        rows = stream.positions(params.get("instId")) if stream else None
+        if rows is None:
+            rows = self._private("GET", "/api/v5/account/positions", params)
         data = []
         for row in rows:
             inst_id = row.get("instId", "")
@@ -3426,12 +3911,16 @@ def build_parser():
                         help="CA certificates (PEM) to trust besides the system's, e.g. a TLS-inspecting "
                              "proxy's; certificates are always verified")
     parser.add_argument("--ws-base", metavar="URL",
-                        help="OKX public WebSocket base (default follows --api-base: wss://ws.okx.com:8443, "
-                             "demo keys wss://wspap.okx.com:8443)")
+                        help="OKX WebSocket base, wss://host[:port] (default follows --api-base: "
+                             "wss://ws.okx.com:8443, demo keys wss://wspap.okx.com:8443)")
     parser.add_argument("--no-stream", action="store_true",
-                        help="answer ticker, depth and trades from REST only (no live stream)")
+                        help="no live streams: every call goes to OKX's REST API")
+    parser.add_argument("--no-private-stream", action="store_true",
+                        help="keep the live market stream, but read balances, positions and orders over REST "
+                             "(no private WebSocket logins)")
     parser.add_argument("--stream-idle", type=float, default=DEFAULT_STREAM_IDLE, metavar="SECONDS",
-                        help="unsubscribe an instrument nobody asked about for this long (default %(default)s)")
+                        help="unsubscribe an instrument nobody asked about, and close a key's account stream "
+                             "nobody read, after this long (default %(default)s)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         type=str.lower, help="log detail on stderr (default %(default)s); never shows secrets")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -3473,7 +3962,7 @@ def config_from_args(args, parser):
         parser.error("--stream-idle must be a number of seconds greater than 0")
     return Config(api_base=args.api_base, timeout=args.timeout, margin_mode=args.margin_mode, proxy=args.proxy,
                   ca_file=args.ca_file, ws_base=args.ws_base, stream=not args.no_stream,
-                  stream_idle=args.stream_idle)
+                  stream_idle=args.stream_idle, private_stream=not args.no_private_stream)
 
 
 def _stop(signum, frame):
