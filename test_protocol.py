@@ -386,6 +386,94 @@ def wave_price(base, tick, ts):
     return (base * Decimal("%.9f" % factor)).quantize(tick)
 
 
+# -- algo orders: helpers ---------------------------------------------------------------------------------
+
+ALGO_ORD_TYPES = ("conditional", "oco", "trigger")      # the algo order types the fake places
+ALGO_LISTED_TYPES = ALGO_ORD_TYPES + ("move_order_stop", "chase", "twap", "iceberg", "smart_iceberg")
+ALGO_PENDING = ("live", "pause", "partially_effective")
+ALGO_HISTORY_STATES = ("effective", "canceled", "order_failed")     # orders-algo-history's `state` filter
+ALGO_INST_TYPES = ("SPOT", "MARGIN", "SWAP", "FUTURES")             # the algo lists' `instType` filter
+TRIGGER_PX_TYPES = ("last", "index", "mark")      # the fake compares all three with the last price
+ALGO_CANCEL_MAX = 10
+# A TP/SL trigger price on the wrong side of the last price, by the algo order's side and the leg.
+WRONG_SIDE = {
+    ("buy", "tp"): ("51277", "TP trigger price cannot be higher than the last price."),
+    ("buy", "sl"): ("51278", "SL trigger price cannot be lower than the last price."),
+    ("sell", "tp"): ("51279", "TP trigger price cannot be lower than the last price."),
+    ("sell", "sl"): ("51280", "SL trigger price cannot be higher than the last price."),
+}
+# What cancelling or amending a finished or unknown order gets. OKX documents 51400 and 51503 for plain
+# orders; that algo orders get the same codes is an assumption (UNCONFIRMED), kept here to change in one place.
+ALGO_CANCEL_GONE = ("51400", "Order cancellation failed as the order has been filled, canceled or does not exist.")
+ALGO_AMEND_GONE = ("51503", "Your order has already been filled or canceled.")
+AMEND_NOTHING = ("51500", "You must enter a price, quantity, or TP/SL")
+
+
+def either_missing(first, second):
+    return OkxError("50015", "Either parameter %s or %s is required" % (first, second), 400)
+
+
+def bool_param(params, name):
+    """An optional JSON boolean (cxlOnFail, reduceOnly), default false."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise param_error(name)
+    return value
+
+
+def id_param(params, name):
+    """An optional client id (algoClOrdId, reqId): up to 32 alphanumerics, "" when absent."""
+    text = text_param(params, name, required=False)
+    if text and not ID_PATTERN.match(text):
+        raise param_error(name)
+    return text
+
+
+def price_param(params, name, tick, market_ok=False, required=True):
+    """A positive price on the tick as a Decimal; Decimal(-1) for "-1" (market) when market_ok; None when
+    absent and not required. "0" is an error: a leg priced 0 is not a leg."""
+    text = text_param(params, name, required)
+    if text == "":
+        return None
+    if market_ok and text == "-1":
+        return Decimal(-1)
+    if not PLAIN_DECIMAL.match(text) or Decimal(text) <= 0 or Decimal(text) % tick:
+        raise param_error(name)
+    return Decimal(text)
+
+
+def page_by_id(rows, params, key):
+    """page_by_ord_id for any numeric id field (algoId): newest first, after/before cursors, limit <= 100."""
+    after, before = ms_param(params, "after"), ms_param(params, "before")
+    limit = int_param(params, "limit", 100, 1, 100)
+    rows = sorted(rows, key=lambda row: int(row[key]), reverse=True)
+    rows = [row for row in rows if (after is None or int(row[key]) < after)
+            and (before is None or int(row[key]) > before)]
+    return rows[:limit]
+
+
+def leg_waits_below(side, leg):
+    """Whether a TP/SL leg waits below the last price: a buy's take-profit and a sell's stop-loss do."""
+    return (side == "buy") == (leg == "tp")
+
+
+def leg_fires(side, leg, last, trigger):
+    return last <= trigger if leg_waits_below(side, leg) else last >= trigger
+
+
+def leg_on_wrong_side(side, leg, last, trigger):
+    """What 51277-51280 refuse: a leg that would already have fired (equal to the last price is accepted)."""
+    return trigger > last if leg_waits_below(side, leg) else trigger < last
+
+
+def bulk_code(rows):
+    """Top-level code and msg of a batch answer: "0" all succeeded, "1" all failed, "2" some did."""
+    failed = sum(1 for row in rows if row["sCode"] != "0")
+    if not failed:
+        return "0", ""
+    return ("1", "All operations failed") if failed == len(rows) else ("2", "Bulk operation partially succeeded.")
+
+
 # -- accounts -----------------------------------------------------------------------------------------------
 
 def new_account(secret, passphrase, demo, uid, balances):
@@ -428,8 +516,16 @@ ROUTES = {
     ("GET", "/api/v5/trade/orders-pending"): Route("orders_pending", True, 60, 2, "key"),
     ("GET", "/api/v5/trade/orders-history"): Route("orders_history", True, 40, 2, "key"),
     ("GET", "/api/v5/trade/orders-history-archive"): Route("orders_history_archive", True, 20, 2, "key"),
+    ("POST", "/api/v5/trade/order-algo"): Route("place_algo", True, 20, 2, "key+instId"),
+    ("POST", "/api/v5/trade/amend-algos"): Route("amend_algos", True, 20, 2, "key+instId"),
+    ("POST", "/api/v5/trade/cancel-algos"): Route("cancel_algos", True, 20, 2, "key"),
+    ("GET", "/api/v5/trade/order-algo"): Route("get_algo", True, 20, 2, "key"),
+    ("GET", "/api/v5/trade/orders-algo-pending"): Route("algos_pending", True, 20, 2, "key"),
+    ("GET", "/api/v5/trade/orders-algo-history"): Route("algos_history", True, 20, 2, "key"),
 }
 KNOWN_PATHS = {path for _, path in ROUTES}
+# POST endpoints whose body is a JSON array of objects, not an object.
+ARRAY_BODY_PATHS = {"/api/v5/trade/cancel-algos"}
 
 
 # -- the exchange -------------------------------------------------------------------------------------------
@@ -469,7 +565,8 @@ class FakeOKX(_BackgroundServer):
     are OKX's envelope `{"code","msg","data"}` with every number a string; errors carry OKX's code and
     the HTTP status of OKX.md §2. Everything below is guarded by one lock, so tests may change the fake
     while the plugin is talking to it. Orders rest until a cross of the book at placement or `fill()`:
-    moving the price with `set_price()` fills nothing by itself.
+    moving the price with `set_price()` fills nothing by itself, but fires the algo orders it triggers.
+    Also: algo orders (section below).
     """
 
     def __init__(self, tls=False, latency_ms=0, handshake_ms=0):
@@ -580,11 +677,13 @@ class FakeOKX(_BackgroundServer):
             return [self._position_row(account, p) for p in account["positions"].values()]
 
     def set_price(self, inst_id, bid, ask, last=None):
-        """Move the book and the ticker of an instrument (last defaults to bid)."""
+        """Move the book and the ticker of an instrument (last defaults to bid); the algo orders whose trigger
+        the new last price reaches fire (trigger_check)."""
         with self._lock:
             market = self._market[inst_id]
             market.update(bid=Decimal(bid), ask=Decimal(ask), last=Decimal(last if last is not None else bid))
             market["seq"] += 7
+            self.trigger_check(inst_id)
 
     def fill(self, ord_id, sz=None, px=None, key=KEY):
         """Fill a pending order fully (sz None) or by `sz`, at `px` (default: the order's price)."""
@@ -648,7 +747,7 @@ class FakeOKX(_BackgroundServer):
                 self._count_request(route, method, path, params, headers, body, client_ip)
                 account = self._authenticate(method, target, headers, body) if route.signed else None
                 if method == "POST":
-                    params = self._post_params(headers, body)
+                    params = self._post_params(headers, body, path in ARRAY_BODY_PATHS)
                 answer = getattr(self, "_api_" + route.handler)(Call(params, account, headers))
             return 200, answer if isinstance(answer, dict) else {"code": "0", "msg": "", "data": answer}
         except OkxError as error:
@@ -706,7 +805,8 @@ class FakeOKX(_BackgroundServer):
         return account
 
     @staticmethod
-    def _post_params(headers, body):
+    def _post_params(headers, body, array=False):
+        """The JSON object of a POST body, or with `array` its JSON array of objects."""
         if headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             raise OkxError("50006", 'Invalid Content-Type, please use "application/json" format.', 400)
         if not body:
@@ -715,7 +815,9 @@ class FakeOKX(_BackgroundServer):
             params = json.loads(body)
         except ValueError:
             params = None
-        if not isinstance(params, dict):
+        if array and isinstance(params, list) and all(isinstance(item, dict) for item in params):
+            return params
+        if array or not isinstance(params, dict):
             raise OkxError("50002", "Json data format error.", 400)
         return params
 
@@ -1078,6 +1180,7 @@ class FakeOKX(_BackgroundServer):
             "_reserve": None,     # (ccy, amount) still frozen for the unfilled rest of the order
             "_target": sz,        # fill size (base ccy or contracts) that completes the order
         })
+        order.update(self._child_fields)        # an algo order's child: its algoId and algoClOrdId
         self._seq += 1
         return order
 
@@ -1396,6 +1499,363 @@ class FakeOKX(_BackgroundServer):
 
     def _api_orders_history_archive(self, call):
         return self._finished_orders(call, ARCHIVE_DAYS, False)
+
+    # -- algo orders ------------------------------------------------------------------------------------
+    # An algo (condition) order lives in account["algos"] (algoId -> OKX's algo row, plus "_" bookkeeping).
+    # It freezes nothing. trigger_check() (run by set_price) fires it once the last price reaches a trigger:
+    # its child order then goes through _place like any order, so it may fill at once, rest, or be refused
+    # (the algo order ends order_failed with that refusal's code in failCode). index and mark trigger
+    # prices are compared with the last price too.
+
+    refuse_net_mode_triggers = True    # 51298: trigger orders on SWAP/FUTURES in net mode (OKX's error table)
+    _child_fields = {}                 # the algoId/algoClOrdId _new_order_row gives the child being placed
+
+    def algo_orders(self, key=KEY):
+        """Every algo order of the account (OKX fields, newest first), whatever its state or age."""
+        with self._lock:
+            algos = sorted(self._algos(self.accounts[key]).values(), key=lambda a: int(a["algoId"]), reverse=True)
+            return [public_order(algo) for algo in algos]
+
+    def trigger_check(self, inst_id=None):
+        """Fire every live algo order (of every account) on `inst_id` (default: every instrument) whose
+        trigger the instrument's last price has reached. Returns the algoIds fired, oldest first."""
+        fired = []
+        with self._lock:
+            for account in self.accounts.values():
+                for algo in sorted(self._algos(account).values(), key=lambda a: int(a["algoId"])):
+                    if algo["state"] != "live" or inst_id not in (None, algo["instId"]):
+                        continue
+                    leg = self._fired_leg(algo, self._market[algo["instId"]]["last"])
+                    if leg is not None:
+                        self._trigger(account, algo, leg)
+                        fired.append(algo["algoId"])
+        return fired
+
+    @staticmethod
+    def _algos(account):
+        return account.setdefault("algos", {})
+
+    @staticmethod
+    def _active_legs(algo):
+        """The TP/SL legs that may fire, stop-loss first: a conditional order with both legs performs only
+        its stop-loss (OKX's place-algo-order notes); an oco order both, the first to fire wins."""
+        legs = [leg for leg in ("sl", "tp") if algo[leg + "TriggerPx"]]
+        return legs[:1] if algo["ordType"] == "conditional" else legs
+
+    def _fired_leg(self, algo, last):
+        """"tp" or "sl" (or "" for a trigger order) when the algo order fires at `last`, else None."""
+        if algo["ordType"] == "trigger":
+            trigger = Decimal(algo["triggerPx"])
+            return "" if (last >= trigger if algo["_rising"] else last <= trigger) else None
+        for leg in self._active_legs(algo):
+            if leg_fires(algo["side"], leg, last, Decimal(algo[leg + "TriggerPx"])):
+                return leg
+        return None
+
+    def _trigger(self, account, algo, leg):
+        """The algo order fires: its child (market for an order price of -1, else limit) is placed."""
+        spot = algo["instType"] == "SPOT"
+        ord_px = algo["ordPx"] if leg == "" else algo[leg + "OrdPx"]
+        params = {"instId": algo["instId"], "tdMode": algo["tdMode"], "side": algo["side"], "sz": algo["sz"],
+                  "ordType": "market" if ord_px == "-1" else "limit", "reduceOnly": algo["reduceOnly"] == "true"}
+        if ord_px != "-1":
+            params["px"] = ord_px
+        elif spot:
+            params["tgtCcy"] = algo["tgtCcy"] or "base_ccy"     # trigger orders have no tgtCcy: sz is base
+        if algo["posSide"] != "net":
+            params["posSide"] = algo["posSide"]
+        stamp = str(self.now_ms())
+        algo.update(actualSide=leg, triggerTime=stamp, uTime=stamp)
+        self._child_fields = {"algoId": algo["algoId"], "algoClOrdId": algo["algoClOrdId"]}
+        try:
+            order = self._place(account, params, {})
+        except OkxError as error:
+            algo.update(state="order_failed", failCode=error.code)
+            return
+        finally:
+            self._child_fields = {}
+        actual_px = order["px"] or order["avgPx"] or fmt(self._market[algo["instId"]]["last"])
+        algo.update(state="effective", actualSz=algo["sz"], actualPx=actual_px, ordId=order["ordId"],
+                    ordIdList=[order["ordId"]])
+
+    def _find_algo(self, account, inst_id, algo_id, algo_cl_ord_id):
+        """By algoId (it wins), or else the latest algo order with that algoClOrdId; None when unknown or,
+        with `inst_id`, on another instrument."""
+        algos = self._algos(account)
+        if algo_id:
+            algo = algos.get(algo_id)
+        else:
+            same = [a for a in algos.values() if a["algoClOrdId"] == algo_cl_ord_id]
+            algo = max(same, key=lambda a: int(a["algoId"])) if same else None
+        return algo if algo is not None and inst_id in ("", algo["instId"]) else None
+
+    def _trigger_px_type(self, params, name, inst):
+        px_type = text_param(params, name, required=False) or "last"
+        if px_type not in TRIGGER_PX_TYPES:
+            raise param_error(name)
+        if inst["instType"] == "SPOT" and px_type != "last":
+            raise OkxError("51415", 'Unable to place order. Spot trading only supports using the last price as '
+                                    'trigger price. Please select "Last" and try again.')
+        return px_type
+
+    def _new_algo(self, account, params):
+        """Check an order-algo body as OKX does and store the algo order, live; raises OkxError."""
+        inst = self._instrument(text_param(params, "instId"))
+        inst_id, inst_type = inst["instId"], inst["instType"]
+        spot, contract = inst_type == "SPOT", inst_type in ("SWAP", "FUTURES")
+        algo_cl_ord_id = id_param(params, "algoClOrdId")
+        if algo_cl_ord_id and any(a["algoClOrdId"] == algo_cl_ord_id for a in self._algos(account).values()):
+            raise OkxError("51065", "algoClOrdId already exists.")
+        td_mode = text_param(params, "tdMode")
+        if td_mode not in (("cash",) if spot else ("cross", "isolated")):
+            raise param_error("tdMode")
+        if not spot and account["acct_lv"] == "1":
+            raise OkxError("51010", "You can't complete this request under your current account mode.")
+        side = text_param(params, "side")
+        if side not in ("buy", "sell"):
+            raise param_error("side")
+        ord_type = text_param(params, "ordType")
+        if ord_type not in ALGO_ORD_TYPES or (ord_type == "trigger" and inst_type == "OPTION"):
+            raise param_error("ordType")
+        tag = text_param(params, "tag", required=False)
+        if tag and not TAG_PATTERN.match(tag):
+            raise param_error("tag")
+        reduce_only = bool_param(params, "reduceOnly")
+        hedge = account["pos_mode"] == "long_short_mode" and contract
+        pos_side = text_param(params, "posSide", required=False)
+        if hedge and not pos_side:
+            raise param_missing("posSide")
+        if pos_side not in (("long", "short") if hedge else ("", "net")):
+            raise param_error("posSide")
+        if ord_type == "trigger" and contract and not hedge and self.refuse_net_mode_triggers:
+            raise OkxError("51298", "Trigger orders are not available in the net mode of Expiry Futures and "
+                                    "Perpetual Futures")
+        sz = decimal_param(params, "sz")
+        tick, last = Decimal(inst["tickSz"]), self._market[inst_id]["last"]
+        tgt_ccy = text_param(params, "tgtCcy", required=False)
+        fields = {}
+        if ord_type == "trigger":
+            if tgt_ccy:
+                raise OkxError("51281", "Trigger order do not support the tgtCcy parameter.")
+            trigger = price_param(params, "triggerPx", tick)
+            order_px = price_param(params, "orderPx", tick, market_ok=True)
+            fields.update(triggerPx=fmt(trigger), ordPx=fmt(order_px), _rising=trigger >= last,
+                          triggerPxType=self._trigger_px_type(params, "triggerPxType", inst))
+            all_market = order_px == -1
+        else:
+            legs = {}
+            for leg in ("tp", "sl"):
+                trigger = price_param(params, leg + "TriggerPx", tick, required=False)
+                order_px = price_param(params, leg + "OrdPx", tick, market_ok=True, required=False)
+                if (trigger is None) != (order_px is None):
+                    raise param_missing(leg + ("OrdPx" if order_px is None else "TriggerPx"))
+                if trigger is not None:
+                    legs[leg] = (trigger, order_px)
+                    fields.update({leg + "TriggerPx": fmt(trigger), leg + "OrdPx": fmt(order_px),
+                                   leg + "TriggerPxType": self._trigger_px_type(params, leg + "TriggerPxType", inst)})
+            if not legs:
+                raise either_missing("tpTriggerPx", "slTriggerPx")
+            if ord_type == "oco" and len(legs) < 2:
+                raise param_missing(("sl" if "tp" in legs else "tp") + "TriggerPx")
+            checked = ["sl"] if ord_type == "conditional" and len(legs) == 2 else list(legs)
+            for leg in checked:
+                if leg_on_wrong_side(side, leg, last, legs[leg][0]):
+                    raise OkxError(*WRONG_SIDE[(side, leg)])
+            all_market = all(order_px == -1 for _, order_px in legs.values())
+        if tgt_ccy and (tgt_ccy not in ("base_ccy", "quote_ccy") or not spot
+                        or (tgt_ccy == "quote_ccy" and not all_market)):
+            raise param_error("tgtCcy")
+        if spot and ord_type != "trigger" and not tgt_ccy:
+            tgt_ccy = "quote_ccy" if side == "buy" and all_market else "base_ccy"
+        if tgt_ccy != "quote_ccy":
+            if sz % Decimal(inst["lotSz"]):
+                raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+            if sz < Decimal(inst["minSz"]):
+                raise OkxError("51020", "Your order should meet or exceed the minimum order amount.")
+
+        now = self.now_ms()
+        algo_id = str(now * 1000000 + self._seq % 1000000)
+        self._seq += 1
+        lever = account["leverage"].get((inst_id, td_mode, pos_side or "net"), DEFAULT_LEVER)
+        algo = dict.fromkeys(("activePx", "actualPx", "actualSide", "callbackRatio", "callbackSpread", "ccy",
+                              "chaseType", "chaseVal", "clOrdId", "closeFraction", "failCode", "isTradeBorrowMode",
+                              "maxChaseType", "maxChaseVal", "moveTriggerPx", "ordId", "ordPx", "pxLimit",
+                              "pxSpread", "pxVar", "quickMgnType", "slOrdPx", "slTriggerPx", "slTriggerPxType",
+                              "szLimit", "timeInterval", "tpOrdPx", "tpTriggerPx", "tpTriggerPxType", "triggerPx",
+                              "triggerPxType", "triggerTime"), "")
+        algo.update({
+            "actualSz": "0", "algoClOrdId": algo_cl_ord_id, "algoId": algo_id, "amendPxOnTriggerType": "0",
+            "attachAlgoOrds": [], "cTime": str(now), "instId": inst_id, "instType": inst_type, "last": fmt(last),
+            "lever": fmt(lever) if contract else "", "linkedOrd": {"ordId": ""}, "ordIdList": [],
+            "ordType": ord_type, "posSide": pos_side or "net", "reduceOnly": "true" if reduce_only else "false",
+            "side": side, "state": "live", "sz": fmt(sz), "tag": tag, "tdMode": td_mode, "tgtCcy": tgt_ccy,
+            "tradeQuoteCcy": inst["quoteCcy"] if spot else "", "uTime": str(now),
+            "_rising": False,     # a trigger order fires on last >= triggerPx (placed below it), else on <=
+        })
+        algo.update(fields)
+        self._algos(account)[algo_id] = algo
+        return algo
+
+    def _api_place_algo(self, call):
+        params = call.params
+        try:
+            algo = self._new_algo(call.account, params)
+        except OkxError as error:
+            return {"code": "1", "msg": "", "data": [{
+                "algoClOrdId": str(params.get("algoClOrdId", "")), "algoId": "", "clOrdId": "",
+                "sCode": error.code, "sMsg": error.msg, "tag": str(params.get("tag", ""))}]}
+        return {"code": "0", "msg": "", "data": [{"algoClOrdId": algo["algoClOrdId"], "algoId": algo["algoId"],
+                                                  "clOrdId": "", "sCode": "0", "sMsg": "", "tag": algo["tag"]}]}
+
+    def _amend_algo(self, account, params):
+        """Check an amend-algos body and change the algo order; raises OkxError. A TP or SL price of 0
+        deletes that leg, as OKX documents."""
+        inst = self._instrument(text_param(params, "instId"))
+        algo_id = text_param(params, "algoId", required=False)
+        algo_cl_ord_id = id_param(params, "algoClOrdId")
+        if not algo_id and not algo_cl_ord_id:
+            raise either_missing("algoId", "algoClOrdId")
+        id_param(params, "reqId")
+        bool_param(params, "cxlOnFail")
+        algo = self._find_algo(account, inst["instId"], algo_id, algo_cl_ord_id)
+        if algo is None or algo["state"] not in ALGO_PENDING:
+            raise OkxError(*ALGO_AMEND_GONE)
+        tick, last = Decimal(inst["tickSz"]), self._market[inst["instId"]]["last"]
+        changes = {}
+        new_sz = decimal_param(params, "newSz", required=False)
+        if new_sz is not None:
+            if algo["tgtCcy"] != "quote_ccy" and new_sz % Decimal(inst["lotSz"]):
+                raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+            changes["sz"] = fmt(new_sz)
+        if algo["ordType"] == "trigger":
+            trigger = price_param(params, "newTriggerPx", tick, required=False)
+            order_px = price_param(params, "newOrdPx", tick, market_ok=True, required=False)
+            if (trigger is None) != (order_px is None):
+                raise param_missing("newOrdPx" if order_px is None else "newTriggerPx")
+            if trigger is not None:
+                changes.update(triggerPx=fmt(trigger), ordPx=fmt(order_px), _rising=trigger >= last,
+                               triggerPxType=self._trigger_px_type(params, "newTriggerPxType", inst))
+        else:
+            changed = []
+            for leg in ("tp", "sl"):
+                names = ["new%s%s" % (leg.capitalize(), part) for part in ("TriggerPx", "OrdPx", "TriggerPxType")]
+                trigger_text = text_param(params, names[0], required=False)
+                order_text = text_param(params, names[1], required=False)
+                if not trigger_text and not order_text:
+                    continue
+                if "0" in (trigger_text, order_text):       # deletes the leg
+                    changes.update({leg + "TriggerPx": "", leg + "OrdPx": "", leg + "TriggerPxType": ""})
+                    continue
+                trigger = price_param(params, names[0], tick, required=False)
+                order_px = price_param(params, names[1], tick, market_ok=True, required=False)
+                trigger = trigger if trigger is not None else (Decimal(algo[leg + "TriggerPx"] or 0) or None)
+                order_px = order_px if order_px is not None else (Decimal(algo[leg + "OrdPx"] or 0) or None)
+                if trigger is None or order_px is None:
+                    raise param_missing(names[1] if order_px is None else names[0])
+                px_type = self._trigger_px_type(params, names[2], inst) if text_param(params, names[2], False) \
+                    else algo[leg + "TriggerPxType"] or "last"
+                changes.update({leg + "TriggerPx": fmt(trigger), leg + "OrdPx": fmt(order_px),
+                                leg + "TriggerPxType": px_type})
+                changed.append(leg)
+            amended = dict(algo, **changes)
+            if not amended["tpTriggerPx"] and not amended["slTriggerPx"]:
+                raise OkxError("51531", "Order modification unsuccessful. The stop order must have either take "
+                                        "profit or stop loss attached.")
+            for leg in self._active_legs(amended):
+                if leg in changed and leg_on_wrong_side(algo["side"], leg, last, Decimal(amended[leg + "TriggerPx"])):
+                    raise OkxError(*WRONG_SIDE[(algo["side"], leg)])
+                if amended["tgtCcy"] == "quote_ccy" and amended[leg + "OrdPx"] != "-1":
+                    raise param_error("new%sOrdPx" % leg.capitalize())
+        if not changes:
+            raise OkxError(*AMEND_NOTHING)
+        algo.update(changes)
+        algo["uTime"] = str(self.now_ms())
+        return algo
+
+    def _api_amend_algos(self, call):
+        params = call.params
+        req_id = str(params.get("reqId", ""))
+        try:
+            algo = self._amend_algo(call.account, params)
+        except OkxError as error:
+            return {"code": "1", "msg": "", "data": [{
+                "algoClOrdId": str(params.get("algoClOrdId", "")), "algoId": str(params.get("algoId", "")),
+                "reqId": req_id, "sCode": error.code, "sMsg": error.msg}]}
+        return {"code": "0", "msg": "", "data": [{"algoClOrdId": algo["algoClOrdId"], "algoId": algo["algoId"],
+                                                  "reqId": req_id, "sCode": "0", "sMsg": ""}]}
+
+    def _cancel_algo(self, account, params):
+        """One item of cancel-algos: its answer row."""
+        row = {"algoClOrdId": "", "algoId": str(params.get("algoId", "")), "clOrdId": "", "sCode": "0",
+               "sMsg": "", "tag": ""}
+        try:
+            inst = self._instrument(text_param(params, "instId"))
+            algo_id = text_param(params, "algoId", required=False)
+            algo_cl_ord_id = id_param(params, "algoClOrdId")
+            if not algo_id and not algo_cl_ord_id:
+                raise either_missing("algoId", "algoClOrdId")
+            algo = self._find_algo(account, inst["instId"], algo_id, algo_cl_ord_id)
+            if algo is None or algo["state"] not in ALGO_PENDING:
+                raise OkxError(*ALGO_CANCEL_GONE)
+        except OkxError as error:
+            row.update(sCode=error.code, sMsg=error.msg)
+            return row
+        algo.update(state="canceled", uTime=str(self.now_ms()))
+        row["algoId"] = algo["algoId"]
+        return row
+
+    def _api_cancel_algos(self, call):
+        if not call.params:
+            raise param_missing("instId")
+        if len(call.params) > ALGO_CANCEL_MAX:
+            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % ALGO_CANCEL_MAX, 400)
+        rows = [self._cancel_algo(call.account, item) for item in call.params]
+        code, msg = bulk_code(rows)
+        return {"code": code, "msg": msg, "data": rows}
+
+    def _algo_rows(self, call, states):
+        """The algo orders in `states` that pass the list filters (ordType required: one type, or exactly
+        conditional and oco; instType, instId, algoId)."""
+        params = call.params
+        types = text_param(params, "ordType").split(",")
+        if not (len(types) == 1 and types[0] in ALGO_LISTED_TYPES) and sorted(types) != ["conditional", "oco"]:
+            raise param_error("ordType")
+        inst_type = self._inst_type_param(params, required=False, allowed=ALGO_INST_TYPES)
+        inst_id = text_param(params, "instId", required=False)
+        algo_id = text_param(params, "algoId", required=False)
+        return [a for a in self._algos(call.account).values()
+                if a["ordType"] in types and a["state"] in states and inst_type in ("", a["instType"])
+                and inst_id in ("", a["instId"]) and algo_id in ("", a["algoId"])]
+
+    def _api_algos_pending(self, call):
+        rows = self._algo_rows(call, ALGO_PENDING)
+        return [public_order(algo) for algo in page_by_id(rows, call.params, "algoId")]
+
+    def _api_algos_history(self, call):
+        """Finished algo orders of the last 3 months; `state` or `algoId` required."""
+        params = call.params
+        self._algo_rows(call, ())          # the ordType and filter checks come first
+        state = text_param(params, "state", required=False)
+        if not state and not text_param(params, "algoId", required=False):
+            raise either_missing("state", "algoId")
+        if state and state not in ALGO_HISTORY_STATES:
+            raise param_error("state")
+        floor = self.now_ms() - ARCHIVE_DAYS * DAY_MS
+        rows = [a for a in self._algo_rows(call, (state,) if state else ALGO_HISTORY_STATES + ("partially_failed",))
+                if int(a["cTime"]) >= floor]
+        return [public_order(algo) for algo in page_by_id(rows, params, "algoId")]
+
+    def _api_get_algo(self, call):
+        algo_id = text_param(call.params, "algoId", required=False)
+        algo_cl_ord_id = text_param(call.params, "algoClOrdId", required=False)
+        if not algo_id and not algo_cl_ord_id:
+            raise either_missing("algoId", "algoClOrdId")
+        algo = self._find_algo(call.account, "", algo_id, algo_cl_ord_id)
+        if algo is None or int(algo["cTime"]) < self.now_ms() - ARCHIVE_DAYS * DAY_MS:
+            raise OkxError("51603", "Order does not exist.")
+        return [public_order(algo)]
+
+
 
 
 # -- HTTP plumbing ------------------------------------------------------------------------------------------
@@ -3037,6 +3497,339 @@ class FakeSelfTest(unittest.TestCase):
             after = "&after=%d" % seen[-1]
         self.assertEqual(seen, list(range(seen[0], seen[0] - 3600000 * len(seen), -3600000)))
         self.assertEqual(answer["data"][0][8], "1")
+
+
+class FakeTradeTestCase(unittest.TestCase):
+    """Helpers of the fake's own tests of algo orders (signed REST)."""
+
+    def setUp(self):
+        self.fake = FakeOKX().start()
+        self.addCleanup(self.fake.stop)
+
+    def rest(self, method, path, body=None, status=200):
+        got, answer = okx_request(self.fake.base_url, method, path, body)
+        self.assertEqual(got, status, answer)
+        return answer
+
+    def error(self, method, path, body=None, status=200):
+        """The (code, msg) of an answer that is an error, top-level or in data[0].sCode."""
+        answer = self.rest(method, path, body, status)
+        if answer.get("data") and "sCode" in answer["data"][0]:
+            self.assertEqual(answer["code"], "1", answer)
+            return answer["data"][0]["sCode"], answer["data"][0]["sMsg"]
+        self.assertNotEqual(answer["code"], "0", answer)
+        return answer["code"], answer["msg"]
+
+    def place_algo(self, **body):
+        answer = self.rest("POST", "/api/v5/trade/order-algo", body)
+        self.assertEqual((answer["code"], answer["data"][0]["sCode"]), ("0", "0"), answer)
+        return answer["data"][0]["algoId"]
+
+    def algo_error(self, **body):
+        return self.error("POST", "/api/v5/trade/order-algo", body)[0]
+
+    def algo_row(self, algo_id):
+        return self.rest("GET", "/api/v5/trade/order-algo?algoId=" + algo_id)["data"][0]
+
+    def place(self, **body):
+        answer = self.rest("POST", "/api/v5/trade/order", body)
+        self.assertEqual(answer["data"][0]["sCode"], "0", answer)
+        return answer["data"][0]["ordId"]
+
+    def order_row(self, inst_id, ord_id):
+        return self.rest("GET", "/api/v5/trade/order?instId=%s&ordId=%s" % (inst_id, ord_id))["data"][0]
+
+    def ids(self, path):
+        return [row["algoId"] for row in self.rest("GET", path)["data"]]
+
+
+SPOT_SELL_OCO = {"instId": "BTC-USDT", "tdMode": "cash", "side": "sell", "ordType": "oco", "sz": "0.01",
+                 "tpTriggerPx": "44000", "tpOrdPx": "-1", "slTriggerPx": "42000", "slOrdPx": "-1"}
+
+
+class FakeAlgoSelfTest(FakeTradeTestCase):
+    """Algo orders of the fake: placing, firing, amending, cancelling, listing (OKX.md §13)."""
+
+    def test_each_ord_type_is_placed_and_listed_pending(self):
+        cond = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="conditional", sz="0.001",
+                               tpTriggerPx="45000", tpOrdPx="-1", algoClOrdId="cond1")
+        oco = self.place_algo(instId="BTC-USDT-SWAP", tdMode="cross", side="sell", ordType="oco", sz="1",
+                              reduceOnly=True, tpTriggerPx="45000", tpOrdPx="-1", slTriggerPx="41000", slOrdPx="-1")
+        trigger = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="0.001",
+                                  triggerPx="42000", orderPx="41990")
+        self.assertEqual([len(cond), len(oco), len(trigger)], [19, 19, 19])
+        pending = self.rest("GET", "/api/v5/trade/orders-algo-pending?ordType=conditional,oco")["data"]
+        self.assertEqual([row["algoId"] for row in pending], [oco, cond])      # newest first
+        oco_row, cond_row = pending
+        expected = {"instType": "SPOT", "state": "live", "actualSz": "0", "actualSide": "", "tpTriggerPx": "45000",
+                    "tpOrdPx": "-1", "tpTriggerPxType": "last", "slTriggerPx": "", "tgtCcy": "base_ccy",
+                    "posSide": "net", "reduceOnly": "false", "ordPx": "", "triggerTime": "", "failCode": "",
+                    "ordIdList": [], "algoClOrdId": "cond1", "last": "43000.1"}
+        self.assertEqual({name: cond_row[name] for name in expected}, expected)
+        self.assertEqual((oco_row["instType"], oco_row["reduceOnly"], oco_row["lever"], oco_row["slTriggerPx"]),
+                         ("SWAP", "true", "10", "41000"))
+        rows = self.rest("GET", "/api/v5/trade/orders-algo-pending?ordType=trigger")["data"]
+        self.assertEqual([(r["algoId"], r["triggerPx"], r["ordPx"], r["triggerPxType"], r["tgtCcy"]) for r in rows],
+                         [(trigger, "42000", "41990", "last", "")])
+        path = "/api/v5/trade/orders-algo-pending?ordType=conditional,oco"
+        self.assertEqual(self.ids(path + "&instId=BTC-USDT"), [cond])
+        self.assertEqual(self.ids(path + "&instType=SWAP"), [oco])
+        self.assertEqual(self.ids(path + "&algoId=" + oco), [oco])
+        self.assertEqual(self.error("GET", "/api/v5/trade/orders-algo-pending", status=400)[0], "50014")
+        self.assertEqual(self.error("GET", "/api/v5/trade/orders-algo-pending?ordType=trigger,oco", status=400)[0],
+                         "51000")
+        self.assertEqual(self.algo_row(cond)["algoClOrdId"], "cond1")
+        by_client_id = self.rest("GET", "/api/v5/trade/order-algo?algoClOrdId=cond1")["data"]
+        self.assertEqual([row["algoId"] for row in by_client_id], [cond])
+        self.assertEqual([a["algoId"] for a in self.fake.algo_orders()], [trigger, oco, cond])
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))     # algo orders freeze nothing
+
+    def test_an_algo_client_id_is_taken_for_good_51065(self):
+        body = dict(SPOT_SELL_OCO, algoClOrdId="dup1")
+        algo_id = self.place_algo(**body)
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", body),
+                         ("51065", "algoClOrdId already exists."))
+        self.rest("POST", "/api/v5/trade/cancel-algos", [{"instId": "BTC-USDT", "algoId": algo_id}])
+        self.assertEqual(self.algo_error(**body), "51065")
+        self.assertEqual(self.algo_error(**dict(body, algoClOrdId="not-alnum")), "51000")
+
+    def test_trigger_orders_on_contracts_need_long_short_mode_51298(self):
+        body = {"instId": "BTC-USDT-SWAP", "tdMode": "cross", "side": "buy", "ordType": "trigger", "sz": "1",
+                "triggerPx": "44000", "orderPx": "-1"}
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", body),
+                         ("51298", "Trigger orders are not available in the net mode of Expiry Futures and "
+                                   "Perpetual Futures"))
+        self.fake.set_position_mode("long_short_mode")
+        self.assertEqual(self.algo_error(**body), "50014")                       # posSide is required there
+        self.assertEqual(self.algo_error(**dict(body, posSide="net")), "51000")
+        self.assertEqual(self.algo_row(self.place_algo(**dict(body, posSide="long")))["posSide"], "long")
+
+    def test_tp_and_sl_on_the_wrong_side_of_the_last_price_are_51277_to_51280(self):
+        base = {"instId": "BTC-USDT", "tdMode": "cash", "sz": "0.01", "ordType": "conditional"}   # last 43000.1
+        cases = [("buy", "tp", "44000", "51277"), ("buy", "sl", "42000", "51278"),
+                 ("sell", "tp", "42000", "51279"), ("sell", "sl", "44000", "51280")]
+        for side, leg, price, code in cases:
+            body = dict(base, side=side, **{leg + "TriggerPx": price, leg + "OrdPx": "-1"})
+            self.assertEqual(self.algo_error(**body), code, (side, leg))
+        self.place_algo(**dict(base, side="sell", tpTriggerPx="43000.1", tpOrdPx="-1"))      # at the last price
+        self.assertEqual(self.algo_error(**dict(SPOT_SELL_OCO, slTriggerPx="43500")), "51280")
+        # a conditional order with both legs only performs (and checks) its stop-loss
+        self.place_algo(**dict(base, side="sell", tpTriggerPx="42000", tpOrdPx="-1", slTriggerPx="42000",
+                               slOrdPx="-1"))
+
+    def test_a_leg_must_be_whole_and_never_priced_0(self):
+        conditional = {"instId": "BTC-USDT", "tdMode": "cash", "side": "sell", "ordType": "conditional", "sz": "0.01"}
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo",
+                                    dict(conditional, tpTriggerPx="0", tpOrdPx="-1")),
+                         ("51000", "Parameter tpTriggerPx error"))
+        self.assertEqual(self.algo_error(**dict(conditional, tpTriggerPx="45000", tpOrdPx="0")), "51000")
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", dict(conditional, tpTriggerPx="45000")),
+                         ("50014", "Parameter tpOrdPx can not be empty."))
+        self.assertEqual(self.algo_error(**conditional), "50015")
+        self.assertEqual(self.algo_error(**dict(SPOT_SELL_OCO, slTriggerPx="", slOrdPx="")), "50014")
+        self.assertEqual(self.algo_error(**dict(conditional, tpTriggerPx="45000.05", tpOrdPx="-1")), "51000")
+        trigger = dict(conditional, ordType="trigger", side="buy", triggerPx="42000")
+        self.assertEqual(self.algo_error(**trigger), "50014")
+        self.assertEqual(self.algo_error(**dict(trigger, orderPx="-1", tgtCcy="base_ccy")), "51281")
+        buy = dict(conditional, side="buy", slTriggerPx="44000", slOrdPx="44100")
+        self.assertEqual(self.algo_error(**dict(buy, tgtCcy="quote_ccy")), "51000")     # quote size, limit leg
+        self.assertEqual(self.algo_row(self.place_algo(**buy))["tgtCcy"], "base_ccy")
+        self.assertEqual(self.algo_row(self.place_algo(**dict(buy, slOrdPx="-1", sz="100")))["tgtCcy"], "quote_ccy")
+        self.assertEqual(self.algo_error(**dict(conditional, tpTriggerPx="45000", tpOrdPx="-1",
+                                                tpTriggerPxType="mark")), "51415")
+
+    def open_swap_long(self, contracts="2"):
+        self.place(instId="BTC-USDT-SWAP", tdMode="cross", side="buy", ordType="market", sz=contracts)
+        self.assertEqual([p["pos"] for p in self.fake.positions()], [contracts])
+
+    def swap_oco(self):
+        return self.place_algo(instId="BTC-USDT-SWAP", tdMode="cross", side="sell", ordType="oco", sz="2",
+                               reduceOnly=True, tpTriggerPx="43500", tpOrdPx="-1", slTriggerPx="42500", slOrdPx="-1")
+
+    def test_an_oco_fires_its_take_profit_when_the_price_crosses_it(self):
+        self.open_swap_long()                                    # 2 contracts at the ask, 43010.6
+        algo_id = self.swap_oco()
+        before = self.fake.balance("USDT")[0]
+        self.fake.set_price("BTC-USDT-SWAP", "43499.9", "43500")  # last 43499.9: not yet
+        self.assertEqual(self.algo_row(algo_id)["state"], "live")
+        self.fake.set_price("BTC-USDT-SWAP", "43600.1", "43600.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"], row["actualSz"], row["actualPx"], row["failCode"]),
+                         ("effective", "tp", "2", "43600.1", ""))
+        self.assertTrue(row["triggerTime"].isdigit())
+        child = self.order_row("BTC-USDT-SWAP", row["ordIdList"][0])
+        self.assertEqual((child["algoId"], child["state"], child["side"], child["reduceOnly"], child["avgPx"],
+                          child["ordType"]), (algo_id, "filled", "sell", "true", "43600.1", "market"))
+        self.assertEqual(self.fake.positions(), [])
+        margin, pnl = Decimal("43010.6") * 2 * Decimal("0.01") / 10, (Decimal("43600.1") - Decimal("43010.6")) * 2 / 100
+        fee = Decimal("43600.1") * 2 * Decimal("0.01") * self.fake.fee_rate
+        self.assertEqual(self.fake.balance("USDT"), (before + margin + pnl - fee, Decimal(0)))
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-pending?ordType=conditional,oco"), [])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=conditional,oco&state=effective"),
+                         [algo_id])
+        self.fake.set_price("BTC-USDT-SWAP", "42000.1", "42000.2")     # the stop-loss leg is gone
+        self.assertEqual(self.fake.trigger_check(), [])
+        self.assertEqual(len(self.fake.orders()), 2)
+
+    def test_an_oco_fires_its_stop_loss_and_the_take_profit_is_gone(self):
+        self.open_swap_long()
+        algo_id = self.swap_oco()
+        self.fake.set_price("BTC-USDT-SWAP", "42400.1", "42400.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"]), ("effective", "sl"))
+        self.assertEqual(self.order_row("BTC-USDT-SWAP", row["ordId"])["avgPx"], "42400.1")
+        self.fake.set_price("BTC-USDT-SWAP", "44000.1", "44000.2")
+        self.assertEqual(len(self.fake.orders()), 2)
+        self.assertEqual(self.fake.positions(), [])
+
+    def test_a_trigger_order_places_its_limit_child_when_the_price_reaches_it(self):
+        algo_id = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="0.01",
+                                  triggerPx="42000", orderPx="41990")
+        self.fake.set_price("BTC-USDT", "42500.1", "42500.2")
+        self.assertEqual((self.algo_row(algo_id)["state"], self.fake.orders()), ("live", []))
+        self.fake.set_price("BTC-USDT", "41995.1", "41995.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"], row["actualPx"], row["actualSz"]),
+                         ("effective", "", "41990", "0.01"))
+        pending = self.rest("GET", "/api/v5/trade/orders-pending?instId=BTC-USDT")["data"]
+        self.assertEqual([(o["ordId"], o["px"], o["state"], o["algoId"]) for o in pending],
+                         [(row["ordId"], "41990", "live", algo_id)])
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9580.1"), Decimal("419.9")))
+        rising = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="trigger", sz="0.01",
+                                 triggerPx="43000", orderPx="-1")   # placed below its trigger: fires on the way up
+        self.fake.set_price("BTC-USDT", "42999.9", "43000")
+        self.assertEqual(self.algo_row(rising)["state"], "live")
+        self.fake.set_price("BTC-USDT", "43000.1", "43000.2")
+        child = self.order_row("BTC-USDT", self.algo_row(rising)["ordId"])
+        self.assertEqual((child["state"], child["ordType"], child["tgtCcy"], child["accFillSz"]),
+                         ("filled", "market", "base_ccy", "0.01"))
+
+    def test_a_conditional_order_with_both_legs_performs_only_its_stop_loss(self):
+        algo_id = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="conditional", sz="0.01",
+                                  tpTriggerPx="44000", tpOrdPx="-1", slTriggerPx="42000", slOrdPx="-1")
+        self.fake.set_price("BTC-USDT", "44100.1", "44100.2")
+        self.assertEqual(self.algo_row(algo_id)["state"], "live")
+        self.fake.set_price("BTC-USDT", "41900.1", "41900.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"]), ("effective", "sl"))
+        self.assertEqual(self.order_row("BTC-USDT", row["ordId"])["avgPx"], "41900.1")
+
+    def test_a_child_okx_would_refuse_ends_the_algo_order_failed(self):
+        algo_id = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="1",
+                                  triggerPx="42000", orderPx="-1")      # 1 BTC: more than the 10000 USDT
+        self.fake.set_price("BTC-USDT", "41900.1", "41900.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["failCode"], row["ordIdList"], row["actualSz"]),
+                         ("order_failed", "51008", [], "0"))
+        self.assertEqual(self.fake.orders(), [])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=trigger&state=order_failed"), [algo_id])
+        reduce_only = self.swap_oco()                                   # no position to reduce
+        self.fake.set_price("BTC-USDT-SWAP", "43600.1", "43600.2")
+        self.assertEqual((self.algo_row(reduce_only)["state"], self.algo_row(reduce_only)["failCode"]),
+                         ("order_failed", "51169"))
+
+    def test_amend_algos_changes_a_leg_and_deletes_one_with_0(self):
+        algo_id = self.place_algo(**dict(SPOT_SELL_OCO, algoClOrdId="ocoA"))
+        amend = "/api/v5/trade/amend-algos"
+        answer = self.rest("POST", amend, {"instId": "BTC-USDT", "algoId": algo_id, "newSlTriggerPx": "41500",
+                                           "reqId": "r1"})
+        self.assertEqual(answer, {"code": "0", "msg": "", "data": [{"algoClOrdId": "ocoA", "algoId": algo_id,
+                                                                     "reqId": "r1", "sCode": "0", "sMsg": ""}]})
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["slTriggerPx"], row["slOrdPx"], row["tpTriggerPx"]), ("41500", "-1", "44000"))
+        self.rest("POST", amend, {"instId": "BTC-USDT", "algoClOrdId": "ocoA", "newTpTriggerPx": "0"})
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["tpTriggerPx"], row["tpOrdPx"], row["tpTriggerPxType"], row["slTriggerPx"]),
+                         ("", "", "", "41500"))
+        self.rest("POST", amend, {"instId": "BTC-USDT", "algoId": algo_id, "newSz": "0.02"})
+        self.assertEqual(self.algo_row(algo_id)["sz"], "0.02")
+        body = {"instId": "BTC-USDT", "algoId": algo_id}
+        self.assertEqual(self.error("POST", amend, dict(body, newSlOrdPx="0"))[0], "51531")   # the last leg
+        self.assertEqual(self.error("POST", amend, dict(body, newSlTriggerPx="44000"))[0], "51280")
+        self.assertEqual(self.error("POST", amend, body)[0], "51500")
+        self.assertEqual(self.error("POST", amend, {"instId": "BTC-USDT", "newSz": "1"})[0], "50015")
+        self.assertEqual(self.error("POST", amend, dict(body, instId="ETH-USDT", newSz="1"))[0], "51503")
+        trigger = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="0.01",
+                                  triggerPx="42000", orderPx="41990")
+        self.rest("POST", amend, {"instId": "BTC-USDT", "algoId": trigger, "newTriggerPx": "41000",
+                                  "newOrdPx": "-1"})
+        self.assertEqual((self.algo_row(trigger)["triggerPx"], self.algo_row(trigger)["ordPx"]), ("41000", "-1"))
+        self.assertEqual(self.error("POST", amend, {"instId": "BTC-USDT", "algoId": trigger,
+                                                    "newTriggerPx": "40000"})[0], "50014")
+        self.fake.set_price("BTC-USDT", "41400.1", "41400.2")           # fires the oco's stop-loss
+        self.assertEqual(self.algo_row(algo_id)["state"], "effective")
+        self.assertEqual(self.error("POST", amend, dict(body, newSz="0.03")),
+                         ("51503", "Your order has already been filled or canceled."))
+
+    def test_cancel_algos_takes_an_array_of_up_to_10(self):
+        first, second = self.place_algo(**SPOT_SELL_OCO), self.place_algo(**SPOT_SELL_OCO)
+        path = "/api/v5/trade/cancel-algos"
+        self.assertEqual(self.error("POST", path, {"instId": "BTC-USDT", "algoId": first}, status=400)[0], "50002")
+        answer = self.rest("POST", path, [{"instId": "BTC-USDT", "algoId": first},
+                                          {"instId": "BTC-USDT", "algoId": "123"}])
+        self.assertEqual((answer["code"], [(r["algoId"], r["sCode"]) for r in answer["data"]]),
+                         ("2", [(first, "0"), ("123", "51400")]))
+        answer = self.rest("POST", path, [{"instId": "BTC-USDT", "algoId": first}])
+        self.assertEqual((answer["code"], answer["data"][0]["sCode"]), ("1", "51400"))
+        self.assertEqual(self.rest("POST", path, [{"instId": "BTC-USDT"}])["data"][0]["sCode"], "50015")
+        self.assertEqual(self.error("POST", path, [{"instId": "BTC-USDT", "algoId": second}] * 11, status=400)[0],
+                         "51406")
+        self.assertEqual(self.error("POST", path, [], status=400)[0], "50014")
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=oco&state=canceled"), [first])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-pending?ordType=oco"), [second])
+
+    def test_pending_algo_orders_page_over_more_than_100(self):
+        placed = {self.place_algo(**dict(SPOT_SELL_OCO, ordType="conditional", slTriggerPx="", slOrdPx=""))
+                  for _ in range(130)}
+        path = "/api/v5/trade/orders-algo-pending?ordType=conditional"
+        first = self.ids(path)
+        self.assertEqual(len(first), 100)
+        self.assertEqual(first, sorted(first, key=int, reverse=True))
+        rest = self.ids(path + "&after=" + first[-1])
+        self.assertEqual((len(rest), set(first) | set(rest)), (30, placed))
+        newer = self.ids(path + "&limit=5&before=" + rest[0])
+        self.assertEqual(len(newer), 5)
+        self.assertTrue(all(int(algo_id) > int(rest[0]) for algo_id in newer))
+        self.assertEqual(self.error("GET", path + "&limit=101", status=400)[0], "51000")
+
+    def test_history_filters_by_state_instrument_type_and_age(self):
+        effective = self.place_algo(**SPOT_SELL_OCO)
+        self.fake.set_price("BTC-USDT", "44000.1", "44000.2")      # fires its take-profit
+        canceled = self.place_algo(**dict(SPOT_SELL_OCO, tpTriggerPx="46000"))
+        failed = self.swap_oco()                                    # fires without a position: order_failed
+        self.fake.set_price("BTC-USDT-SWAP", "43600.1", "43600.2")
+        live = self.place_algo(**dict(SPOT_SELL_OCO, tpTriggerPx="46000"))
+        swap = self.place_algo(instId="BTC-USDT-SWAP", tdMode="cross", side="buy", ordType="conditional", sz="1",
+                               slTriggerPx="45000", slOrdPx="-1")
+        cancel = [{"instId": "BTC-USDT", "algoId": canceled}, {"instId": "BTC-USDT-SWAP", "algoId": swap}]
+        self.assertEqual(self.rest("POST", "/api/v5/trade/cancel-algos", cancel)["code"], "0")
+        path = "/api/v5/trade/orders-algo-history?ordType=conditional,oco"
+        self.assertEqual(self.error("GET", path, status=400)[0], "50015")
+        self.assertEqual(self.error("GET", path + "&state=live", status=400)[0], "51000")
+        self.assertEqual(self.ids(path + "&state=effective"), [effective])
+        self.assertEqual(self.ids(path + "&state=canceled"), [swap, canceled])
+        self.assertEqual(self.ids(path + "&state=canceled&instId=BTC-USDT"), [canceled])
+        self.assertEqual(self.ids(path + "&state=canceled&instType=SWAP"), [swap])
+        self.assertEqual(self.ids(path + "&state=order_failed"), [failed])
+        self.assertEqual(self.ids(path + "&algoId=" + live), [])          # still pending
+        self.assertEqual(self.ids(path + "&algoId=" + effective), [effective])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=trigger&state=canceled"), [])
+        self.fake.accounts[KEY]["algos"][canceled]["cTime"] = str(self.fake.now_ms() - 91 * DAY_MS)
+        self.assertEqual(self.ids(path + "&state=canceled"), [swap])      # the last 3 months only
+        self.assertEqual(self.error("GET", "/api/v5/trade/order-algo?algoId=" + canceled),
+                         ("51603", "Order does not exist."))
+        self.assertEqual(self.error("GET", "/api/v5/trade/order-algo?algoClOrdId=nope")[0], "51603")
+        self.assertEqual(self.error("GET", "/api/v5/trade/order-algo", status=400)[0], "50015")
+
+    def test_a_reset_after_processing_still_places_the_algo_order(self):
+        self.fake.fault("/api/v5/trade/order-algo", "reset_after_process")
+        body = dict(SPOT_SELL_OCO, algoClOrdId="lost1")
+        with self.assertRaises((OSError, http.client.HTTPException)):
+            okx_request(self.fake.base_url, "POST", "/api/v5/trade/order-algo", body)
+        self.assertEqual([(a["algoClOrdId"], a["state"]) for a in self.fake.algo_orders()], [("lost1", "live")])
+        found = self.rest("GET", "/api/v5/trade/order-algo?algoClOrdId=lost1")["data"]
+        self.assertEqual(found[0]["algoId"], self.fake.algo_orders()[0]["algoId"])
+        self.assertEqual(self.algo_error(**body), "51065")
 
 
 
