@@ -386,7 +386,7 @@ def wave_price(base, tick, ts):
     return (base * Decimal("%.9f" % factor)).quantize(tick)
 
 
-# -- algo orders: helpers ---------------------------------------------------------------------------------
+# -- algo orders, amended orders and batches: helpers -----------------------------------------------------
 
 ALGO_ORD_TYPES = ("conditional", "oco", "trigger")      # the algo order types the fake places
 ALGO_LISTED_TYPES = ALGO_ORD_TYPES + ("move_order_stop", "chase", "twap", "iceberg", "smart_iceberg")
@@ -394,7 +394,7 @@ ALGO_PENDING = ("live", "pause", "partially_effective")
 ALGO_HISTORY_STATES = ("effective", "canceled", "order_failed")     # orders-algo-history's `state` filter
 ALGO_INST_TYPES = ("SPOT", "MARGIN", "SWAP", "FUTURES")             # the algo lists' `instType` filter
 TRIGGER_PX_TYPES = ("last", "index", "mark")      # the fake compares all three with the last price
-ALGO_CANCEL_MAX = 10
+ALGO_CANCEL_MAX, BATCH_MAX = 10, 20
 # A TP/SL trigger price on the wrong side of the last price, by the algo order's side and the leg.
 WRONG_SIDE = {
     ("buy", "tp"): ("51277", "TP trigger price cannot be higher than the last price."),
@@ -406,7 +406,10 @@ WRONG_SIDE = {
 # orders; that algo orders get the same codes is an assumption (UNCONFIRMED), kept here to change in one place.
 ALGO_CANCEL_GONE = ("51400", "Order cancellation failed as the order has been filled, canceled or does not exist.")
 ALGO_AMEND_GONE = ("51503", "Your order has already been filled or canceled.")
+ORDER_AMEND_GONE = ("51503", "Your order has already been filled or canceled.")
 AMEND_NOTHING = ("51500", "You must enter a price, quantity, or TP/SL")
+# Fields only OKX's orders push carries, as an order without amendments shows them.
+PUSH_DEFAULTS = {"amendResult": "", "reqId": "", "code": "0", "msg": ""}
 
 
 def either_missing(first, second):
@@ -522,10 +525,14 @@ ROUTES = {
     ("GET", "/api/v5/trade/order-algo"): Route("get_algo", True, 20, 2, "key"),
     ("GET", "/api/v5/trade/orders-algo-pending"): Route("algos_pending", True, 20, 2, "key"),
     ("GET", "/api/v5/trade/orders-algo-history"): Route("algos_history", True, 20, 2, "key"),
+    ("POST", "/api/v5/trade/amend-order"): Route("amend_order", True, 60, 2, "key+instId"),
+    ("POST", "/api/v5/trade/batch-orders"): Route("batch_orders", True, 300, 2, "key"),
+    ("POST", "/api/v5/trade/cancel-batch-orders"): Route("cancel_batch_orders", True, 300, 2, "key"),
 }
 KNOWN_PATHS = {path for _, path in ROUTES}
-# POST endpoints whose body is a JSON array of objects, not an object.
-ARRAY_BODY_PATHS = {"/api/v5/trade/cancel-algos"}
+# POST endpoints whose body is a JSON array of objects, not an object (batch limits count requests here,
+# where OKX counts the orders in them: 300 orders / 2 s).
+ARRAY_BODY_PATHS = {"/api/v5/trade/cancel-algos", "/api/v5/trade/batch-orders", "/api/v5/trade/cancel-batch-orders"}
 
 
 # -- the exchange -------------------------------------------------------------------------------------------
@@ -566,7 +573,7 @@ class FakeOKX(_BackgroundServer):
     the HTTP status of OKX.md §2. Everything below is guarded by one lock, so tests may change the fake
     while the plugin is talking to it. Orders rest until a cross of the book at placement or `fill()`:
     moving the price with `set_price()` fills nothing by itself, but fires the algo orders it triggers.
-    Also: algo orders (section below).
+    Also: algo orders, amend-order and batch endpoints (sections below).
     """
 
     def __init__(self, tls=False, latency_ms=0, handshake_ms=0):
@@ -1854,6 +1861,178 @@ class FakeOKX(_BackgroundServer):
         if algo is None or int(algo["cTime"]) < self.now_ms() - ARCHIVE_DAYS * DAY_MS:
             raise OkxError("51603", "Order does not exist.")
         return [public_order(algo)]
+
+    # -- amending orders --------------------------------------------------------------------------------
+    # amend-order answers sCode "0" for "accepted"; the outcome is recorded on the order by _amended() in
+    # order["_push"]: amendResult, reqId, code, msg, the fields only OKX's orders push carries.
+
+    fail_next_amend = None      # (code, msg): the next amend-order is accepted (sCode 0), then fails (amendResult -1)
+
+    def amend_state(self, ord_id, key=KEY):
+        """The push-only fields of an order as its last amendment left them: amendResult ("" none, "0" done,
+        "-1" failed, "1" failed and canceled), reqId, code, msg."""
+        with self._lock:
+            return dict(PUSH_DEFAULTS, **self.accounts[key]["orders"][ord_id].get("_push", {}))
+
+    def _amended(self, account, order, result, req_id, code="0", msg=""):
+        """Record an amendment's outcome on the order (the private stream's orders push goes out here)."""
+        order["_push"] = {"amendResult": result, "reqId": req_id, "code": code, "msg": msg}
+        order["uTime"] = str(self.now_ms())
+
+    def _amend_reserve(self, account, inst, order, remaining, price):
+        """What the unfilled `remaining` of an amended order freezes at `price`: (ccy, amount), or None."""
+        if remaining <= 0:
+            return None
+        if inst["instType"] == "SPOT":
+            base, quote = inst["instId"].split("-")
+            return (quote, remaining * price) if order["side"] == "buy" else (base, remaining)
+        position = account["positions"].get((inst["instId"], order["tdMode"], order["posSide"]))
+        if self._is_closing(account, order):
+            opening = Decimal(0)
+        elif order["posSide"] == "net" and position and (position["pos"] > 0) != (order["side"] == "buy"):
+            opening = max(Decimal(0), remaining - abs(position["pos"]))
+        else:
+            opening = remaining
+        lever = account["leverage"].get((inst["instId"], order["tdMode"], order["posSide"]), DEFAULT_LEVER)
+        return inst["settleCcy"], rounded(self._notional(inst, opening, price) / lever)
+
+    def _check_amend(self, account, params):
+        """Check an amend-order body: (order, the change to make), or OkxError."""
+        inst = self._instrument(text_param(params, "instId"))
+        ord_id = text_param(params, "ordId", required=False)
+        cl_ord_id = text_param(params, "clOrdId", required=False)
+        if not ord_id and not cl_ord_id:
+            raise param_missing("ordId")
+        cxl_on_fail = bool_param(params, "cxlOnFail")
+        id_param(params, "reqId")
+        new_sz = decimal_param(params, "newSz", required=False)
+        new_px_text = text_param(params, "newPx", required=False)
+        if new_sz is None and not new_px_text:
+            raise OkxError(*AMEND_NOTHING)
+        order = self._find_order(account, inst["instId"], ord_id, cl_ord_id)
+        if order is None or order["state"] not in PENDING:
+            raise OkxError(*ORDER_AMEND_GONE)
+        if order["ordType"] == "market":
+            raise OkxError("51506", "Order modification unavailable for the order type.")
+        new_px = None
+        if new_px_text:      # off the tick: 51000 "Parameter ... error", as OKX answers a px off the tick
+            new_px = price_param(params, "newPx", Decimal(inst["tickSz"]))
+        if new_sz is not None and new_sz % Decimal(inst["lotSz"]):
+            raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+        price = new_px if new_px is not None else Decimal(order["px"])
+        target = new_sz if new_sz is not None else order["_target"]
+        remaining = target - Decimal(order["accFillSz"])
+        market = self._market[inst["instId"]]
+        best = market["ask"] if order["side"] == "buy" else market["bid"]
+        crosses = remaining > 0 and (price >= best if order["side"] == "buy" else price <= best)
+        if crosses and order["ordType"] == "post_only":
+            raise OkxError("51511", "Modification failed as the order price did not meet the requirement for "
+                                    "Post Only.")
+        reserve = self._amend_reserve(account, inst, order, remaining, price)
+        if reserve:
+            ccy, amount = reserve
+            held = order["_reserve"][1] if order["_reserve"] and order["_reserve"][0] == ccy else 0
+            if account["balances"].setdefault(ccy, [Decimal(0), Decimal(0)])[0] + held < amount:
+                raise OkxError("51502", "Unable to edit order: insufficient balance or margin.")
+        return order, {"sz": new_sz, "px": new_px, "target": target, "reserve": reserve, "best": best,
+                       "crosses": crosses, "cxl_on_fail": cxl_on_fail}
+
+    def _apply_amend(self, account, order, change, req_id):
+        """Change the order: size, price, what it freezes; a size at or below what filled ends it filled;
+        a price that now crosses the book fills the rest at once."""
+        if order["_reserve"]:
+            ccy, amount = order["_reserve"]
+            account["balances"][ccy][0] += amount
+            account["balances"][ccy][1] -= amount
+            order["_reserve"] = None
+        filled = Decimal(order["accFillSz"])
+        if change["px"] is not None:
+            order["px"] = fmt(change["px"])
+        if change["sz"] is not None:
+            order["sz"] = fmt(max(change["sz"], filled))
+        order["_target"] = change["target"]
+        if change["target"] <= filled:
+            order.update(_target=filled, state="filled")
+        elif change["reserve"]:
+            ccy, amount = change["reserve"]
+            account["balances"][ccy][0] -= amount
+            account["balances"][ccy][1] += amount
+            order["_reserve"] = change["reserve"]
+        self._amended(account, order, "0", req_id)
+        if order["state"] in PENDING and change["crosses"]:
+            self._fill(account, order, order["_target"] - filled, change["best"])
+
+    def _api_amend_order(self, call):
+        in_time, params, account = self.now_ms() * 1000, call.params, call.account
+        req_id = str(params.get("reqId", ""))
+        try:
+            order, change = self._check_amend(account, params)
+        except OkxError as error:
+            return self._trade_answer("1", {"clOrdId": str(params.get("clOrdId", "")),
+                                            "ordId": str(params.get("ordId", "")), "reqId": req_id,
+                                            "sCode": error.code, "sMsg": error.msg, "ts": str(self.now_ms())},
+                                      in_time)
+        answer = self._trade_answer("0", {"clOrdId": order["clOrdId"], "ordId": order["ordId"], "reqId": req_id,
+                                          "sCode": "0", "sMsg": "", "ts": str(self.now_ms())}, in_time)
+        failure, self.fail_next_amend = self.fail_next_amend, None
+        if failure is None:
+            self._apply_amend(account, order, change, req_id)
+        elif change["cxl_on_fail"]:        # accepted, failed, and canceled as asked
+            self._cancel(account, order)
+            self._amended(account, order, "1", req_id, *failure)
+        else:                              # accepted, then failed: the order is left as it was
+            self._amended(account, order, "-1", req_id, *failure)
+        return answer
+
+    # -- batches --------------------------------------------------------------------------------------
+
+    def _api_batch_orders(self, call):
+        """Up to 20 place-order bodies, each through _place; one answer row each, in order."""
+        in_time = self.now_ms() * 1000
+        if not call.params:
+            raise param_missing("instId")
+        if len(call.params) > BATCH_MAX:
+            raise OkxError("51111", "Maximum %d orders can be placed in bulk." % BATCH_MAX)
+        rows = []
+        for params in call.params:
+            try:
+                order = self._place(call.account, params, call.headers)
+            except OkxError as error:
+                rows.append({"clOrdId": str(params.get("clOrdId", "")), "ordId": "", "sCode": error.code,
+                             "sMsg": error.msg, "tag": str(params.get("tag", "")), "ts": str(self.now_ms())})
+            else:
+                rows.append({"clOrdId": order["clOrdId"], "ordId": order["ordId"], "sCode": "0",
+                             "sMsg": "Order placed", "tag": order["tag"], "ts": order["cTime"]})
+        code, msg = bulk_code(rows)
+        return {"code": code, "msg": msg, "data": rows, "inTime": str(in_time), "outTime": str(self.now_ms() * 1000)}
+
+    def _cancel_one(self, account, params):
+        """One item of cancel-batch-orders, as cancel-order treats it: its answer row."""
+        ord_id, cl_ord_id = str(params.get("ordId", "")), str(params.get("clOrdId", ""))
+        try:
+            inst = self._instrument(text_param(params, "instId"))
+            if not ord_id and not cl_ord_id:
+                raise param_missing("ordId")
+            order = self._find_order(account, inst["instId"], ord_id, cl_ord_id)
+            if order is None or order["state"] not in PENDING:
+                raise OkxError("51400", "Order cancellation failed as the order has been filled, canceled or does"
+                                        " not exist.")
+        except OkxError as error:
+            return {"clOrdId": cl_ord_id, "ordId": ord_id, "sCode": error.code, "sMsg": error.msg,
+                    "ts": str(self.now_ms())}
+        self._cancel(account, order)
+        return {"clOrdId": order["clOrdId"], "ordId": order["ordId"], "sCode": "0", "sMsg": "",
+                "ts": str(self.now_ms())}
+
+    def _api_cancel_batch_orders(self, call):
+        in_time = self.now_ms() * 1000
+        if not call.params:
+            raise param_missing("instId")
+        if len(call.params) > BATCH_MAX:
+            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % BATCH_MAX, 400)
+        rows = [self._cancel_one(call.account, params) for params in call.params]
+        code, msg = bulk_code(rows)
+        return {"code": code, "msg": msg, "data": rows, "inTime": str(in_time), "outTime": str(self.now_ms() * 1000)}
 
 
 
@@ -3500,7 +3679,7 @@ class FakeSelfTest(unittest.TestCase):
 
 
 class FakeTradeTestCase(unittest.TestCase):
-    """Helpers of the fake's own tests of algo orders (signed REST)."""
+    """Helpers of the fake's own tests of algo orders, amendments and batches (signed REST)."""
 
     def setUp(self):
         self.fake = FakeOKX().start()
@@ -3830,6 +4009,142 @@ class FakeAlgoSelfTest(FakeTradeTestCase):
         found = self.rest("GET", "/api/v5/trade/order-algo?algoClOrdId=lost1")["data"]
         self.assertEqual(found[0]["algoId"], self.fake.algo_orders()[0]["algoId"])
         self.assertEqual(self.algo_error(**body), "51065")
+
+
+class FakeAmendSelfTest(FakeTradeTestCase):
+    """amend-order on the fake: accepted means sCode 0; the outcome is on the order (and its push fields)."""
+
+    def spot_buy(self, **extra):
+        body = dict({"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000",
+                     "sz": "0.01"}, **extra)
+        return self.place(**body)
+
+    def amend(self, **body):
+        answer = self.rest("POST", "/api/v5/trade/amend-order", dict({"instId": "BTC-USDT"}, **body))
+        self.assertEqual((answer["code"], answer["data"][0]["sCode"]), ("0", "0"), answer)
+        return answer
+
+    def amend_error(self, **body):
+        return self.error("POST", "/api/v5/trade/amend-order", dict({"instId": "BTC-USDT"}, **body))[0]
+
+    def test_amend_changes_price_and_size_and_what_the_order_freezes(self):
+        ord_id = self.spot_buy(clOrdId="am1")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9700"), Decimal("300")))
+        answer = self.amend(ordId=ord_id, newPx="31000", newSz="0.02", reqId="q1")
+        row = answer["data"][0]
+        self.assertEqual({name: row[name] for name in ("ordId", "clOrdId", "reqId", "sCode", "sMsg")},
+                         {"ordId": ord_id, "clOrdId": "am1", "reqId": "q1", "sCode": "0", "sMsg": ""})
+        self.assertTrue(answer["inTime"].isdigit() and answer["outTime"].isdigit())
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["px"], order["sz"], order["state"]), ("31000", "0.02", "live"))
+        self.assertNotIn("amendResult", order)                   # REST rows have no push-only fields
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9380"), Decimal("620")))
+        self.assertEqual(self.fake.amend_state(ord_id), {"amendResult": "0", "reqId": "q1", "code": "0", "msg": ""})
+        self.amend(clOrdId="am1", newSz="0.005")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9845"), Decimal("155")))
+        self.assertEqual(self.fake.amend_state(ord_id)["reqId"], "")
+
+    def test_amend_recomputes_the_margin_of_a_contract_order(self):
+        ord_id = self.place(instId="BTC-USDT-SWAP", tdMode="cross", side="buy", ordType="limit", px="42000", sz="1")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9958"), Decimal("42")))     # 1 x 0.01 x 42000 / 10
+        self.amend(instId="BTC-USDT-SWAP", ordId=ord_id, newSz="3", newPx="41000")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000") - Decimal("123"), Decimal("123")))
+
+    def test_a_new_price_that_crosses_the_book_fills_at_once(self):
+        ord_id = self.place(instId="BTC-USDT", tdMode="cash", side="sell", ordType="limit", px="44000", sz="0.01")
+        self.assertEqual(self.fake.balance("BTC"), (Decimal("0.49"), Decimal("0.01")))
+        self.amend(ordId=ord_id, newPx="43000")                   # at or under the bid, 43000.1
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["state"], order["px"], order["avgPx"], order["accFillSz"]),
+                         ("filled", "43000", "43000.1", "0.01"))
+        self.assertEqual(self.fake.balance("BTC"), (Decimal("0.49"), Decimal("0")))
+        self.assertEqual(self.fake.balance("USDT")[0], Decimal("10000") + Decimal("430.001") * Decimal("0.999"))
+
+    def test_a_new_size_at_or_under_what_filled_ends_the_order_filled(self):
+        ord_id = self.spot_buy()
+        self.fake.fill(ord_id, sz="0.004")
+        self.assertEqual(self.fake.balance("USDT")[1], Decimal("180"))
+        self.amend(ordId=ord_id, newSz="0.004")
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["state"], order["sz"], order["accFillSz"]), ("filled", "0.004", "0.004"))
+        self.assertEqual(self.fake.balance("USDT")[1], Decimal("0"))
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="0.01"), "51503")
+
+    def test_what_cannot_be_amended(self):
+        ord_id = self.spot_buy()
+        self.assertEqual(self.error("POST", "/api/v5/trade/amend-order",
+                                    {"instId": "BTC-USDT", "ordId": ord_id, "newPx": "30000.05"}),
+                         ("51000", "Parameter newPx error"))                   # off the 0.1 tick
+        self.assertEqual(self.amend_error(ordId=ord_id), "51500")
+        self.assertEqual(self.amend_error(newPx="31000"), "50014")
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="0.000000001"), "51121")   # off the lot size
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="1e-3"), "51000")
+        self.assertEqual(self.amend_error(ordId="1234567890123456789", newPx="31000"), "51503")
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="1"), "51502")  # 30000 USDT: more than there is
+        self.assertEqual(self.amend_error(ordId=ord_id, newPx="31000", cxlOnFail="yes"), "51000")
+        post_only = self.spot_buy(ordType="post_only")
+        self.assertEqual(self.amend_error(ordId=post_only, newPx="43000.2"), "51511")
+        self.rest("POST", "/api/v5/trade/cancel-order", {"instId": "BTC-USDT", "ordId": ord_id})
+        self.assertEqual(self.error("POST", "/api/v5/trade/amend-order",
+                                    {"instId": "BTC-USDT", "ordId": ord_id, "newPx": "31000"}),
+                         ("51503", "Your order has already been filled or canceled."))
+
+    def test_fail_next_amend_is_accepted_then_fails(self):
+        ord_id = self.spot_buy()
+        self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+        self.amend(ordId=ord_id, newPx="31000", reqId="f1")
+        self.assertIsNone(self.fake.fail_next_amend)
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["px"], order["state"]), ("30000", "live"))
+        self.assertEqual(self.fake.amend_state(ord_id),
+                         {"amendResult": "-1", "reqId": "f1", "code": "51008",
+                          "msg": "Order failed. Insufficient USDT balance in account."})
+        self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+        self.amend(ordId=ord_id, newPx="31000", reqId="f2", cxlOnFail=True)
+        self.assertEqual(self.order_row("BTC-USDT", ord_id)["state"], "canceled")
+        self.assertEqual(self.fake.amend_state(ord_id)["amendResult"], "1")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))
+
+
+class FakeBatchSelfTest(FakeTradeTestCase):
+    """batch-orders and cancel-batch-orders: arrays of up to 20, one answer row each."""
+
+    SPOT_BUY = {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000",
+                "sz": "0.01"}
+
+    def test_batch_orders_answer_each_order(self):
+        swap_sell = {"instId": "BTC-USDT-SWAP", "tdMode": "cross", "side": "sell", "ordType": "limit",
+                     "px": "45000", "sz": "1"}
+        answer = self.rest("POST", "/api/v5/trade/batch-orders",
+                           [self.SPOT_BUY, dict(self.SPOT_BUY, sz="abc"), swap_sell])
+        self.assertEqual((answer["code"], answer["msg"]), ("2", "Bulk operation partially succeeded."))
+        self.assertEqual([row["sCode"] for row in answer["data"]], ["0", "51000", "0"])
+        self.assertTrue(answer["inTime"].isdigit())
+        placed = [row["ordId"] for row in answer["data"] if row["ordId"]]
+        self.assertEqual(sorted(placed), sorted(o["ordId"] for o in self.fake.orders()))
+        both = self.rest("POST", "/api/v5/trade/batch-orders",
+                         [dict(self.SPOT_BUY, clOrdId="b1"), dict(self.SPOT_BUY, clOrdId="b1")])
+        self.assertEqual((both["code"], [row["sCode"] for row in both["data"]]), ("2", ["0", "51016"]))
+        self.assertEqual(self.rest("POST", "/api/v5/trade/batch-orders", [self.SPOT_BUY] * 2)["code"], "0")
+        failed = self.rest("POST", "/api/v5/trade/batch-orders", [dict(self.SPOT_BUY, instId="NOPE-USDT")])
+        self.assertEqual((failed["code"], failed["msg"], failed["data"][0]["sCode"]),
+                         ("1", "All operations failed", "51001"))
+        self.assertEqual(self.error("POST", "/api/v5/trade/batch-orders", [self.SPOT_BUY] * 21)[0], "51111")
+        self.assertEqual(self.error("POST", "/api/v5/trade/batch-orders", self.SPOT_BUY, status=400)[0], "50002")
+
+    def test_cancel_batch_orders_answer_each_order(self):
+        placed = self.rest("POST", "/api/v5/trade/batch-orders", [self.SPOT_BUY, dict(self.SPOT_BUY, clOrdId="c2")])
+        first = placed["data"][0]["ordId"]
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9400"), Decimal("600")))
+        answer = self.rest("POST", "/api/v5/trade/cancel-batch-orders",
+                           [{"instId": "BTC-USDT", "ordId": first}, {"instId": "BTC-USDT", "clOrdId": "c2"},
+                            {"instId": "BTC-USDT", "ordId": "42"}])
+        self.assertEqual((answer["code"], [(row["sCode"], row["clOrdId"]) for row in answer["data"]]),
+                         ("2", [("0", ""), ("0", "c2"), ("51400", "")]))
+        self.assertEqual({o["state"] for o in self.fake.orders()}, {"canceled"})
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))
+        self.assertEqual(self.error("POST", "/api/v5/trade/cancel-batch-orders",
+                                    [{"instId": "BTC-USDT", "ordId": first}] * 21, status=400)[0], "51406")
 
 
 
