@@ -355,6 +355,7 @@ def build_instruments(at_ms):
                 ct_val_ccy=ct_val_ccy, alias=alias, exp_time=str(exp_ms), list_time=str(exp_ms - 120 * DAY_MS))
             premium = Decimal(FUTURES_PREMIUM[alias])
             prices[inst_id] = (fmt(Decimal(bid) + premium), fmt(Decimal(ask) + premium))
+    add_option_instruments(instruments, prices, at_ms)
     return instruments, prices
 
 
@@ -386,7 +387,7 @@ def wave_price(base, tick, ts):
     return (base * Decimal("%.9f" % factor)).quantize(tick)
 
 
-# -- algo orders, amended orders and batches: helpers -----------------------------------------------------
+# -- algo orders, amended orders, batches and options: helpers --------------------------------------------
 
 ALGO_ORD_TYPES = ("conditional", "oco", "trigger")      # the algo order types the fake places
 ALGO_LISTED_TYPES = ALGO_ORD_TYPES + ("move_order_stop", "chase", "twap", "iceberg", "smart_iceberg")
@@ -410,6 +411,17 @@ ORDER_AMEND_GONE = ("51503", "Your order has already been filled or canceled.")
 AMEND_NOTHING = ("51500", "You must enter a price, quantity, or TP/SL")
 # Fields only OKX's orders push carries, as an order without amendments shows them.
 PUSH_DEFAULTS = {"amendResult": "", "reqId": "", "code": "0", "msg": ""}
+
+# Options: family, settle coin, the spot instrument whose price is the index, ctMult, strike step, strikes
+# listed whatever the price. One contract is ctVal x ctMult of the coin; prices are in the coin.
+OPTION_FAMILIES = (
+    ("BTC-USD", "BTC", "BTC-USDT", "0.01", 1000, (100000,)),
+    ("ETH-USD", "ETH", "ETH-USDT", "0.1", 100, ()),
+)
+OPTION_TICK = Decimal("0.0001")     # OKX's tickSz of an option is the smallest of its tick bands
+OPTION_VOL = 0.5                    # the volatility the starting option prices are computed with
+FIXED_OPTION_EXPIRY = dt.datetime(2026, 12, 25, 8, tzinfo=dt.timezone.utc)   # tests use BTC-USD-261225-100000-C
+YEAR_MS = 365 * DAY_MS
 
 
 def either_missing(first, second):
@@ -475,6 +487,68 @@ def bulk_code(rows):
     if not failed:
         return "0", ""
     return ("1", "All operations failed") if failed == len(rows) else ("2", "Bulk operation partially succeeded.")
+
+
+def option_expiries(now):
+    """Option expiries (08:00 UTC) listed at `now`: the next Friday, the last Friday of next month, and
+    25 Dec 2026 while it is ahead."""
+    friday = now.date() + dt.timedelta(days=(4 - now.weekday()) % 7)
+    next_friday = dt.datetime(friday.year, friday.month, friday.day, 8, tzinfo=dt.timezone.utc)
+    if next_friday <= now:
+        next_friday += dt.timedelta(days=7)
+    month = now.month % 12 + 1                              # next month, 1..12
+    year = now.year + (1 if month == 1 else 0)
+    first_after = dt.date(year + month // 12, month % 12 + 1, 1)     # the first day of the month after it
+    last = first_after - dt.timedelta(days=(first_after.weekday() - 4) % 7 or 7)
+    expiries = {next_friday, dt.datetime(last.year, last.month, last.day, 8, tzinfo=dt.timezone.utc)}
+    if FIXED_OPTION_EXPIRY > now:
+        expiries.add(FIXED_OPTION_EXPIRY)
+    return sorted(expiries)
+
+
+def option_premium(spot, strike, years, call, vol=OPTION_VOL):
+    """Black-Scholes value (no rates) of an option on one coin, in the coin, as OKX quotes options."""
+    intrinsic = max(0.0, spot - strike) if call else max(0.0, strike - spot)
+    if years <= 0:
+        return intrinsic / spot
+
+    def normal_cdf(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    spread = vol * math.sqrt(years)
+    d1 = (math.log(spot / strike) + spread * spread / 2) / spread
+    d2 = d1 - spread
+    if call:
+        usd = spot * normal_cdf(d1) - strike * normal_cdf(d2)
+    else:
+        usd = strike * normal_cdf(-d2) - spot * normal_cdf(-d1)
+    return max(usd, intrinsic) / spot
+
+
+def add_option_instruments(instruments, prices, at_ms):
+    """The OPTION instruments of OPTION_FAMILIES (instId FAMILY-YYMMDD-STRIKE-C|P) and their starting
+    (bid, ask): five strikes around the index price plus the fixed ones, calls and puts, every expiry."""
+    now = dt.datetime.fromtimestamp(at_ms / 1000, dt.timezone.utc)
+    for family, coin, index_id, ct_mult, step, fixed_strikes in OPTION_FAMILIES:
+        spot = (Decimal(prices[index_id][0]) + Decimal(prices[index_id][1])) / 2
+        centre = int(spot / step + Decimal("0.5")) * step
+        strikes = sorted(set(range(centre - 2 * step, centre + 3 * step, step)) | set(fixed_strikes))
+        for expiry in option_expiries(now):
+            exp_ms = int(expiry.timestamp() * 1000)
+            for strike in strikes:
+                for opt_type in ("C", "P"):
+                    inst_id = "%s-%s-%d-%s" % (family, expiry.strftime("%y%m%d"), strike, opt_type)
+                    inst = make_instrument("OPTION", inst_id, fmt(OPTION_TICK), "1", "1", "", uly=family,
+                                           settle=coin, ct_val="1", ct_val_ccy=coin, exp_time=str(exp_ms),
+                                           list_time=str(min(at_ms, exp_ms) - 30 * DAY_MS))
+                    inst.update(ctMult=ct_mult, optType=opt_type, stk=str(strike), maxLmtSz="10000",
+                                maxMktSz="", maxStopSz="", maxTriggerSz="", maxTwapSz="", maxIcebergSz="")
+                    instruments[inst_id] = inst
+                    value = option_premium(float(spot), float(strike), (exp_ms - at_ms) / YEAR_MS, opt_type == "C")
+                    premium = Decimal("%.8f" % value)
+                    bid = max(OPTION_TICK, (premium * Decimal("0.98")).quantize(OPTION_TICK, ROUND_DOWN))
+                    ask = bid + max(OPTION_TICK, (premium * Decimal("0.04")).quantize(OPTION_TICK, ROUND_DOWN))
+                    prices[inst_id] = (fmt(bid), fmt(ask))
 
 
 # -- accounts -----------------------------------------------------------------------------------------------
@@ -573,7 +647,7 @@ class FakeOKX(_BackgroundServer):
     the HTTP status of OKX.md §2. Everything below is guarded by one lock, so tests may change the fake
     while the plugin is talking to it. Orders rest until a cross of the book at placement or `fill()`:
     moving the price with `set_price()` fills nothing by itself, but fires the algo orders it triggers.
-    Also: algo orders, amend-order and batch endpoints (sections below).
+    Also: algo orders, amend-order, batch endpoints and OPTION instruments (sections below).
     """
 
     def __init__(self, tls=False, latency_ms=0, handshake_ms=0):
@@ -895,7 +969,7 @@ class FakeOKX(_BackgroundServer):
         best = self._market[inst["instId"]][side]
         step = tick if side == "ask" else -tick
         return [[fmt(best + step * level), fmt(unit * (1 + (level * 7 + 3) % 11)), "0", str(1 + level % 5)]
-                for level in range(depth)]
+                for level in range(depth) if best + step * level > 0]
 
     def _ticker_row(self, inst):
         market, spot = self._market[inst["instId"]], inst["instType"] == "SPOT"
@@ -925,7 +999,9 @@ class FakeOKX(_BackgroundServer):
 
     def _api_tickers(self, call):
         inst_type = self._inst_type_param(call.params, allowed=("SPOT", "SWAP", "FUTURES", "OPTION"))
-        family = text_param(call.params, "instFamily", required=False)
+        family = text_param(call.params, "instFamily", required=False) or text_param(call.params, "uly", False)
+        if inst_type == "OPTION" and not family:
+            raise param_missing("instFamily")
         return [self._ticker_row(inst) for inst in self._instruments.values()
                 if inst["instType"] == inst_type and (not family or inst["instFamily"] == family)]
 
@@ -1238,7 +1314,7 @@ class FakeOKX(_BackgroundServer):
         reduce_only = params.get("reduceOnly", False)
         if not isinstance(reduce_only, bool):
             raise param_error("reduceOnly")
-        hedge = account["pos_mode"] == "long_short_mode" and not spot
+        hedge = account["pos_mode"] == "long_short_mode" and inst["instType"] in ("SWAP", "FUTURES")
         pos_side = text_param(params, "posSide", required=False)
         if pos_side not in (("long", "short") if hedge else ("", "net")):
             raise param_error("posSide")
@@ -1279,6 +1355,8 @@ class FakeOKX(_BackgroundServer):
                 reserve = (quote, sz if tgt_ccy == "quote_ccy" else target * price)
             else:
                 reserve = (base, target)
+        elif inst["instType"] == "OPTION":
+            reserve = self._option_reserve(account, inst, side, td_mode, sz, price, ord_type)
         else:
             closing = self._is_closing(account, {"side": side, "posSide": pos_side,
                                                  "reduceOnly": "true" if reduce_only else "false"})
@@ -1344,6 +1422,8 @@ class FakeOKX(_BackgroundServer):
                 fee = value * self.fee_rate
                 balances[base][0] -= qty
                 balances[quote][0] += value - fee
+        elif inst["instType"] == "OPTION":
+            fee, pnl = self._fill_option(account, inst, order, qty, price)
         else:
             fee = self._notional(inst, qty, price) * self.fee_rate
             pnl = self._move_position(account, inst, order, qty, price)
@@ -1886,6 +1966,8 @@ class FakeOKX(_BackgroundServer):
         if inst["instType"] == "SPOT":
             base, quote = inst["instId"].split("-")
             return (quote, remaining * price) if order["side"] == "buy" else (base, remaining)
+        if inst["instType"] == "OPTION":
+            return self._option_reserve(account, inst, order["side"], order["tdMode"], remaining, price, "limit")
         position = account["positions"].get((inst["instId"], order["tdMode"], order["posSide"]))
         if self._is_closing(account, order):
             opening = Decimal(0)
@@ -2034,7 +2116,72 @@ class FakeOKX(_BackgroundServer):
         code, msg = bulk_code(rows)
         return {"code": code, "msg": msg, "data": rows, "inTime": str(in_time), "outTime": str(self.now_ms() * 1000)}
 
+    # -- options --------------------------------------------------------------------------------------
+    # A simple premium model. One contract is ctVal x ctMult of the settle coin; the premium of a fill is
+    # px x sz x ctVal x ctMult in that coin, paid by the buyer and received by the seller at the fill, with
+    # the taker fee charged on it. A buy order freezes its premium; a sell that opens a short freezes the
+    # cover, sz x ctVal x ctMult of the coin, held by the short position until it is bought back. Positions
+    # are net (signed pos) in either position mode; upl is (mark - avgPx) x size; eq does not add the
+    # options' value (OKX's optVal), and options never expire, exercise or settle here. Only limit-type
+    # orders: a market order gets 51066.
 
+    def _option_reserve(self, account, inst, side, td_mode, sz, price, ord_type):
+        """What an option order freezes: (settle coin, premium) for a buy, the cover of what a sell opens."""
+        if ord_type == "market":
+            raise OkxError("51066", "Market orders unavailable for options trading. Place a limit order to close "
+                                    "position.")
+        size = self._contract_size(inst)
+        if side == "buy":
+            return inst["settleCcy"], rounded(sz * size * price)
+        position = account["positions"].get((inst["instId"], td_mode, "net"))
+        held_long = max(position["pos"], Decimal(0)) if position else Decimal(0)
+        return inst["settleCcy"], max(Decimal(0), sz - held_long) * size
+
+    def _fill_option(self, account, inst, order, qty, price):
+        """The money of an option fill: the premium changes hands, less the fee. Returns (fee, realised pnl)."""
+        premium = qty * self._contract_size(inst) * price
+        fee = rounded(premium * self.fee_rate)
+        balance = account["balances"].setdefault(inst["settleCcy"], [Decimal(0), Decimal(0)])
+        balance[0] += (premium if order["side"] == "sell" else -premium) - fee
+        return fee, self._move_option_position(account, inst, order, qty, price)
+
+    def _move_option_position(self, account, inst, order, qty, price):
+        """Apply an option fill to the net position (the cover of shorts frozen and released); returns the
+        realised profit, already in the balance through the premiums."""
+        key = (inst["instId"], order["tdMode"], "net")
+        position = account["positions"].get(key)
+        if position is None:
+            position = account["positions"][key] = {
+                "instId": inst["instId"], "mgnMode": order["tdMode"], "posSide": "net", "pos": Decimal(0),
+                "avgPx": price, "margin": Decimal(0), "realizedPnl": Decimal(0), "lever": Decimal(1),
+                "posId": self._next_id(int(self.now_ms()) * 100000), "cTime": self.now_ms(), "uTime": self.now_ms()}
+        buy, size, pnl = order["side"] == "buy", self._contract_size(inst), Decimal(0)
+        balance = account["balances"].setdefault(inst["settleCcy"], [Decimal(0), Decimal(0)])
+        against = position["pos"] != 0 and (position["pos"] > 0) != buy
+        closing = min(qty, abs(position["pos"])) if against else Decimal(0)
+        opening = qty - closing
+        if closing:
+            long = position["pos"] > 0
+            pnl = (price - position["avgPx"]) * closing * size * (1 if long else -1)
+            if not long:                   # buying back a short releases its share of the cover
+                cover = rounded(position["margin"] * closing / abs(position["pos"]))
+                position["margin"] -= cover
+                balance[0] += cover
+                balance[1] -= cover
+            position["realizedPnl"] += pnl
+            position["pos"] += closing if buy else -closing
+        if opening:
+            held = abs(position["pos"])
+            position["avgPx"] = rounded((position["avgPx"] * held + price * opening) / (held + opening), 10)
+            if not buy:
+                position["margin"] += opening * size
+                balance[0] -= opening * size
+                balance[1] += opening * size
+            position["pos"] += opening if buy else -opening
+        position["uTime"] = self.now_ms()
+        if position["pos"] == 0:
+            del account["positions"][key]
+        return pnl
 
 
 # -- HTTP plumbing ------------------------------------------------------------------------------------------
@@ -3679,7 +3826,7 @@ class FakeSelfTest(unittest.TestCase):
 
 
 class FakeTradeTestCase(unittest.TestCase):
-    """Helpers of the fake's own tests of algo orders, amendments and batches (signed REST)."""
+    """Helpers of the fake's own tests of algo orders, amendments, batches and options (signed REST)."""
 
     def setUp(self):
         self.fake = FakeOKX().start()
@@ -3720,6 +3867,12 @@ class FakeTradeTestCase(unittest.TestCase):
 
     def ids(self, path):
         return [row["algoId"] for row in self.rest("GET", path)["data"]]
+
+    def option_id(self, strike="43000", kind="C"):
+        """A BTC-USD option the fake lists, of its latest expiry (weeks ahead whatever the day)."""
+        rows = self.rest("GET", "/api/v5/public/instruments?instType=OPTION&instFamily=BTC-USD")["data"]
+        rows = [row for row in rows if (row["stk"], row["optType"]) == (strike, kind)]
+        return max(rows, key=lambda row: int(row["expTime"]))["instId"]
 
 
 SPOT_SELL_OCO = {"instId": "BTC-USDT", "tdMode": "cash", "side": "sell", "ordType": "oco", "sz": "0.01",
@@ -3782,6 +3935,8 @@ class FakeAlgoSelfTest(FakeTradeTestCase):
         self.assertEqual(self.algo_error(**body), "50014")                       # posSide is required there
         self.assertEqual(self.algo_error(**dict(body, posSide="net")), "51000")
         self.assertEqual(self.algo_row(self.place_algo(**dict(body, posSide="long")))["posSide"], "long")
+        option = dict(body, instId=self.option_id(), posSide="")
+        self.assertEqual(self.algo_error(**option), "51000")                     # trigger: SPOT/FUTURES/SWAP only
 
     def test_tp_and_sl_on_the_wrong_side_of_the_last_price_are_51277_to_51280(self):
         base = {"instId": "BTC-USDT", "tdMode": "cash", "sz": "0.01", "ordType": "conditional"}   # last 43000.1
@@ -4145,6 +4300,103 @@ class FakeBatchSelfTest(FakeTradeTestCase):
         self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))
         self.assertEqual(self.error("POST", "/api/v5/trade/cancel-batch-orders",
                                     [{"instId": "BTC-USDT", "ordId": first}] * 21, status=400)[0], "51406")
+
+
+class FakeOptionSelfTest(FakeTradeTestCase):
+    """OPTION instruments of the fake (BTC-USD, ETH-USD): listing, market data, orders, positions."""
+
+    def expected_expiries(self):
+        """Fridays 08:00 UTC worked out day by day: the next one and the last of next month (+ 25 Dec 2026)."""
+        now = dt.datetime.fromtimestamp(self.fake.now_ms() / 1000, dt.timezone.utc)
+        days = [dt.datetime(now.year, now.month, now.day, 8, tzinfo=dt.timezone.utc) + dt.timedelta(days=n)
+                for n in range(70)]
+        fridays = [day for day in days if day.weekday() == 4]
+        next_month = (now.month % 12) + 1
+        expiries = {[day for day in fridays if day > now][0], [day for day in fridays if day.month == next_month][-1]}
+        if dt.datetime(2026, 12, 25, 8, tzinfo=dt.timezone.utc) > now:
+            expiries.add(dt.datetime(2026, 12, 25, 8, tzinfo=dt.timezone.utc))
+        return {str(int(day.timestamp() * 1000)) for day in expiries}
+
+    def test_option_instruments_and_tickers_need_the_instrument_family(self):
+        for path in ("/api/v5/public/instruments?instType=OPTION", "/api/v5/market/tickers?instType=OPTION"):
+            status, answer = okx_request(self.fake.base_url, "GET", path, signed=False)
+            self.assertEqual((status, answer["code"], answer["msg"]),
+                             (400, "50014", "Parameter instFamily can not be empty."))
+        _, answer = okx_request(self.fake.base_url, "GET", "/api/v5/public/instruments?instType=OPTION&instFamily="
+                                "BTC-USD", signed=False)
+        rows = {row["instId"]: row for row in answer["data"]}
+        self.assertEqual({(row["instType"], row["instFamily"], row["uly"]) for row in rows.values()},
+                         {("OPTION", "BTC-USD", "BTC-USD")})
+        self.assertEqual({row["expTime"] for row in rows.values()}, self.expected_expiries())
+        self.assertEqual("BTC-USD-261225-100000-C" in rows, self.fake.now_ms() < 1798185600000)   # 25 Dec 2026 8:00
+        row = rows[self.option_id("100000")]
+        self.assertEqual({name: row[name] for name in ("optType", "stk", "ctVal", "ctMult", "ctValCcy", "settleCcy",
+                                                       "tickSz", "lotSz", "minSz", "lever", "ctType")},
+                         {"optType": "C", "stk": "100000", "ctVal": "1", "ctMult": "0.01", "ctValCcy": "BTC",
+                          "settleCcy": "BTC", "tickSz": "0.0001", "lotSz": "1", "minSz": "1", "lever": "",
+                          "ctType": ""})
+        if "BTC-USD-261225-100000-C" in rows:
+            self.assertEqual((rows["BTC-USD-261225-100000-C"]["expTime"], rows["BTC-USD-261225-100000-P"]["stk"]),
+                             ("1798185600000", "100000"))
+        strikes = {int(row["stk"]) for row in rows.values()}
+        self.assertEqual(strikes, {41000, 42000, 43000, 44000, 45000, 100000})      # around 43000 and the fixed one
+        for inst_id, row in rows.items():
+            family, day, strike, kind = inst_id.rsplit("-", 3)
+            self.assertEqual((family, strike, kind), ("BTC-USD", row["stk"], row["optType"]))
+            expiry = dt.datetime.fromtimestamp(int(row["expTime"]) / 1000, dt.timezone.utc)
+            self.assertEqual((expiry.strftime("%y%m%d"), expiry.hour, expiry.weekday()), (day, 8, 4))
+        _, tickers = okx_request(self.fake.base_url, "GET", "/api/v5/market/tickers?instType=OPTION&instFamily=BTC-USD",
+                                 signed=False)
+        self.assertEqual({row["instId"] for row in tickers["data"]}, set(rows))
+        for row in tickers["data"]:
+            self.assertEqual((row["instType"], Decimal(row["bidPx"]) % Decimal("0.0001")), ("OPTION", 0))
+            self.assertLess(Decimal(row["bidPx"]), Decimal(row["askPx"]))
+        _, eth = okx_request(self.fake.base_url, "GET", "/api/v5/public/instruments?instType=OPTION&instFamily=ETH-USD",
+                             signed=False)
+        self.assertEqual({(row["ctMult"], row["settleCcy"]) for row in eth["data"]}, {("0.1", "ETH")})
+
+    def test_option_market_data(self):
+        inst_id = self.option_id()
+        ticker = self.rest("GET", "/api/v5/market/ticker?instId=" + inst_id)["data"][0]
+        self.assertEqual(ticker["instType"], "OPTION")
+        self.assertTrue(0 < Decimal(ticker["last"]) < 1, ticker)
+        book = self.rest("GET", "/api/v5/market/books?sz=400&instId=" + self.option_id("100000"))["data"][0]
+        self.assertTrue(book["bids"] and all(Decimal(px) > 0 for px, _, _, _ in book["bids"]))
+        self.assertEqual(len(book["asks"]), 400)
+        self.assertEqual(len(self.rest("GET", "/api/v5/market/trades?limit=5&instId=" + inst_id)["data"]), 5)
+        candles = self.rest("GET", "/api/v5/market/candles?bar=1H&limit=3&instId=" + inst_id)["data"]
+        self.assertEqual([len(row) for row in candles], [9, 9, 9])
+        self.assertTrue(all(0 < Decimal(px) < 1 for row in candles for px in row[1:5]))
+
+    def test_an_option_fill_pays_the_premium_and_opens_a_net_position(self):
+        inst_id = self.option_id()
+        ticker = self.rest("GET", "/api/v5/market/ticker?instId=" + inst_id)["data"][0]
+        ask, bid = Decimal(ticker["askPx"]), Decimal(ticker["bidPx"])
+        self.fake.set_position_mode("long_short_mode")          # options stay net in either mode
+        buy = self.place(instId=inst_id, tdMode="cross", side="buy", ordType="limit", px=fmt(ask), sz="2")
+        premium = ask * 2 * Decimal("0.01")
+        btc = Decimal("0.5") - premium - premium * self.fake.fee_rate
+        self.assertEqual(self.fake.balance("BTC"), (btc, Decimal(0)))
+        positions = self.rest("GET", "/api/v5/account/positions?instType=OPTION")["data"]
+        self.assertEqual([(p["instId"], p["instType"], p["pos"], p["posSide"], p["avgPx"], p["mgnMode"])
+                          for p in positions], [(inst_id, "OPTION", "2", "net", fmt(ask), "cross")])
+        self.assertEqual([p["instId"] for p in self.rest("GET", "/api/v5/account/positions")["data"]], [inst_id])
+        history = self.rest("GET", "/api/v5/trade/orders-history?instType=OPTION")["data"]
+        self.assertEqual([(o["ordId"], o["instType"], o["state"]) for o in history], [(buy, "OPTION", "filled")])
+        self.place(instId=inst_id, tdMode="cross", side="sell", ordType="limit", px=fmt(bid), sz="3")
+        received = bid * 3 * Decimal("0.01")
+        btc += received - received * self.fake.fee_rate - Decimal("0.01")          # 1 short contract's cover
+        self.assertEqual(self.fake.balance("BTC"), (btc, Decimal("0.01")))
+        position = self.rest("GET", "/api/v5/account/positions?instType=OPTION")["data"][0]
+        self.assertEqual((position["pos"], position["avgPx"]), ("-1", fmt(bid)))
+        resting = self.place(instId=inst_id, tdMode="cross", side="buy", ordType="limit", px="0.0001", sz="1")
+        pending = self.rest("GET", "/api/v5/trade/orders-pending?instType=OPTION")["data"]
+        self.assertEqual([(o["ordId"], o["instType"], o["px"]) for o in pending], [(resting, "OPTION", "0.0001")])
+        self.assertEqual(self.fake.balance("BTC")[1], Decimal("0.010001"))
+        market = {"instId": inst_id, "tdMode": "cross", "side": "buy", "ordType": "market", "sz": "1"}
+        self.assertEqual(self.error("POST", "/api/v5/trade/order", market)[0], "51066")
+        self.assertEqual(self.error("POST", "/api/v5/trade/order", dict(market, ordType="limit", px="0.00015"))[0],
+                         "51000")
 
 
 
