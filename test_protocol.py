@@ -4155,6 +4155,17 @@ class FakeAlgoSelfTest(FakeTradeTestCase):
         self.assertEqual(self.error("GET", "/api/v5/trade/order-algo?algoClOrdId=nope")[0], "51603")
         self.assertEqual(self.error("GET", "/api/v5/trade/order-algo", status=400)[0], "50015")
 
+    def test_algo_endpoints_have_okx_rate_limits(self):
+        self.fake.enforce_rate_limits = True
+        for _ in range(20):                                  # 20 / 2 s per key and instrument
+            self.place_algo(**SPOT_SELL_OCO)
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", SPOT_SELL_OCO, status=429)[0], "50011")
+        self.place_algo(**dict(SPOT_SELL_OCO, instId="ETH-USDT", tpTriggerPx="3000", slTriggerPx="2900"))
+        cancel = [{"instId": "BTC-USDT", "algoId": "1"}]
+        for _ in range(20):
+            self.rest("POST", "/api/v5/trade/cancel-algos", cancel)
+        self.assertEqual(self.error("POST", "/api/v5/trade/cancel-algos", cancel, status=429)[0], "50011")
+
     def test_a_reset_after_processing_still_places_the_algo_order(self):
         self.fake.fault("/api/v5/trade/order-algo", "reset_after_process")
         body = dict(SPOT_SELL_OCO, algoClOrdId="lost1")
