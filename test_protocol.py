@@ -461,6 +461,7 @@ def build_instruments(at_ms):
                 ct_val_ccy=ct_val_ccy, alias=alias, exp_time=str(exp_ms), list_time=str(exp_ms - 120 * DAY_MS))
             premium = Decimal(FUTURES_PREMIUM[alias])
             prices[inst_id] = (fmt(Decimal(bid) + premium), fmt(Decimal(ask) + premium))
+    add_option_instruments(instruments, prices, at_ms)
     return instruments, prices
 
 
@@ -490,6 +491,170 @@ def wave_price(base, tick, ts):
     """A deterministic price path: the same ts always gives the same price."""
     factor = 1 + 0.04 * math.sin(ts / 2.9e9) + 0.01 * math.sin(ts / 3.1e7) + 0.003 * math.sin(ts / 4.1e5)
     return (base * Decimal("%.9f" % factor)).quantize(tick)
+
+
+# -- algo orders, amended orders, batches and options: helpers --------------------------------------------
+
+ALGO_ORD_TYPES = ("conditional", "oco", "trigger")      # the algo order types the fake places
+ALGO_LISTED_TYPES = ALGO_ORD_TYPES + ("move_order_stop", "chase", "twap", "iceberg", "smart_iceberg")
+ALGO_PENDING = ("live", "pause", "partially_effective")
+ALGO_HISTORY_STATES = ("effective", "canceled", "order_failed")     # orders-algo-history's `state` filter
+ALGO_INST_TYPES = ("SPOT", "MARGIN", "SWAP", "FUTURES")             # the algo lists' `instType` filter
+TRIGGER_PX_TYPES = ("last", "index", "mark")      # the fake compares all three with the last price
+ALGO_CANCEL_MAX, BATCH_MAX = 10, 20
+# A TP/SL trigger price on the wrong side of the last price, by the algo order's side and the leg.
+WRONG_SIDE = {
+    ("buy", "tp"): ("51277", "TP trigger price cannot be higher than the last price."),
+    ("buy", "sl"): ("51278", "SL trigger price cannot be lower than the last price."),
+    ("sell", "tp"): ("51279", "TP trigger price cannot be lower than the last price."),
+    ("sell", "sl"): ("51280", "SL trigger price cannot be higher than the last price."),
+}
+# What cancelling or amending a finished or unknown order gets. OKX documents 51400 and 51503 for plain
+# orders; that algo orders get the same codes is an assumption (UNCONFIRMED), kept here to change in one place.
+ALGO_CANCEL_GONE = ("51400", "Order cancellation failed as the order has been filled, canceled or does not exist.")
+ALGO_AMEND_GONE = ("51503", "Your order has already been filled or canceled.")
+ORDER_AMEND_GONE = ("51503", "Your order has already been filled or canceled.")
+AMEND_NOTHING = ("51500", "You must enter a price, quantity, or TP/SL")
+# Fields only OKX's orders push carries, as an order without amendments shows them.
+PUSH_DEFAULTS = {"amendResult": "", "reqId": "", "code": "0", "msg": ""}
+
+# Options: family, settle coin, the spot instrument whose price is the index, ctMult, strike step, strikes
+# listed whatever the price. One contract is ctVal x ctMult of the coin; prices are in the coin.
+OPTION_FAMILIES = (
+    ("BTC-USD", "BTC", "BTC-USDT", "0.01", 1000, (100000,)),
+    ("ETH-USD", "ETH", "ETH-USDT", "0.1", 100, ()),
+)
+OPTION_TICK = Decimal("0.0001")     # OKX's tickSz of an option is the smallest of its tick bands
+OPTION_VOL = 0.5                    # the volatility the starting option prices are computed with
+FIXED_OPTION_EXPIRY = dt.datetime(2026, 12, 25, 8, tzinfo=dt.timezone.utc)   # tests use BTC-USD-261225-100000-C
+YEAR_MS = 365 * DAY_MS
+
+
+def either_missing(first, second):
+    return OkxError("50015", "Either parameter %s or %s is required" % (first, second), 400)
+
+
+def bool_param(params, name):
+    """An optional JSON boolean (cxlOnFail, reduceOnly), default false."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise param_error(name)
+    return value
+
+
+def id_param(params, name):
+    """An optional client id (algoClOrdId, reqId): up to 32 alphanumerics, "" when absent."""
+    text = text_param(params, name, required=False)
+    if text and not ID_PATTERN.match(text):
+        raise param_error(name)
+    return text
+
+
+def price_param(params, name, tick, market_ok=False, required=True):
+    """A positive price on the tick as a Decimal; Decimal(-1) for "-1" (market) when market_ok; None when
+    absent and not required. "0" is an error: a leg priced 0 is not a leg."""
+    text = text_param(params, name, required)
+    if text == "":
+        return None
+    if market_ok and text == "-1":
+        return Decimal(-1)
+    if not PLAIN_DECIMAL.match(text) or Decimal(text) <= 0 or Decimal(text) % tick:
+        raise param_error(name)
+    return Decimal(text)
+
+
+def page_by_id(rows, params, key):
+    """page_by_ord_id for any numeric id field (algoId): newest first, after/before cursors, limit <= 100."""
+    after, before = ms_param(params, "after"), ms_param(params, "before")
+    limit = int_param(params, "limit", 100, 1, 100)
+    rows = sorted(rows, key=lambda row: int(row[key]), reverse=True)
+    rows = [row for row in rows if (after is None or int(row[key]) < after)
+            and (before is None or int(row[key]) > before)]
+    return rows[:limit]
+
+
+def leg_waits_below(side, leg):
+    """Whether a TP/SL leg waits below the last price: a buy's take-profit and a sell's stop-loss do."""
+    return (side == "buy") == (leg == "tp")
+
+
+def leg_fires(side, leg, last, trigger):
+    return last <= trigger if leg_waits_below(side, leg) else last >= trigger
+
+
+def leg_on_wrong_side(side, leg, last, trigger):
+    """What 51277-51280 refuse: a leg that would already have fired (equal to the last price is accepted)."""
+    return trigger > last if leg_waits_below(side, leg) else trigger < last
+
+
+def bulk_code(rows):
+    """Top-level code and msg of a batch answer: "0" all succeeded, "1" all failed, "2" some did."""
+    failed = sum(1 for row in rows if row["sCode"] != "0")
+    if not failed:
+        return "0", ""
+    return ("1", "All operations failed") if failed == len(rows) else ("2", "Bulk operation partially succeeded.")
+
+
+def option_expiries(now):
+    """Option expiries (08:00 UTC) listed at `now`: the next Friday, the last Friday of next month, and
+    25 Dec 2026 while it is ahead."""
+    friday = now.date() + dt.timedelta(days=(4 - now.weekday()) % 7)
+    next_friday = dt.datetime(friday.year, friday.month, friday.day, 8, tzinfo=dt.timezone.utc)
+    if next_friday <= now:
+        next_friday += dt.timedelta(days=7)
+    month = now.month % 12 + 1                              # next month, 1..12
+    year = now.year + (1 if month == 1 else 0)
+    first_after = dt.date(year + month // 12, month % 12 + 1, 1)     # the first day of the month after it
+    last = first_after - dt.timedelta(days=(first_after.weekday() - 4) % 7 or 7)
+    expiries = {next_friday, dt.datetime(last.year, last.month, last.day, 8, tzinfo=dt.timezone.utc)}
+    if FIXED_OPTION_EXPIRY > now:
+        expiries.add(FIXED_OPTION_EXPIRY)
+    return sorted(expiries)
+
+
+def option_premium(spot, strike, years, call, vol=OPTION_VOL):
+    """Black-Scholes value (no rates) of an option on one coin, in the coin, as OKX quotes options."""
+    intrinsic = max(0.0, spot - strike) if call else max(0.0, strike - spot)
+    if years <= 0:
+        return intrinsic / spot
+
+    def normal_cdf(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    spread = vol * math.sqrt(years)
+    d1 = (math.log(spot / strike) + spread * spread / 2) / spread
+    d2 = d1 - spread
+    if call:
+        usd = spot * normal_cdf(d1) - strike * normal_cdf(d2)
+    else:
+        usd = strike * normal_cdf(-d2) - spot * normal_cdf(-d1)
+    return max(usd, intrinsic) / spot
+
+
+def add_option_instruments(instruments, prices, at_ms):
+    """The OPTION instruments of OPTION_FAMILIES (instId FAMILY-YYMMDD-STRIKE-C|P) and their starting
+    (bid, ask): five strikes around the index price plus the fixed ones, calls and puts, every expiry."""
+    now = dt.datetime.fromtimestamp(at_ms / 1000, dt.timezone.utc)
+    for family, coin, index_id, ct_mult, step, fixed_strikes in OPTION_FAMILIES:
+        spot = (Decimal(prices[index_id][0]) + Decimal(prices[index_id][1])) / 2
+        centre = int(spot / step + Decimal("0.5")) * step
+        strikes = sorted(set(range(centre - 2 * step, centre + 3 * step, step)) | set(fixed_strikes))
+        for expiry in option_expiries(now):
+            exp_ms = int(expiry.timestamp() * 1000)
+            for strike in strikes:
+                for opt_type in ("C", "P"):
+                    inst_id = "%s-%s-%d-%s" % (family, expiry.strftime("%y%m%d"), strike, opt_type)
+                    inst = make_instrument("OPTION", inst_id, fmt(OPTION_TICK), "1", "1", "", uly=family,
+                                           settle=coin, ct_val="1", ct_val_ccy=coin, exp_time=str(exp_ms),
+                                           list_time=str(min(at_ms, exp_ms) - 30 * DAY_MS))
+                    inst.update(ctMult=ct_mult, optType=opt_type, stk=str(strike), maxLmtSz="10000",
+                                maxMktSz="", maxStopSz="", maxTriggerSz="", maxTwapSz="", maxIcebergSz="")
+                    instruments[inst_id] = inst
+                    value = option_premium(float(spot), float(strike), (exp_ms - at_ms) / YEAR_MS, opt_type == "C")
+                    premium = Decimal("%.8f" % value)
+                    bid = max(OPTION_TICK, (premium * Decimal("0.98")).quantize(OPTION_TICK, ROUND_DOWN))
+                    ask = bid + max(OPTION_TICK, (premium * Decimal("0.04")).quantize(OPTION_TICK, ROUND_DOWN))
+                    prices[inst_id] = (fmt(bid), fmt(ask))
 
 
 # -- accounts -----------------------------------------------------------------------------------------------
@@ -534,8 +699,20 @@ ROUTES = {
     ("GET", "/api/v5/trade/orders-pending"): Route("orders_pending", True, 60, 2, "key"),
     ("GET", "/api/v5/trade/orders-history"): Route("orders_history", True, 40, 2, "key"),
     ("GET", "/api/v5/trade/orders-history-archive"): Route("orders_history_archive", True, 20, 2, "key"),
+    ("POST", "/api/v5/trade/order-algo"): Route("place_algo", True, 20, 2, "key+instId"),
+    ("POST", "/api/v5/trade/amend-algos"): Route("amend_algos", True, 20, 2, "key+instId"),
+    ("POST", "/api/v5/trade/cancel-algos"): Route("cancel_algos", True, 20, 2, "key"),
+    ("GET", "/api/v5/trade/order-algo"): Route("get_algo", True, 20, 2, "key"),
+    ("GET", "/api/v5/trade/orders-algo-pending"): Route("algos_pending", True, 20, 2, "key"),
+    ("GET", "/api/v5/trade/orders-algo-history"): Route("algos_history", True, 20, 2, "key"),
+    ("POST", "/api/v5/trade/amend-order"): Route("amend_order", True, 60, 2, "key+instId"),
+    ("POST", "/api/v5/trade/batch-orders"): Route("batch_orders", True, 300, 2, "key"),
+    ("POST", "/api/v5/trade/cancel-batch-orders"): Route("cancel_batch_orders", True, 300, 2, "key"),
 }
 KNOWN_PATHS = {path for _, path in ROUTES}
+# POST endpoints whose body is a JSON array of objects, not an object (batch limits count requests here,
+# where OKX counts the orders in them: 300 orders / 2 s).
+ARRAY_BODY_PATHS = {"/api/v5/trade/cancel-algos", "/api/v5/trade/batch-orders", "/api/v5/trade/cancel-batch-orders"}
 
 
 # -- the exchange -------------------------------------------------------------------------------------------
@@ -731,7 +908,8 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
     are OKX's envelope `{"code","msg","data"}` with every number a string; errors carry OKX's code and
     the HTTP status of OKX.md §2. Everything below is guarded by one lock, so tests may change the fake
     while the plugin is talking to it. Orders rest until a cross of the book at placement or `fill()`:
-    moving the price with `set_price()` fills nothing by itself.
+    moving the price with `set_price()` fills nothing by itself, but fires the algo orders it triggers.
+    Also: algo orders, amend-order, batch endpoints and OPTION instruments (sections below).
     """
 
     def __init__(self, tls=False, latency_ms=0, handshake_ms=0, clock=None):
@@ -852,11 +1030,13 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
             return [self._position_row(account, p) for p in account["positions"].values()]
 
     def set_price(self, inst_id, bid, ask, last=None):
-        """Move the book and the ticker of an instrument (last defaults to bid)."""
+        """Move the book and the ticker of an instrument (last defaults to bid); the algo orders whose trigger
+        the new last price reaches fire (trigger_check)."""
         with self._lock:
             market = self._market[inst_id]
             market.update(bid=Decimal(bid), ask=Decimal(ask), last=Decimal(last if last is not None else bid))
             market["seq"] += 7
+            self.trigger_check(inst_id)
 
     @account_change()
     def fill(self, ord_id, sz=None, px=None, key=KEY):
@@ -921,7 +1101,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
                 self._count_request(route, method, path, params, headers, body, client_ip)
                 account = self._authenticate(method, target, headers, body) if route.signed else None
                 if method == "POST":
-                    params = self._post_params(headers, body)
+                    params = self._post_params(headers, body, path in ARRAY_BODY_PATHS)
                 answer = getattr(self, "_api_" + route.handler)(Call(params, account, headers))
             return 200, answer if isinstance(answer, dict) else {"code": "0", "msg": "", "data": answer}
         except OkxError as error:
@@ -979,7 +1159,8 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         return account
 
     @staticmethod
-    def _post_params(headers, body):
+    def _post_params(headers, body, array=False):
+        """The JSON object of a POST body, or with `array` its JSON array of objects."""
         if headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             raise OkxError("50006", 'Invalid Content-Type, please use "application/json" format.', 400)
         if not body:
@@ -988,7 +1169,9 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
             params = json.loads(body)
         except ValueError:
             params = None
-        if not isinstance(params, dict):
+        if array and isinstance(params, list) and all(isinstance(item, dict) for item in params):
+            return params
+        if array or not isinstance(params, dict):
             raise OkxError("50002", "Json data format error.", 400)
         return params
 
@@ -1059,7 +1242,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         best = self._market[inst["instId"]][side]
         step = tick if side == "ask" else -tick
         return [[fmt(best + step * level), fmt(unit * (1 + (level * 7 + 3) % 11)), "0", str(1 + level % 5)]
-                for level in range(depth)]
+                for level in range(depth) if best + step * level > 0]
 
     def _ticker_row(self, inst):
         market, spot = self._market[inst["instId"]], inst["instType"] == "SPOT"
@@ -1089,7 +1272,9 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
 
     def _api_tickers(self, call):
         inst_type = self._inst_type_param(call.params, allowed=("SPOT", "SWAP", "FUTURES", "OPTION"))
-        family = text_param(call.params, "instFamily", required=False)
+        family = text_param(call.params, "instFamily", required=False) or text_param(call.params, "uly", False)
+        if inst_type == "OPTION" and not family:
+            raise param_missing("instFamily")
         return [self._ticker_row(inst) for inst in self._instruments.values()
                 if inst["instType"] == inst_type and (not family or inst["instFamily"] == family)]
 
@@ -1352,6 +1537,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
             "_reserve": None,     # (ccy, amount) still frozen for the unfilled rest of the order
             "_target": sz,        # fill size (base ccy or contracts) that completes the order
         })
+        order.update(self._child_fields)        # an algo order's child: its algoId and algoClOrdId
         self._seq += 1
         return order
 
@@ -1403,7 +1589,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         reduce_only = params.get("reduceOnly", False)
         if not isinstance(reduce_only, bool):
             raise param_error("reduceOnly")
-        hedge = account["pos_mode"] == "long_short_mode" and not spot
+        hedge = account["pos_mode"] == "long_short_mode" and inst["instType"] in ("SWAP", "FUTURES")
         pos_side = text_param(params, "posSide", required=False)
         if pos_side not in (("long", "short") if hedge else ("", "net")):
             raise param_error("posSide")
@@ -1444,6 +1630,8 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
                 reserve = (quote, sz if tgt_ccy == "quote_ccy" else target * price)
             else:
                 reserve = (base, target)
+        elif inst["instType"] == "OPTION":
+            reserve = self._option_reserve(account, inst, side, td_mode, sz, price, ord_type)
         else:
             closing = self._is_closing(account, {"side": side, "posSide": pos_side,
                                                  "reduceOnly": "true" if reduce_only else "false"})
@@ -1510,6 +1698,8 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
                 fee = value * self.fee_rate
                 balances[base][0] -= qty
                 balances[quote][0] += value - fee
+        elif inst["instType"] == "OPTION":
+            fee, pnl = self._fill_option(account, inst, order, qty, price)
         else:
             fee = self._notional(inst, qty, price) * self.fee_rate
             pnl = self._move_position(account, inst, order, qty, price)
@@ -1674,6 +1864,602 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
 
     def _api_orders_history_archive(self, call):
         return self._finished_orders(call, ARCHIVE_DAYS, False)
+
+    # -- algo orders ------------------------------------------------------------------------------------
+    # An algo (condition) order lives in account["algos"] (algoId -> OKX's algo row, plus "_" bookkeeping).
+    # It freezes nothing. trigger_check() (run by set_price) fires it once the last price reaches a trigger:
+    # its child order then goes through _place like any order, so it may fill at once, rest, or be refused
+    # (the algo order ends order_failed with that refusal's code in failCode). index and mark trigger
+    # prices are compared with the last price too.
+
+    refuse_net_mode_triggers = True    # 51298: trigger orders on SWAP/FUTURES in net mode (OKX's error table)
+    _child_fields = {}                 # the algoId/algoClOrdId _new_order_row gives the child being placed
+
+    def algo_orders(self, key=KEY):
+        """Every algo order of the account (OKX fields, newest first), whatever its state or age."""
+        with self._lock:
+            algos = sorted(self._algos(self.accounts[key]).values(), key=lambda a: int(a["algoId"]), reverse=True)
+            return [public_order(algo) for algo in algos]
+
+    def trigger_check(self, inst_id=None):
+        """Fire every live algo order (of every account) on `inst_id` (default: every instrument) whose
+        trigger the instrument's last price has reached. Returns the algoIds fired, oldest first."""
+        fired = []
+        with self._lock:
+            for account in self.accounts.values():
+                for algo in sorted(self._algos(account).values(), key=lambda a: int(a["algoId"])):
+                    if algo["state"] != "live" or inst_id not in (None, algo["instId"]):
+                        continue
+                    leg = self._fired_leg(algo, self._market[algo["instId"]]["last"])
+                    if leg is not None:
+                        self._trigger(account, algo, leg)
+                        fired.append(algo["algoId"])
+        return fired
+
+    @staticmethod
+    def _algos(account):
+        return account.setdefault("algos", {})
+
+    @staticmethod
+    def _active_legs(algo):
+        """The TP/SL legs that may fire, stop-loss first: a conditional order with both legs performs only
+        its stop-loss (OKX's place-algo-order notes); an oco order both, the first to fire wins."""
+        legs = [leg for leg in ("sl", "tp") if algo[leg + "TriggerPx"]]
+        return legs[:1] if algo["ordType"] == "conditional" else legs
+
+    def _fired_leg(self, algo, last):
+        """"tp" or "sl" (or "" for a trigger order) when the algo order fires at `last`, else None."""
+        if algo["ordType"] == "trigger":
+            trigger = Decimal(algo["triggerPx"])
+            return "" if (last >= trigger if algo["_rising"] else last <= trigger) else None
+        for leg in self._active_legs(algo):
+            if leg_fires(algo["side"], leg, last, Decimal(algo[leg + "TriggerPx"])):
+                return leg
+        return None
+
+    def _trigger(self, account, algo, leg):
+        """The algo order fires: its child (market for an order price of -1, else limit) is placed."""
+        spot = algo["instType"] == "SPOT"
+        ord_px = algo["ordPx"] if leg == "" else algo[leg + "OrdPx"]
+        params = {"instId": algo["instId"], "tdMode": algo["tdMode"], "side": algo["side"], "sz": algo["sz"],
+                  "ordType": "market" if ord_px == "-1" else "limit", "reduceOnly": algo["reduceOnly"] == "true"}
+        if ord_px != "-1":
+            params["px"] = ord_px
+        elif spot:
+            params["tgtCcy"] = algo["tgtCcy"] or "base_ccy"     # trigger orders have no tgtCcy: sz is base
+        if algo["posSide"] != "net":
+            params["posSide"] = algo["posSide"]
+        stamp = str(self.now_ms())
+        algo.update(actualSide=leg, triggerTime=stamp, uTime=stamp)
+        self._child_fields = {"algoId": algo["algoId"], "algoClOrdId": algo["algoClOrdId"]}
+        try:
+            order = self._place(account, params, {})
+        except OkxError as error:
+            algo.update(state="order_failed", failCode=error.code)
+            return
+        finally:
+            self._child_fields = {}
+        actual_px = order["px"] or order["avgPx"] or fmt(self._market[algo["instId"]]["last"])
+        algo.update(state="effective", actualSz=algo["sz"], actualPx=actual_px, ordId=order["ordId"],
+                    ordIdList=[order["ordId"]])
+
+    def _find_algo(self, account, inst_id, algo_id, algo_cl_ord_id):
+        """By algoId (it wins), or else the latest algo order with that algoClOrdId; None when unknown or,
+        with `inst_id`, on another instrument."""
+        algos = self._algos(account)
+        if algo_id:
+            algo = algos.get(algo_id)
+        else:
+            same = [a for a in algos.values() if a["algoClOrdId"] == algo_cl_ord_id]
+            algo = max(same, key=lambda a: int(a["algoId"])) if same else None
+        return algo if algo is not None and inst_id in ("", algo["instId"]) else None
+
+    def _trigger_px_type(self, params, name, inst):
+        px_type = text_param(params, name, required=False) or "last"
+        if px_type not in TRIGGER_PX_TYPES:
+            raise param_error(name)
+        if inst["instType"] == "SPOT" and px_type != "last":
+            raise OkxError("51415", 'Unable to place order. Spot trading only supports using the last price as '
+                                    'trigger price. Please select "Last" and try again.')
+        return px_type
+
+    def _new_algo(self, account, params):
+        """Check an order-algo body as OKX does and store the algo order, live; raises OkxError."""
+        inst = self._instrument(text_param(params, "instId"))
+        inst_id, inst_type = inst["instId"], inst["instType"]
+        spot, contract = inst_type == "SPOT", inst_type in ("SWAP", "FUTURES")
+        algo_cl_ord_id = id_param(params, "algoClOrdId")
+        if algo_cl_ord_id and any(a["algoClOrdId"] == algo_cl_ord_id for a in self._algos(account).values()):
+            raise OkxError("51065", "algoClOrdId already exists.")
+        td_mode = text_param(params, "tdMode")
+        if td_mode not in (("cash",) if spot else ("cross", "isolated")):
+            raise param_error("tdMode")
+        if not spot and account["acct_lv"] == "1":
+            raise OkxError("51010", "You can't complete this request under your current account mode.")
+        side = text_param(params, "side")
+        if side not in ("buy", "sell"):
+            raise param_error("side")
+        ord_type = text_param(params, "ordType")
+        if ord_type not in ALGO_ORD_TYPES or (ord_type == "trigger" and inst_type == "OPTION"):
+            raise param_error("ordType")
+        tag = text_param(params, "tag", required=False)
+        if tag and not TAG_PATTERN.match(tag):
+            raise param_error("tag")
+        reduce_only = bool_param(params, "reduceOnly")
+        hedge = account["pos_mode"] == "long_short_mode" and contract
+        pos_side = text_param(params, "posSide", required=False)
+        if hedge and not pos_side:
+            raise param_missing("posSide")
+        if pos_side not in (("long", "short") if hedge else ("", "net")):
+            raise param_error("posSide")
+        if ord_type == "trigger" and contract and not hedge and self.refuse_net_mode_triggers:
+            raise OkxError("51298", "Trigger orders are not available in the net mode of Expiry Futures and "
+                                    "Perpetual Futures")
+        sz = decimal_param(params, "sz")
+        tick, last = Decimal(inst["tickSz"]), self._market[inst_id]["last"]
+        tgt_ccy = text_param(params, "tgtCcy", required=False)
+        fields = {}
+        if ord_type == "trigger":
+            if tgt_ccy:
+                raise OkxError("51281", "Trigger order do not support the tgtCcy parameter.")
+            trigger = price_param(params, "triggerPx", tick)
+            order_px = price_param(params, "orderPx", tick, market_ok=True)
+            fields.update(triggerPx=fmt(trigger), ordPx=fmt(order_px), _rising=trigger >= last,
+                          triggerPxType=self._trigger_px_type(params, "triggerPxType", inst))
+            all_market = order_px == -1
+        else:
+            legs = {}
+            for leg in ("tp", "sl"):
+                trigger = price_param(params, leg + "TriggerPx", tick, required=False)
+                order_px = price_param(params, leg + "OrdPx", tick, market_ok=True, required=False)
+                if (trigger is None) != (order_px is None):
+                    raise param_missing(leg + ("OrdPx" if order_px is None else "TriggerPx"))
+                if trigger is not None:
+                    legs[leg] = (trigger, order_px)
+                    fields.update({leg + "TriggerPx": fmt(trigger), leg + "OrdPx": fmt(order_px),
+                                   leg + "TriggerPxType": self._trigger_px_type(params, leg + "TriggerPxType", inst)})
+            if not legs:
+                raise either_missing("tpTriggerPx", "slTriggerPx")
+            if ord_type == "oco" and len(legs) < 2:
+                raise param_missing(("sl" if "tp" in legs else "tp") + "TriggerPx")
+            checked = ["sl"] if ord_type == "conditional" and len(legs) == 2 else list(legs)
+            for leg in checked:
+                if leg_on_wrong_side(side, leg, last, legs[leg][0]):
+                    raise OkxError(*WRONG_SIDE[(side, leg)])
+            all_market = all(order_px == -1 for _, order_px in legs.values())
+        if tgt_ccy and (tgt_ccy not in ("base_ccy", "quote_ccy") or not spot
+                        or (tgt_ccy == "quote_ccy" and not all_market)):
+            raise param_error("tgtCcy")
+        if spot and ord_type != "trigger" and not tgt_ccy:
+            tgt_ccy = "quote_ccy" if side == "buy" and all_market else "base_ccy"
+        if tgt_ccy != "quote_ccy":
+            if sz % Decimal(inst["lotSz"]):
+                raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+            if sz < Decimal(inst["minSz"]):
+                raise OkxError("51020", "Your order should meet or exceed the minimum order amount.")
+
+        now = self.now_ms()
+        algo_id = str(now * 1000000 + self._seq % 1000000)
+        self._seq += 1
+        lever = account["leverage"].get((inst_id, td_mode, pos_side or "net"), DEFAULT_LEVER)
+        algo = dict.fromkeys(("activePx", "actualPx", "actualSide", "callbackRatio", "callbackSpread", "ccy",
+                              "chaseType", "chaseVal", "clOrdId", "closeFraction", "failCode", "isTradeBorrowMode",
+                              "maxChaseType", "maxChaseVal", "moveTriggerPx", "ordId", "ordPx", "pxLimit",
+                              "pxSpread", "pxVar", "quickMgnType", "slOrdPx", "slTriggerPx", "slTriggerPxType",
+                              "szLimit", "timeInterval", "tpOrdPx", "tpTriggerPx", "tpTriggerPxType", "triggerPx",
+                              "triggerPxType", "triggerTime"), "")
+        algo.update({
+            "actualSz": "0", "algoClOrdId": algo_cl_ord_id, "algoId": algo_id, "amendPxOnTriggerType": "0",
+            "attachAlgoOrds": [], "cTime": str(now), "instId": inst_id, "instType": inst_type, "last": fmt(last),
+            "lever": fmt(lever) if contract else "", "linkedOrd": {"ordId": ""}, "ordIdList": [],
+            "ordType": ord_type, "posSide": pos_side or "net", "reduceOnly": "true" if reduce_only else "false",
+            "side": side, "state": "live", "sz": fmt(sz), "tag": tag, "tdMode": td_mode, "tgtCcy": tgt_ccy,
+            "tradeQuoteCcy": inst["quoteCcy"] if spot else "", "uTime": str(now),
+            "_rising": False,     # a trigger order fires on last >= triggerPx (placed below it), else on <=
+        })
+        algo.update(fields)
+        self._algos(account)[algo_id] = algo
+        return algo
+
+    def _api_place_algo(self, call):
+        params = call.params
+        try:
+            algo = self._new_algo(call.account, params)
+        except OkxError as error:
+            return {"code": "1", "msg": "", "data": [{
+                "algoClOrdId": str(params.get("algoClOrdId", "")), "algoId": "", "clOrdId": "",
+                "sCode": error.code, "sMsg": error.msg, "tag": str(params.get("tag", ""))}]}
+        return {"code": "0", "msg": "", "data": [{"algoClOrdId": algo["algoClOrdId"], "algoId": algo["algoId"],
+                                                  "clOrdId": "", "sCode": "0", "sMsg": "", "tag": algo["tag"]}]}
+
+    def _amend_algo(self, account, params):
+        """Check an amend-algos body and change the algo order; raises OkxError. A TP or SL price of 0
+        deletes that leg, as OKX documents."""
+        inst = self._instrument(text_param(params, "instId"))
+        algo_id = text_param(params, "algoId", required=False)
+        algo_cl_ord_id = id_param(params, "algoClOrdId")
+        if not algo_id and not algo_cl_ord_id:
+            raise either_missing("algoId", "algoClOrdId")
+        id_param(params, "reqId")
+        bool_param(params, "cxlOnFail")
+        algo = self._find_algo(account, inst["instId"], algo_id, algo_cl_ord_id)
+        if algo is None or algo["state"] not in ALGO_PENDING:
+            raise OkxError(*ALGO_AMEND_GONE)
+        tick, last = Decimal(inst["tickSz"]), self._market[inst["instId"]]["last"]
+        changes = {}
+        new_sz = decimal_param(params, "newSz", required=False)
+        if new_sz is not None:
+            if algo["tgtCcy"] != "quote_ccy" and new_sz % Decimal(inst["lotSz"]):
+                raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+            changes["sz"] = fmt(new_sz)
+        if algo["ordType"] == "trigger":
+            trigger = price_param(params, "newTriggerPx", tick, required=False)
+            order_px = price_param(params, "newOrdPx", tick, market_ok=True, required=False)
+            if (trigger is None) != (order_px is None):
+                raise param_missing("newOrdPx" if order_px is None else "newTriggerPx")
+            if trigger is not None:
+                changes.update(triggerPx=fmt(trigger), ordPx=fmt(order_px), _rising=trigger >= last,
+                               triggerPxType=self._trigger_px_type(params, "newTriggerPxType", inst))
+        else:
+            changed = []
+            for leg in ("tp", "sl"):
+                names = ["new%s%s" % (leg.capitalize(), part) for part in ("TriggerPx", "OrdPx", "TriggerPxType")]
+                trigger_text = text_param(params, names[0], required=False)
+                order_text = text_param(params, names[1], required=False)
+                if not trigger_text and not order_text:
+                    continue
+                if "0" in (trigger_text, order_text):       # deletes the leg
+                    changes.update({leg + "TriggerPx": "", leg + "OrdPx": "", leg + "TriggerPxType": ""})
+                    continue
+                trigger = price_param(params, names[0], tick, required=False)
+                order_px = price_param(params, names[1], tick, market_ok=True, required=False)
+                trigger = trigger if trigger is not None else (Decimal(algo[leg + "TriggerPx"] or 0) or None)
+                order_px = order_px if order_px is not None else (Decimal(algo[leg + "OrdPx"] or 0) or None)
+                if trigger is None or order_px is None:
+                    raise param_missing(names[1] if order_px is None else names[0])
+                px_type = self._trigger_px_type(params, names[2], inst) if text_param(params, names[2], False) \
+                    else algo[leg + "TriggerPxType"] or "last"
+                changes.update({leg + "TriggerPx": fmt(trigger), leg + "OrdPx": fmt(order_px),
+                                leg + "TriggerPxType": px_type})
+                changed.append(leg)
+            amended = dict(algo, **changes)
+            if not amended["tpTriggerPx"] and not amended["slTriggerPx"]:
+                raise OkxError("51531", "Order modification unsuccessful. The stop order must have either take "
+                                        "profit or stop loss attached.")
+            for leg in self._active_legs(amended):
+                if leg in changed and leg_on_wrong_side(algo["side"], leg, last, Decimal(amended[leg + "TriggerPx"])):
+                    raise OkxError(*WRONG_SIDE[(algo["side"], leg)])
+                if amended["tgtCcy"] == "quote_ccy" and amended[leg + "OrdPx"] != "-1":
+                    raise param_error("new%sOrdPx" % leg.capitalize())
+        if not changes:
+            raise OkxError(*AMEND_NOTHING)
+        algo.update(changes)
+        algo["uTime"] = str(self.now_ms())
+        return algo
+
+    def _api_amend_algos(self, call):
+        params = call.params
+        req_id = str(params.get("reqId", ""))
+        try:
+            algo = self._amend_algo(call.account, params)
+        except OkxError as error:
+            return {"code": "1", "msg": "", "data": [{
+                "algoClOrdId": str(params.get("algoClOrdId", "")), "algoId": str(params.get("algoId", "")),
+                "reqId": req_id, "sCode": error.code, "sMsg": error.msg}]}
+        return {"code": "0", "msg": "", "data": [{"algoClOrdId": algo["algoClOrdId"], "algoId": algo["algoId"],
+                                                  "reqId": req_id, "sCode": "0", "sMsg": ""}]}
+
+    def _cancel_algo(self, account, params):
+        """One item of cancel-algos: its answer row."""
+        row = {"algoClOrdId": "", "algoId": str(params.get("algoId", "")), "clOrdId": "", "sCode": "0",
+               "sMsg": "", "tag": ""}
+        try:
+            inst = self._instrument(text_param(params, "instId"))
+            algo_id = text_param(params, "algoId", required=False)
+            algo_cl_ord_id = id_param(params, "algoClOrdId")
+            if not algo_id and not algo_cl_ord_id:
+                raise either_missing("algoId", "algoClOrdId")
+            algo = self._find_algo(account, inst["instId"], algo_id, algo_cl_ord_id)
+            if algo is None or algo["state"] not in ALGO_PENDING:
+                raise OkxError(*ALGO_CANCEL_GONE)
+        except OkxError as error:
+            row.update(sCode=error.code, sMsg=error.msg)
+            return row
+        algo.update(state="canceled", uTime=str(self.now_ms()))
+        row["algoId"] = algo["algoId"]
+        return row
+
+    def _api_cancel_algos(self, call):
+        if not call.params:
+            raise param_missing("instId")
+        if len(call.params) > ALGO_CANCEL_MAX:
+            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % ALGO_CANCEL_MAX, 400)
+        rows = [self._cancel_algo(call.account, item) for item in call.params]
+        code, msg = bulk_code(rows)
+        return {"code": code, "msg": msg, "data": rows}
+
+    def _algo_rows(self, call, states):
+        """The algo orders in `states` that pass the list filters (ordType required: one type, or exactly
+        conditional and oco; instType, instId, algoId)."""
+        params = call.params
+        types = text_param(params, "ordType").split(",")
+        if not (len(types) == 1 and types[0] in ALGO_LISTED_TYPES) and sorted(types) != ["conditional", "oco"]:
+            raise param_error("ordType")
+        inst_type = self._inst_type_param(params, required=False, allowed=ALGO_INST_TYPES)
+        inst_id = text_param(params, "instId", required=False)
+        algo_id = text_param(params, "algoId", required=False)
+        return [a for a in self._algos(call.account).values()
+                if a["ordType"] in types and a["state"] in states and inst_type in ("", a["instType"])
+                and inst_id in ("", a["instId"]) and algo_id in ("", a["algoId"])]
+
+    def _api_algos_pending(self, call):
+        rows = self._algo_rows(call, ALGO_PENDING)
+        return [public_order(algo) for algo in page_by_id(rows, call.params, "algoId")]
+
+    def _api_algos_history(self, call):
+        """Finished algo orders of the last 3 months; `state` or `algoId` required."""
+        params = call.params
+        self._algo_rows(call, ())          # the ordType and filter checks come first
+        state = text_param(params, "state", required=False)
+        if not state and not text_param(params, "algoId", required=False):
+            raise either_missing("state", "algoId")
+        if state and state not in ALGO_HISTORY_STATES:
+            raise param_error("state")
+        floor = self.now_ms() - ARCHIVE_DAYS * DAY_MS
+        rows = [a for a in self._algo_rows(call, (state,) if state else ALGO_HISTORY_STATES + ("partially_failed",))
+                if int(a["cTime"]) >= floor]
+        return [public_order(algo) for algo in page_by_id(rows, params, "algoId")]
+
+    def _api_get_algo(self, call):
+        algo_id = text_param(call.params, "algoId", required=False)
+        algo_cl_ord_id = text_param(call.params, "algoClOrdId", required=False)
+        if not algo_id and not algo_cl_ord_id:
+            raise either_missing("algoId", "algoClOrdId")
+        algo = self._find_algo(call.account, "", algo_id, algo_cl_ord_id)
+        if algo is None or int(algo["cTime"]) < self.now_ms() - ARCHIVE_DAYS * DAY_MS:
+            raise OkxError("51603", "Order does not exist.")
+        return [public_order(algo)]
+
+    # -- amending orders --------------------------------------------------------------------------------
+    # amend-order answers sCode "0" for "accepted"; the outcome is recorded on the order by _amended() in
+    # order["_push"]: amendResult, reqId, code, msg, the fields only OKX's orders push carries.
+
+    fail_next_amend = None      # (code, msg): the next amend-order is accepted (sCode 0), then fails (amendResult -1)
+
+    def amend_state(self, ord_id, key=KEY):
+        """The push-only fields of an order as its last amendment left them: amendResult ("" none, "0" done,
+        "-1" failed, "1" failed and canceled), reqId, code, msg."""
+        with self._lock:
+            return dict(PUSH_DEFAULTS, **self.accounts[key]["orders"][ord_id].get("_push", {}))
+
+    def _amended(self, account, order, result, req_id, code="0", msg=""):
+        """Record an amendment's outcome on the order (the private stream's orders push goes out here)."""
+        order["_push"] = {"amendResult": result, "reqId": req_id, "code": code, "msg": msg}
+        order["uTime"] = str(self.now_ms())
+
+    def _amend_reserve(self, account, inst, order, remaining, price):
+        """What the unfilled `remaining` of an amended order freezes at `price`: (ccy, amount), or None."""
+        if remaining <= 0:
+            return None
+        if inst["instType"] == "SPOT":
+            base, quote = inst["instId"].split("-")
+            return (quote, remaining * price) if order["side"] == "buy" else (base, remaining)
+        if inst["instType"] == "OPTION":
+            return self._option_reserve(account, inst, order["side"], order["tdMode"], remaining, price, "limit")
+        position = account["positions"].get((inst["instId"], order["tdMode"], order["posSide"]))
+        if self._is_closing(account, order):
+            opening = Decimal(0)
+        elif order["posSide"] == "net" and position and (position["pos"] > 0) != (order["side"] == "buy"):
+            opening = max(Decimal(0), remaining - abs(position["pos"]))
+        else:
+            opening = remaining
+        lever = account["leverage"].get((inst["instId"], order["tdMode"], order["posSide"]), DEFAULT_LEVER)
+        return inst["settleCcy"], rounded(self._notional(inst, opening, price) / lever)
+
+    def _check_amend(self, account, params):
+        """Check an amend-order body: (order, the change to make), or OkxError."""
+        inst = self._instrument(text_param(params, "instId"))
+        ord_id = text_param(params, "ordId", required=False)
+        cl_ord_id = text_param(params, "clOrdId", required=False)
+        if not ord_id and not cl_ord_id:
+            raise param_missing("ordId")
+        cxl_on_fail = bool_param(params, "cxlOnFail")
+        id_param(params, "reqId")
+        new_sz = decimal_param(params, "newSz", required=False)
+        new_px_text = text_param(params, "newPx", required=False)
+        if new_sz is None and not new_px_text:
+            raise OkxError(*AMEND_NOTHING)
+        order = self._find_order(account, inst["instId"], ord_id, cl_ord_id)
+        if order is None or order["state"] not in PENDING:
+            raise OkxError(*ORDER_AMEND_GONE)
+        if order["ordType"] == "market":
+            raise OkxError("51506", "Order modification unavailable for the order type.")
+        new_px = None
+        if new_px_text:      # off the tick: 51000 "Parameter ... error", as OKX answers a px off the tick
+            new_px = price_param(params, "newPx", Decimal(inst["tickSz"]))
+        if new_sz is not None and new_sz % Decimal(inst["lotSz"]):
+            raise OkxError("51121", "Order quantity must be a multiple of the lot size.")
+        price = new_px if new_px is not None else Decimal(order["px"])
+        target = new_sz if new_sz is not None else order["_target"]
+        remaining = target - Decimal(order["accFillSz"])
+        market = self._market[inst["instId"]]
+        best = market["ask"] if order["side"] == "buy" else market["bid"]
+        crosses = remaining > 0 and (price >= best if order["side"] == "buy" else price <= best)
+        if crosses and order["ordType"] == "post_only":
+            raise OkxError("51511", "Modification failed as the order price did not meet the requirement for "
+                                    "Post Only.")
+        reserve = self._amend_reserve(account, inst, order, remaining, price)
+        if reserve:
+            ccy, amount = reserve
+            held = order["_reserve"][1] if order["_reserve"] and order["_reserve"][0] == ccy else 0
+            if account["balances"].setdefault(ccy, [Decimal(0), Decimal(0)])[0] + held < amount:
+                raise OkxError("51502", "Unable to edit order: insufficient balance or margin.")
+        return order, {"sz": new_sz, "px": new_px, "target": target, "reserve": reserve, "best": best,
+                       "crosses": crosses, "cxl_on_fail": cxl_on_fail}
+
+    def _apply_amend(self, account, order, change, req_id):
+        """Change the order: size, price, what it freezes; a size at or below what filled ends it filled;
+        a price that now crosses the book fills the rest at once."""
+        if order["_reserve"]:
+            ccy, amount = order["_reserve"]
+            account["balances"][ccy][0] += amount
+            account["balances"][ccy][1] -= amount
+            order["_reserve"] = None
+        filled = Decimal(order["accFillSz"])
+        if change["px"] is not None:
+            order["px"] = fmt(change["px"])
+        if change["sz"] is not None:
+            order["sz"] = fmt(max(change["sz"], filled))
+        order["_target"] = change["target"]
+        if change["target"] <= filled:
+            order.update(_target=filled, state="filled")
+        elif change["reserve"]:
+            ccy, amount = change["reserve"]
+            account["balances"][ccy][0] -= amount
+            account["balances"][ccy][1] += amount
+            order["_reserve"] = change["reserve"]
+        self._amended(account, order, "0", req_id)
+        if order["state"] in PENDING and change["crosses"]:
+            self._fill(account, order, order["_target"] - filled, change["best"])
+
+    def _api_amend_order(self, call):
+        in_time, params, account = self.now_ms() * 1000, call.params, call.account
+        req_id = str(params.get("reqId", ""))
+        try:
+            order, change = self._check_amend(account, params)
+        except OkxError as error:
+            return self._trade_answer("1", {"clOrdId": str(params.get("clOrdId", "")),
+                                            "ordId": str(params.get("ordId", "")), "reqId": req_id,
+                                            "sCode": error.code, "sMsg": error.msg, "ts": str(self.now_ms())},
+                                      in_time)
+        answer = self._trade_answer("0", {"clOrdId": order["clOrdId"], "ordId": order["ordId"], "reqId": req_id,
+                                          "sCode": "0", "sMsg": "", "ts": str(self.now_ms())}, in_time)
+        failure, self.fail_next_amend = self.fail_next_amend, None
+        if failure is None:
+            self._apply_amend(account, order, change, req_id)
+        elif change["cxl_on_fail"]:        # accepted, failed, and canceled as asked
+            self._cancel(account, order)
+            self._amended(account, order, "1", req_id, *failure)
+        else:                              # accepted, then failed: the order is left as it was
+            self._amended(account, order, "-1", req_id, *failure)
+        return answer
+
+    # -- batches --------------------------------------------------------------------------------------
+
+    def _api_batch_orders(self, call):
+        """Up to 20 place-order bodies, each through _place; one answer row each, in order."""
+        in_time = self.now_ms() * 1000
+        if not call.params:
+            raise param_missing("instId")
+        if len(call.params) > BATCH_MAX:
+            raise OkxError("51111", "Maximum %d orders can be placed in bulk." % BATCH_MAX)
+        rows = []
+        for params in call.params:
+            try:
+                order = self._place(call.account, params, call.headers)
+            except OkxError as error:
+                rows.append({"clOrdId": str(params.get("clOrdId", "")), "ordId": "", "sCode": error.code,
+                             "sMsg": error.msg, "tag": str(params.get("tag", "")), "ts": str(self.now_ms())})
+            else:
+                rows.append({"clOrdId": order["clOrdId"], "ordId": order["ordId"], "sCode": "0",
+                             "sMsg": "Order placed", "tag": order["tag"], "ts": order["cTime"]})
+        code, msg = bulk_code(rows)
+        return {"code": code, "msg": msg, "data": rows, "inTime": str(in_time), "outTime": str(self.now_ms() * 1000)}
+
+    def _cancel_one(self, account, params):
+        """One item of cancel-batch-orders, as cancel-order treats it: its answer row."""
+        ord_id, cl_ord_id = str(params.get("ordId", "")), str(params.get("clOrdId", ""))
+        try:
+            inst = self._instrument(text_param(params, "instId"))
+            if not ord_id and not cl_ord_id:
+                raise param_missing("ordId")
+            order = self._find_order(account, inst["instId"], ord_id, cl_ord_id)
+            if order is None or order["state"] not in PENDING:
+                raise OkxError("51400", "Order cancellation failed as the order has been filled, canceled or does"
+                                        " not exist.")
+        except OkxError as error:
+            return {"clOrdId": cl_ord_id, "ordId": ord_id, "sCode": error.code, "sMsg": error.msg,
+                    "ts": str(self.now_ms())}
+        self._cancel(account, order)
+        return {"clOrdId": order["clOrdId"], "ordId": order["ordId"], "sCode": "0", "sMsg": "",
+                "ts": str(self.now_ms())}
+
+    def _api_cancel_batch_orders(self, call):
+        in_time = self.now_ms() * 1000
+        if not call.params:
+            raise param_missing("instId")
+        if len(call.params) > BATCH_MAX:
+            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % BATCH_MAX, 400)
+        rows = [self._cancel_one(call.account, params) for params in call.params]
+        code, msg = bulk_code(rows)
+        return {"code": code, "msg": msg, "data": rows, "inTime": str(in_time), "outTime": str(self.now_ms() * 1000)}
+
+    # -- options --------------------------------------------------------------------------------------
+    # A simple premium model. One contract is ctVal x ctMult of the settle coin; the premium of a fill is
+    # px x sz x ctVal x ctMult in that coin, paid by the buyer and received by the seller at the fill, with
+    # the taker fee charged on it. A buy order freezes its premium; a sell that opens a short freezes the
+    # cover, sz x ctVal x ctMult of the coin, held by the short position until it is bought back. Positions
+    # are net (signed pos) in either position mode; upl is (mark - avgPx) x size; eq does not add the
+    # options' value (OKX's optVal), and options never expire, exercise or settle here. Only limit-type
+    # orders: a market order gets 51066.
+
+    def _option_reserve(self, account, inst, side, td_mode, sz, price, ord_type):
+        """What an option order freezes: (settle coin, premium) for a buy, the cover of what a sell opens."""
+        if ord_type == "market":
+            raise OkxError("51066", "Market orders unavailable for options trading. Place a limit order to close "
+                                    "position.")
+        size = self._contract_size(inst)
+        if side == "buy":
+            return inst["settleCcy"], rounded(sz * size * price)
+        position = account["positions"].get((inst["instId"], td_mode, "net"))
+        held_long = max(position["pos"], Decimal(0)) if position else Decimal(0)
+        return inst["settleCcy"], max(Decimal(0), sz - held_long) * size
+
+    def _fill_option(self, account, inst, order, qty, price):
+        """The money of an option fill: the premium changes hands, less the fee. Returns (fee, realised pnl)."""
+        premium = qty * self._contract_size(inst) * price
+        fee = rounded(premium * self.fee_rate)
+        balance = account["balances"].setdefault(inst["settleCcy"], [Decimal(0), Decimal(0)])
+        balance[0] += (premium if order["side"] == "sell" else -premium) - fee
+        return fee, self._move_option_position(account, inst, order, qty, price)
+
+    def _move_option_position(self, account, inst, order, qty, price):
+        """Apply an option fill to the net position (the cover of shorts frozen and released); returns the
+        realised profit, already in the balance through the premiums."""
+        key = (inst["instId"], order["tdMode"], "net")
+        position = account["positions"].get(key)
+        if position is None:
+            position = account["positions"][key] = {
+                "instId": inst["instId"], "mgnMode": order["tdMode"], "posSide": "net", "pos": Decimal(0),
+                "avgPx": price, "margin": Decimal(0), "realizedPnl": Decimal(0), "lever": Decimal(1),
+                "posId": self._next_id(int(self.now_ms()) * 100000), "cTime": self.now_ms(), "uTime": self.now_ms()}
+        buy, size, pnl = order["side"] == "buy", self._contract_size(inst), Decimal(0)
+        balance = account["balances"].setdefault(inst["settleCcy"], [Decimal(0), Decimal(0)])
+        against = position["pos"] != 0 and (position["pos"] > 0) != buy
+        closing = min(qty, abs(position["pos"])) if against else Decimal(0)
+        opening = qty - closing
+        if closing:
+            long = position["pos"] > 0
+            pnl = (price - position["avgPx"]) * closing * size * (1 if long else -1)
+            if not long:                   # buying back a short releases its share of the cover
+                cover = rounded(position["margin"] * closing / abs(position["pos"]))
+                position["margin"] -= cover
+                balance[0] += cover
+                balance[1] -= cover
+            position["realizedPnl"] += pnl
+            position["pos"] += closing if buy else -closing
+        if opening:
+            held = abs(position["pos"])
+            position["avgPx"] = rounded((position["avgPx"] * held + price * opening) / (held + opening), 10)
+            if not buy:
+                position["margin"] += opening * size
+                balance[0] -= opening * size
+                balance[1] += opening * size
+            position["pos"] += opening if buy else -opening
+        position["uTime"] = self.now_ms()
+        if position["pos"] == 0:
+            del account["positions"][key]
+        return pnl
 
 
 # -- HTTP plumbing ------------------------------------------------------------------------------------------
@@ -3645,6 +4431,591 @@ class FakeSelfTest(unittest.TestCase):
             after = "&after=%d" % seen[-1]
         self.assertEqual(seen, list(range(seen[0], seen[0] - 3600000 * len(seen), -3600000)))
         self.assertEqual(answer["data"][0][8], "1")
+
+
+class FakeTradeTestCase(unittest.TestCase):
+    """Helpers of the fake's own tests of algo orders, amendments, batches and options (signed REST)."""
+
+    def setUp(self):
+        self.fake = FakeOKX().start()
+        self.addCleanup(self.fake.stop)
+
+    def rest(self, method, path, body=None, status=200):
+        got, answer = okx_request(self.fake.base_url, method, path, body)
+        self.assertEqual(got, status, answer)
+        return answer
+
+    def error(self, method, path, body=None, status=200):
+        """The (code, msg) of an answer that is an error, top-level or in data[0].sCode."""
+        answer = self.rest(method, path, body, status)
+        if answer.get("data") and "sCode" in answer["data"][0]:
+            self.assertEqual(answer["code"], "1", answer)
+            return answer["data"][0]["sCode"], answer["data"][0]["sMsg"]
+        self.assertNotEqual(answer["code"], "0", answer)
+        return answer["code"], answer["msg"]
+
+    def place_algo(self, **body):
+        answer = self.rest("POST", "/api/v5/trade/order-algo", body)
+        self.assertEqual((answer["code"], answer["data"][0]["sCode"]), ("0", "0"), answer)
+        return answer["data"][0]["algoId"]
+
+    def algo_error(self, **body):
+        return self.error("POST", "/api/v5/trade/order-algo", body)[0]
+
+    def algo_row(self, algo_id):
+        return self.rest("GET", "/api/v5/trade/order-algo?algoId=" + algo_id)["data"][0]
+
+    def place(self, **body):
+        answer = self.rest("POST", "/api/v5/trade/order", body)
+        self.assertEqual(answer["data"][0]["sCode"], "0", answer)
+        return answer["data"][0]["ordId"]
+
+    def order_row(self, inst_id, ord_id):
+        return self.rest("GET", "/api/v5/trade/order?instId=%s&ordId=%s" % (inst_id, ord_id))["data"][0]
+
+    def ids(self, path):
+        return [row["algoId"] for row in self.rest("GET", path)["data"]]
+
+    def option_id(self, strike="43000", kind="C"):
+        """A BTC-USD option the fake lists, of its latest expiry (weeks ahead whatever the day)."""
+        rows = self.rest("GET", "/api/v5/public/instruments?instType=OPTION&instFamily=BTC-USD")["data"]
+        rows = [row for row in rows if (row["stk"], row["optType"]) == (strike, kind)]
+        return max(rows, key=lambda row: int(row["expTime"]))["instId"]
+
+
+SPOT_SELL_OCO = {"instId": "BTC-USDT", "tdMode": "cash", "side": "sell", "ordType": "oco", "sz": "0.01",
+                 "tpTriggerPx": "44000", "tpOrdPx": "-1", "slTriggerPx": "42000", "slOrdPx": "-1"}
+
+
+class FakeAlgoSelfTest(FakeTradeTestCase):
+    """Algo orders of the fake: placing, firing, amending, cancelling, listing (OKX.md §13)."""
+
+    def test_each_ord_type_is_placed_and_listed_pending(self):
+        cond = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="conditional", sz="0.001",
+                               tpTriggerPx="45000", tpOrdPx="-1", algoClOrdId="cond1")
+        oco = self.place_algo(instId="BTC-USDT-SWAP", tdMode="cross", side="sell", ordType="oco", sz="1",
+                              reduceOnly=True, tpTriggerPx="45000", tpOrdPx="-1", slTriggerPx="41000", slOrdPx="-1")
+        trigger = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="0.001",
+                                  triggerPx="42000", orderPx="41990")
+        self.assertEqual([len(cond), len(oco), len(trigger)], [19, 19, 19])
+        pending = self.rest("GET", "/api/v5/trade/orders-algo-pending?ordType=conditional,oco")["data"]
+        self.assertEqual([row["algoId"] for row in pending], [oco, cond])      # newest first
+        oco_row, cond_row = pending
+        expected = {"instType": "SPOT", "state": "live", "actualSz": "0", "actualSide": "", "tpTriggerPx": "45000",
+                    "tpOrdPx": "-1", "tpTriggerPxType": "last", "slTriggerPx": "", "tgtCcy": "base_ccy",
+                    "posSide": "net", "reduceOnly": "false", "ordPx": "", "triggerTime": "", "failCode": "",
+                    "ordIdList": [], "algoClOrdId": "cond1", "last": "43000.1"}
+        self.assertEqual({name: cond_row[name] for name in expected}, expected)
+        self.assertEqual((oco_row["instType"], oco_row["reduceOnly"], oco_row["lever"], oco_row["slTriggerPx"]),
+                         ("SWAP", "true", "10", "41000"))
+        rows = self.rest("GET", "/api/v5/trade/orders-algo-pending?ordType=trigger")["data"]
+        self.assertEqual([(r["algoId"], r["triggerPx"], r["ordPx"], r["triggerPxType"], r["tgtCcy"]) for r in rows],
+                         [(trigger, "42000", "41990", "last", "")])
+        path = "/api/v5/trade/orders-algo-pending?ordType=conditional,oco"
+        self.assertEqual(self.ids(path + "&instId=BTC-USDT"), [cond])
+        self.assertEqual(self.ids(path + "&instType=SWAP"), [oco])
+        self.assertEqual(self.ids(path + "&algoId=" + oco), [oco])
+        self.assertEqual(self.error("GET", "/api/v5/trade/orders-algo-pending", status=400)[0], "50014")
+        self.assertEqual(self.error("GET", "/api/v5/trade/orders-algo-pending?ordType=trigger,oco", status=400)[0],
+                         "51000")
+        self.assertEqual(self.algo_row(cond)["algoClOrdId"], "cond1")
+        by_client_id = self.rest("GET", "/api/v5/trade/order-algo?algoClOrdId=cond1")["data"]
+        self.assertEqual([row["algoId"] for row in by_client_id], [cond])
+        self.assertEqual([a["algoId"] for a in self.fake.algo_orders()], [trigger, oco, cond])
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))     # algo orders freeze nothing
+
+    def test_an_algo_client_id_is_taken_for_good_51065(self):
+        body = dict(SPOT_SELL_OCO, algoClOrdId="dup1")
+        algo_id = self.place_algo(**body)
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", body),
+                         ("51065", "algoClOrdId already exists."))
+        self.rest("POST", "/api/v5/trade/cancel-algos", [{"instId": "BTC-USDT", "algoId": algo_id}])
+        self.assertEqual(self.algo_error(**body), "51065")
+        self.assertEqual(self.algo_error(**dict(body, algoClOrdId="not-alnum")), "51000")
+
+    def test_trigger_orders_on_contracts_need_long_short_mode_51298(self):
+        body = {"instId": "BTC-USDT-SWAP", "tdMode": "cross", "side": "buy", "ordType": "trigger", "sz": "1",
+                "triggerPx": "44000", "orderPx": "-1"}
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", body),
+                         ("51298", "Trigger orders are not available in the net mode of Expiry Futures and "
+                                   "Perpetual Futures"))
+        self.fake.set_position_mode("long_short_mode")
+        self.assertEqual(self.algo_error(**body), "50014")                       # posSide is required there
+        self.assertEqual(self.algo_error(**dict(body, posSide="net")), "51000")
+        self.assertEqual(self.algo_row(self.place_algo(**dict(body, posSide="long")))["posSide"], "long")
+        option = dict(body, instId=self.option_id(), posSide="")
+        self.assertEqual(self.algo_error(**option), "51000")                     # trigger: SPOT/FUTURES/SWAP only
+
+    def test_tp_and_sl_on_the_wrong_side_of_the_last_price_are_51277_to_51280(self):
+        base = {"instId": "BTC-USDT", "tdMode": "cash", "sz": "0.01", "ordType": "conditional"}   # last 43000.1
+        cases = [("buy", "tp", "44000", "51277"), ("buy", "sl", "42000", "51278"),
+                 ("sell", "tp", "42000", "51279"), ("sell", "sl", "44000", "51280")]
+        for side, leg, price, code in cases:
+            body = dict(base, side=side, **{leg + "TriggerPx": price, leg + "OrdPx": "-1"})
+            self.assertEqual(self.algo_error(**body), code, (side, leg))
+        self.place_algo(**dict(base, side="sell", tpTriggerPx="43000.1", tpOrdPx="-1"))      # at the last price
+        self.assertEqual(self.algo_error(**dict(SPOT_SELL_OCO, slTriggerPx="43500")), "51280")
+        # a conditional order with both legs only performs (and checks) its stop-loss
+        self.place_algo(**dict(base, side="sell", tpTriggerPx="42000", tpOrdPx="-1", slTriggerPx="42000",
+                               slOrdPx="-1"))
+
+    def test_a_leg_must_be_whole_and_never_priced_0(self):
+        conditional = {"instId": "BTC-USDT", "tdMode": "cash", "side": "sell", "ordType": "conditional", "sz": "0.01"}
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo",
+                                    dict(conditional, tpTriggerPx="0", tpOrdPx="-1")),
+                         ("51000", "Parameter tpTriggerPx error"))
+        self.assertEqual(self.algo_error(**dict(conditional, tpTriggerPx="45000", tpOrdPx="0")), "51000")
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", dict(conditional, tpTriggerPx="45000")),
+                         ("50014", "Parameter tpOrdPx can not be empty."))
+        self.assertEqual(self.algo_error(**conditional), "50015")
+        self.assertEqual(self.algo_error(**dict(SPOT_SELL_OCO, slTriggerPx="", slOrdPx="")), "50014")
+        self.assertEqual(self.algo_error(**dict(conditional, tpTriggerPx="45000.05", tpOrdPx="-1")), "51000")
+        trigger = dict(conditional, ordType="trigger", side="buy", triggerPx="42000")
+        self.assertEqual(self.algo_error(**trigger), "50014")
+        self.assertEqual(self.algo_error(**dict(trigger, orderPx="-1", tgtCcy="base_ccy")), "51281")
+        buy = dict(conditional, side="buy", slTriggerPx="44000", slOrdPx="44100")
+        self.assertEqual(self.algo_error(**dict(buy, tgtCcy="quote_ccy")), "51000")     # quote size, limit leg
+        self.assertEqual(self.algo_row(self.place_algo(**buy))["tgtCcy"], "base_ccy")
+        self.assertEqual(self.algo_row(self.place_algo(**dict(buy, slOrdPx="-1", sz="100")))["tgtCcy"], "quote_ccy")
+        self.assertEqual(self.algo_error(**dict(conditional, tpTriggerPx="45000", tpOrdPx="-1",
+                                                tpTriggerPxType="mark")), "51415")
+
+    def open_swap_long(self, contracts="2"):
+        self.place(instId="BTC-USDT-SWAP", tdMode="cross", side="buy", ordType="market", sz=contracts)
+        self.assertEqual([p["pos"] for p in self.fake.positions()], [contracts])
+
+    def swap_oco(self):
+        return self.place_algo(instId="BTC-USDT-SWAP", tdMode="cross", side="sell", ordType="oco", sz="2",
+                               reduceOnly=True, tpTriggerPx="43500", tpOrdPx="-1", slTriggerPx="42500", slOrdPx="-1")
+
+    def test_an_oco_fires_its_take_profit_when_the_price_crosses_it(self):
+        self.open_swap_long()                                    # 2 contracts at the ask, 43010.6
+        algo_id = self.swap_oco()
+        before = self.fake.balance("USDT")[0]
+        self.fake.set_price("BTC-USDT-SWAP", "43499.9", "43500")  # last 43499.9: not yet
+        self.assertEqual(self.algo_row(algo_id)["state"], "live")
+        self.fake.set_price("BTC-USDT-SWAP", "43600.1", "43600.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"], row["actualSz"], row["actualPx"], row["failCode"]),
+                         ("effective", "tp", "2", "43600.1", ""))
+        self.assertTrue(row["triggerTime"].isdigit())
+        child = self.order_row("BTC-USDT-SWAP", row["ordIdList"][0])
+        self.assertEqual((child["algoId"], child["state"], child["side"], child["reduceOnly"], child["avgPx"],
+                          child["ordType"]), (algo_id, "filled", "sell", "true", "43600.1", "market"))
+        self.assertEqual(self.fake.positions(), [])
+        margin, pnl = Decimal("43010.6") * 2 * Decimal("0.01") / 10, (Decimal("43600.1") - Decimal("43010.6")) * 2 / 100
+        fee = Decimal("43600.1") * 2 * Decimal("0.01") * self.fake.fee_rate
+        self.assertEqual(self.fake.balance("USDT"), (before + margin + pnl - fee, Decimal(0)))
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-pending?ordType=conditional,oco"), [])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=conditional,oco&state=effective"),
+                         [algo_id])
+        self.fake.set_price("BTC-USDT-SWAP", "42000.1", "42000.2")     # the stop-loss leg is gone
+        self.assertEqual(self.fake.trigger_check(), [])
+        self.assertEqual(len(self.fake.orders()), 2)
+
+    def test_an_oco_fires_its_stop_loss_and_the_take_profit_is_gone(self):
+        self.open_swap_long()
+        algo_id = self.swap_oco()
+        self.fake.set_price("BTC-USDT-SWAP", "42400.1", "42400.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"]), ("effective", "sl"))
+        self.assertEqual(self.order_row("BTC-USDT-SWAP", row["ordId"])["avgPx"], "42400.1")
+        self.fake.set_price("BTC-USDT-SWAP", "44000.1", "44000.2")
+        self.assertEqual(len(self.fake.orders()), 2)
+        self.assertEqual(self.fake.positions(), [])
+
+    def test_a_trigger_order_places_its_limit_child_when_the_price_reaches_it(self):
+        algo_id = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="0.01",
+                                  triggerPx="42000", orderPx="41990")
+        self.fake.set_price("BTC-USDT", "42500.1", "42500.2")
+        self.assertEqual((self.algo_row(algo_id)["state"], self.fake.orders()), ("live", []))
+        self.fake.set_price("BTC-USDT", "41995.1", "41995.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"], row["actualPx"], row["actualSz"]),
+                         ("effective", "", "41990", "0.01"))
+        pending = self.rest("GET", "/api/v5/trade/orders-pending?instId=BTC-USDT")["data"]
+        self.assertEqual([(o["ordId"], o["px"], o["state"], o["algoId"]) for o in pending],
+                         [(row["ordId"], "41990", "live", algo_id)])
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9580.1"), Decimal("419.9")))
+        rising = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="trigger", sz="0.01",
+                                 triggerPx="43000", orderPx="-1")   # placed below its trigger: fires on the way up
+        self.fake.set_price("BTC-USDT", "42999.9", "43000")
+        self.assertEqual(self.algo_row(rising)["state"], "live")
+        self.fake.set_price("BTC-USDT", "43000.1", "43000.2")
+        child = self.order_row("BTC-USDT", self.algo_row(rising)["ordId"])
+        self.assertEqual((child["state"], child["ordType"], child["tgtCcy"], child["accFillSz"]),
+                         ("filled", "market", "base_ccy", "0.01"))
+
+    def test_a_conditional_order_with_both_legs_performs_only_its_stop_loss(self):
+        algo_id = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="conditional", sz="0.01",
+                                  tpTriggerPx="44000", tpOrdPx="-1", slTriggerPx="42000", slOrdPx="-1")
+        self.fake.set_price("BTC-USDT", "44100.1", "44100.2")
+        self.assertEqual(self.algo_row(algo_id)["state"], "live")
+        self.fake.set_price("BTC-USDT", "41900.1", "41900.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["actualSide"]), ("effective", "sl"))
+        self.assertEqual(self.order_row("BTC-USDT", row["ordId"])["avgPx"], "41900.1")
+
+    def test_a_child_okx_would_refuse_ends_the_algo_order_failed(self):
+        algo_id = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="1",
+                                  triggerPx="42000", orderPx="-1")      # 1 BTC: more than the 10000 USDT
+        self.fake.set_price("BTC-USDT", "41900.1", "41900.2")
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["state"], row["failCode"], row["ordIdList"], row["actualSz"]),
+                         ("order_failed", "51008", [], "0"))
+        self.assertEqual(self.fake.orders(), [])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=trigger&state=order_failed"), [algo_id])
+        reduce_only = self.swap_oco()                                   # no position to reduce
+        self.fake.set_price("BTC-USDT-SWAP", "43600.1", "43600.2")
+        self.assertEqual((self.algo_row(reduce_only)["state"], self.algo_row(reduce_only)["failCode"]),
+                         ("order_failed", "51169"))
+
+    def test_amend_algos_changes_a_leg_and_deletes_one_with_0(self):
+        algo_id = self.place_algo(**dict(SPOT_SELL_OCO, algoClOrdId="ocoA"))
+        amend = "/api/v5/trade/amend-algos"
+        answer = self.rest("POST", amend, {"instId": "BTC-USDT", "algoId": algo_id, "newSlTriggerPx": "41500",
+                                           "reqId": "r1"})
+        self.assertEqual(answer, {"code": "0", "msg": "", "data": [{"algoClOrdId": "ocoA", "algoId": algo_id,
+                                                                     "reqId": "r1", "sCode": "0", "sMsg": ""}]})
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["slTriggerPx"], row["slOrdPx"], row["tpTriggerPx"]), ("41500", "-1", "44000"))
+        self.rest("POST", amend, {"instId": "BTC-USDT", "algoClOrdId": "ocoA", "newTpTriggerPx": "0"})
+        row = self.algo_row(algo_id)
+        self.assertEqual((row["tpTriggerPx"], row["tpOrdPx"], row["tpTriggerPxType"], row["slTriggerPx"]),
+                         ("", "", "", "41500"))
+        self.rest("POST", amend, {"instId": "BTC-USDT", "algoId": algo_id, "newSz": "0.02"})
+        self.assertEqual(self.algo_row(algo_id)["sz"], "0.02")
+        body = {"instId": "BTC-USDT", "algoId": algo_id}
+        self.assertEqual(self.error("POST", amend, dict(body, newSlOrdPx="0"))[0], "51531")   # the last leg
+        self.assertEqual(self.error("POST", amend, dict(body, newSlTriggerPx="44000"))[0], "51280")
+        self.assertEqual(self.error("POST", amend, body)[0], "51500")
+        self.assertEqual(self.error("POST", amend, {"instId": "BTC-USDT", "newSz": "1"})[0], "50015")
+        self.assertEqual(self.error("POST", amend, dict(body, instId="ETH-USDT", newSz="1"))[0], "51503")
+        trigger = self.place_algo(instId="BTC-USDT", tdMode="cash", side="buy", ordType="trigger", sz="0.01",
+                                  triggerPx="42000", orderPx="41990")
+        self.rest("POST", amend, {"instId": "BTC-USDT", "algoId": trigger, "newTriggerPx": "41000",
+                                  "newOrdPx": "-1"})
+        self.assertEqual((self.algo_row(trigger)["triggerPx"], self.algo_row(trigger)["ordPx"]), ("41000", "-1"))
+        self.assertEqual(self.error("POST", amend, {"instId": "BTC-USDT", "algoId": trigger,
+                                                    "newTriggerPx": "40000"})[0], "50014")
+        self.fake.set_price("BTC-USDT", "41400.1", "41400.2")           # fires the oco's stop-loss
+        self.assertEqual(self.algo_row(algo_id)["state"], "effective")
+        self.assertEqual(self.error("POST", amend, dict(body, newSz="0.03")),
+                         ("51503", "Your order has already been filled or canceled."))
+
+    def test_cancel_algos_takes_an_array_of_up_to_10(self):
+        first, second = self.place_algo(**SPOT_SELL_OCO), self.place_algo(**SPOT_SELL_OCO)
+        path = "/api/v5/trade/cancel-algos"
+        self.assertEqual(self.error("POST", path, {"instId": "BTC-USDT", "algoId": first}, status=400)[0], "50002")
+        answer = self.rest("POST", path, [{"instId": "BTC-USDT", "algoId": first},
+                                          {"instId": "BTC-USDT", "algoId": "123"}])
+        self.assertEqual((answer["code"], [(r["algoId"], r["sCode"]) for r in answer["data"]]),
+                         ("2", [(first, "0"), ("123", "51400")]))
+        answer = self.rest("POST", path, [{"instId": "BTC-USDT", "algoId": first}])
+        self.assertEqual((answer["code"], answer["data"][0]["sCode"]), ("1", "51400"))
+        self.assertEqual(self.rest("POST", path, [{"instId": "BTC-USDT"}])["data"][0]["sCode"], "50015")
+        self.assertEqual(self.error("POST", path, [{"instId": "BTC-USDT", "algoId": second}] * 11, status=400)[0],
+                         "51406")
+        self.assertEqual(self.error("POST", path, [], status=400)[0], "50014")
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=oco&state=canceled"), [first])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-pending?ordType=oco"), [second])
+
+    def test_pending_algo_orders_page_over_more_than_100(self):
+        placed = {self.place_algo(**dict(SPOT_SELL_OCO, ordType="conditional", slTriggerPx="", slOrdPx=""))
+                  for _ in range(130)}
+        path = "/api/v5/trade/orders-algo-pending?ordType=conditional"
+        first = self.ids(path)
+        self.assertEqual(len(first), 100)
+        self.assertEqual(first, sorted(first, key=int, reverse=True))
+        rest = self.ids(path + "&after=" + first[-1])
+        self.assertEqual((len(rest), set(first) | set(rest)), (30, placed))
+        newer = self.ids(path + "&limit=5&before=" + rest[0])
+        self.assertEqual(len(newer), 5)
+        self.assertTrue(all(int(algo_id) > int(rest[0]) for algo_id in newer))
+        self.assertEqual(self.error("GET", path + "&limit=101", status=400)[0], "51000")
+
+    def test_history_filters_by_state_instrument_type_and_age(self):
+        effective = self.place_algo(**SPOT_SELL_OCO)
+        self.fake.set_price("BTC-USDT", "44000.1", "44000.2")      # fires its take-profit
+        canceled = self.place_algo(**dict(SPOT_SELL_OCO, tpTriggerPx="46000"))
+        failed = self.swap_oco()                                    # fires without a position: order_failed
+        self.fake.set_price("BTC-USDT-SWAP", "43600.1", "43600.2")
+        live = self.place_algo(**dict(SPOT_SELL_OCO, tpTriggerPx="46000"))
+        swap = self.place_algo(instId="BTC-USDT-SWAP", tdMode="cross", side="buy", ordType="conditional", sz="1",
+                               slTriggerPx="45000", slOrdPx="-1")
+        cancel = [{"instId": "BTC-USDT", "algoId": canceled}, {"instId": "BTC-USDT-SWAP", "algoId": swap}]
+        self.assertEqual(self.rest("POST", "/api/v5/trade/cancel-algos", cancel)["code"], "0")
+        path = "/api/v5/trade/orders-algo-history?ordType=conditional,oco"
+        self.assertEqual(self.error("GET", path, status=400)[0], "50015")
+        self.assertEqual(self.error("GET", path + "&state=live", status=400)[0], "51000")
+        self.assertEqual(self.ids(path + "&state=effective"), [effective])
+        self.assertEqual(self.ids(path + "&state=canceled"), [swap, canceled])
+        self.assertEqual(self.ids(path + "&state=canceled&instId=BTC-USDT"), [canceled])
+        self.assertEqual(self.ids(path + "&state=canceled&instType=SWAP"), [swap])
+        self.assertEqual(self.ids(path + "&state=order_failed"), [failed])
+        self.assertEqual(self.ids(path + "&algoId=" + live), [])          # still pending
+        self.assertEqual(self.ids(path + "&algoId=" + effective), [effective])
+        self.assertEqual(self.ids("/api/v5/trade/orders-algo-history?ordType=trigger&state=canceled"), [])
+        self.fake.accounts[KEY]["algos"][canceled]["cTime"] = str(self.fake.now_ms() - 91 * DAY_MS)
+        self.assertEqual(self.ids(path + "&state=canceled"), [swap])      # the last 3 months only
+        self.assertEqual(self.error("GET", "/api/v5/trade/order-algo?algoId=" + canceled),
+                         ("51603", "Order does not exist."))
+        self.assertEqual(self.error("GET", "/api/v5/trade/order-algo?algoClOrdId=nope")[0], "51603")
+        self.assertEqual(self.error("GET", "/api/v5/trade/order-algo", status=400)[0], "50015")
+
+    def test_algo_endpoints_have_okx_rate_limits(self):
+        self.fake.enforce_rate_limits = True
+        for _ in range(20):                                  # 20 / 2 s per key and instrument
+            self.place_algo(**SPOT_SELL_OCO)
+        self.assertEqual(self.error("POST", "/api/v5/trade/order-algo", SPOT_SELL_OCO, status=429)[0], "50011")
+        self.place_algo(**dict(SPOT_SELL_OCO, instId="ETH-USDT", tpTriggerPx="3000", slTriggerPx="2900"))
+        cancel = [{"instId": "BTC-USDT", "algoId": "1"}]
+        for _ in range(20):
+            self.rest("POST", "/api/v5/trade/cancel-algos", cancel)
+        self.assertEqual(self.error("POST", "/api/v5/trade/cancel-algos", cancel, status=429)[0], "50011")
+
+    def test_a_reset_after_processing_still_places_the_algo_order(self):
+        self.fake.fault("/api/v5/trade/order-algo", "reset_after_process")
+        body = dict(SPOT_SELL_OCO, algoClOrdId="lost1")
+        with self.assertRaises((OSError, http.client.HTTPException)):
+            okx_request(self.fake.base_url, "POST", "/api/v5/trade/order-algo", body)
+        self.assertEqual([(a["algoClOrdId"], a["state"]) for a in self.fake.algo_orders()], [("lost1", "live")])
+        found = self.rest("GET", "/api/v5/trade/order-algo?algoClOrdId=lost1")["data"]
+        self.assertEqual(found[0]["algoId"], self.fake.algo_orders()[0]["algoId"])
+        self.assertEqual(self.algo_error(**body), "51065")
+
+
+class FakeAmendSelfTest(FakeTradeTestCase):
+    """amend-order on the fake: accepted means sCode 0; the outcome is on the order (and its push fields)."""
+
+    def spot_buy(self, **extra):
+        body = dict({"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000",
+                     "sz": "0.01"}, **extra)
+        return self.place(**body)
+
+    def amend(self, **body):
+        answer = self.rest("POST", "/api/v5/trade/amend-order", dict({"instId": "BTC-USDT"}, **body))
+        self.assertEqual((answer["code"], answer["data"][0]["sCode"]), ("0", "0"), answer)
+        return answer
+
+    def amend_error(self, **body):
+        return self.error("POST", "/api/v5/trade/amend-order", dict({"instId": "BTC-USDT"}, **body))[0]
+
+    def test_amend_changes_price_and_size_and_what_the_order_freezes(self):
+        ord_id = self.spot_buy(clOrdId="am1")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9700"), Decimal("300")))
+        answer = self.amend(ordId=ord_id, newPx="31000", newSz="0.02", reqId="q1")
+        row = answer["data"][0]
+        self.assertEqual({name: row[name] for name in ("ordId", "clOrdId", "reqId", "sCode", "sMsg")},
+                         {"ordId": ord_id, "clOrdId": "am1", "reqId": "q1", "sCode": "0", "sMsg": ""})
+        self.assertTrue(answer["inTime"].isdigit() and answer["outTime"].isdigit())
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["px"], order["sz"], order["state"]), ("31000", "0.02", "live"))
+        self.assertNotIn("amendResult", order)                   # REST rows have no push-only fields
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9380"), Decimal("620")))
+        self.assertEqual(self.fake.amend_state(ord_id), {"amendResult": "0", "reqId": "q1", "code": "0", "msg": ""})
+        self.amend(clOrdId="am1", newSz="0.005")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9845"), Decimal("155")))
+        self.assertEqual(self.fake.amend_state(ord_id)["reqId"], "")
+
+    def test_amend_recomputes_the_margin_of_a_contract_order(self):
+        ord_id = self.place(instId="BTC-USDT-SWAP", tdMode="cross", side="buy", ordType="limit", px="42000", sz="1")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9958"), Decimal("42")))     # 1 x 0.01 x 42000 / 10
+        self.amend(instId="BTC-USDT-SWAP", ordId=ord_id, newSz="3", newPx="41000")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000") - Decimal("123"), Decimal("123")))
+
+    def test_a_new_price_that_crosses_the_book_fills_at_once(self):
+        ord_id = self.place(instId="BTC-USDT", tdMode="cash", side="sell", ordType="limit", px="44000", sz="0.01")
+        self.assertEqual(self.fake.balance("BTC"), (Decimal("0.49"), Decimal("0.01")))
+        self.amend(ordId=ord_id, newPx="43000")                   # at or under the bid, 43000.1
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["state"], order["px"], order["avgPx"], order["accFillSz"]),
+                         ("filled", "43000", "43000.1", "0.01"))
+        self.assertEqual(self.fake.balance("BTC"), (Decimal("0.49"), Decimal("0")))
+        self.assertEqual(self.fake.balance("USDT")[0], Decimal("10000") + Decimal("430.001") * Decimal("0.999"))
+
+    def test_a_new_size_at_or_under_what_filled_ends_the_order_filled(self):
+        ord_id = self.spot_buy()
+        self.fake.fill(ord_id, sz="0.004")
+        self.assertEqual(self.fake.balance("USDT")[1], Decimal("180"))
+        self.amend(ordId=ord_id, newSz="0.004")
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["state"], order["sz"], order["accFillSz"]), ("filled", "0.004", "0.004"))
+        self.assertEqual(self.fake.balance("USDT")[1], Decimal("0"))
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="0.01"), "51503")
+
+    def test_what_cannot_be_amended(self):
+        ord_id = self.spot_buy()
+        self.assertEqual(self.error("POST", "/api/v5/trade/amend-order",
+                                    {"instId": "BTC-USDT", "ordId": ord_id, "newPx": "30000.05"}),
+                         ("51000", "Parameter newPx error"))                   # off the 0.1 tick
+        self.assertEqual(self.amend_error(ordId=ord_id), "51500")
+        self.assertEqual(self.amend_error(newPx="31000"), "50014")
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="0.000000001"), "51121")   # off the lot size
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="1e-3"), "51000")
+        self.assertEqual(self.amend_error(ordId="1234567890123456789", newPx="31000"), "51503")
+        self.assertEqual(self.amend_error(ordId=ord_id, newSz="1"), "51502")  # 30000 USDT: more than there is
+        self.assertEqual(self.amend_error(ordId=ord_id, newPx="31000", cxlOnFail="yes"), "51000")
+        post_only = self.spot_buy(ordType="post_only")
+        self.assertEqual(self.amend_error(ordId=post_only, newPx="43000.2"), "51511")
+        self.rest("POST", "/api/v5/trade/cancel-order", {"instId": "BTC-USDT", "ordId": ord_id})
+        self.assertEqual(self.error("POST", "/api/v5/trade/amend-order",
+                                    {"instId": "BTC-USDT", "ordId": ord_id, "newPx": "31000"}),
+                         ("51503", "Your order has already been filled or canceled."))
+
+    def test_fail_next_amend_is_accepted_then_fails(self):
+        ord_id = self.spot_buy()
+        self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+        self.amend(ordId=ord_id, newPx="31000", reqId="f1")
+        self.assertIsNone(self.fake.fail_next_amend)
+        order = self.order_row("BTC-USDT", ord_id)
+        self.assertEqual((order["px"], order["state"]), ("30000", "live"))
+        self.assertEqual(self.fake.amend_state(ord_id),
+                         {"amendResult": "-1", "reqId": "f1", "code": "51008",
+                          "msg": "Order failed. Insufficient USDT balance in account."})
+        self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+        self.amend(ordId=ord_id, newPx="31000", reqId="f2", cxlOnFail=True)
+        self.assertEqual(self.order_row("BTC-USDT", ord_id)["state"], "canceled")
+        self.assertEqual(self.fake.amend_state(ord_id)["amendResult"], "1")
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))
+
+
+class FakeBatchSelfTest(FakeTradeTestCase):
+    """batch-orders and cancel-batch-orders: arrays of up to 20, one answer row each."""
+
+    SPOT_BUY = {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000",
+                "sz": "0.01"}
+
+    def test_batch_orders_answer_each_order(self):
+        swap_sell = {"instId": "BTC-USDT-SWAP", "tdMode": "cross", "side": "sell", "ordType": "limit",
+                     "px": "45000", "sz": "1"}
+        answer = self.rest("POST", "/api/v5/trade/batch-orders",
+                           [self.SPOT_BUY, dict(self.SPOT_BUY, sz="abc"), swap_sell])
+        self.assertEqual((answer["code"], answer["msg"]), ("2", "Bulk operation partially succeeded."))
+        self.assertEqual([row["sCode"] for row in answer["data"]], ["0", "51000", "0"])
+        self.assertTrue(answer["inTime"].isdigit())
+        placed = [row["ordId"] for row in answer["data"] if row["ordId"]]
+        self.assertEqual(sorted(placed), sorted(o["ordId"] for o in self.fake.orders()))
+        both = self.rest("POST", "/api/v5/trade/batch-orders",
+                         [dict(self.SPOT_BUY, clOrdId="b1"), dict(self.SPOT_BUY, clOrdId="b1")])
+        self.assertEqual((both["code"], [row["sCode"] for row in both["data"]]), ("2", ["0", "51016"]))
+        self.assertEqual(self.rest("POST", "/api/v5/trade/batch-orders", [self.SPOT_BUY] * 2)["code"], "0")
+        failed = self.rest("POST", "/api/v5/trade/batch-orders", [dict(self.SPOT_BUY, instId="NOPE-USDT")])
+        self.assertEqual((failed["code"], failed["msg"], failed["data"][0]["sCode"]),
+                         ("1", "All operations failed", "51001"))
+        self.assertEqual(self.error("POST", "/api/v5/trade/batch-orders", [self.SPOT_BUY] * 21)[0], "51111")
+        self.assertEqual(self.error("POST", "/api/v5/trade/batch-orders", self.SPOT_BUY, status=400)[0], "50002")
+
+    def test_cancel_batch_orders_answer_each_order(self):
+        placed = self.rest("POST", "/api/v5/trade/batch-orders", [self.SPOT_BUY, dict(self.SPOT_BUY, clOrdId="c2")])
+        first = placed["data"][0]["ordId"]
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("9400"), Decimal("600")))
+        answer = self.rest("POST", "/api/v5/trade/cancel-batch-orders",
+                           [{"instId": "BTC-USDT", "ordId": first}, {"instId": "BTC-USDT", "clOrdId": "c2"},
+                            {"instId": "BTC-USDT", "ordId": "42"}])
+        self.assertEqual((answer["code"], [(row["sCode"], row["clOrdId"]) for row in answer["data"]]),
+                         ("2", [("0", ""), ("0", "c2"), ("51400", "")]))
+        self.assertEqual({o["state"] for o in self.fake.orders()}, {"canceled"})
+        self.assertEqual(self.fake.balance("USDT"), (Decimal("10000"), Decimal("0")))
+        self.assertEqual(self.error("POST", "/api/v5/trade/cancel-batch-orders",
+                                    [{"instId": "BTC-USDT", "ordId": first}] * 21, status=400)[0], "51406")
+
+
+class FakeOptionSelfTest(FakeTradeTestCase):
+    """OPTION instruments of the fake (BTC-USD, ETH-USD): listing, market data, orders, positions."""
+
+    def expected_expiries(self):
+        """Fridays 08:00 UTC worked out day by day: the next one and the last of next month (+ 25 Dec 2026)."""
+        now = dt.datetime.fromtimestamp(self.fake.now_ms() / 1000, dt.timezone.utc)
+        days = [dt.datetime(now.year, now.month, now.day, 8, tzinfo=dt.timezone.utc) + dt.timedelta(days=n)
+                for n in range(70)]
+        fridays = [day for day in days if day.weekday() == 4]
+        next_month = (now.month % 12) + 1
+        expiries = {[day for day in fridays if day > now][0], [day for day in fridays if day.month == next_month][-1]}
+        if dt.datetime(2026, 12, 25, 8, tzinfo=dt.timezone.utc) > now:
+            expiries.add(dt.datetime(2026, 12, 25, 8, tzinfo=dt.timezone.utc))
+        return {str(int(day.timestamp() * 1000)) for day in expiries}
+
+    def test_option_instruments_and_tickers_need_the_instrument_family(self):
+        for path in ("/api/v5/public/instruments?instType=OPTION", "/api/v5/market/tickers?instType=OPTION"):
+            status, answer = okx_request(self.fake.base_url, "GET", path, signed=False)
+            self.assertEqual((status, answer["code"], answer["msg"]),
+                             (400, "50014", "Parameter instFamily can not be empty."))
+        _, answer = okx_request(self.fake.base_url, "GET", "/api/v5/public/instruments?instType=OPTION&instFamily="
+                                "BTC-USD", signed=False)
+        rows = {row["instId"]: row for row in answer["data"]}
+        self.assertEqual({(row["instType"], row["instFamily"], row["uly"]) for row in rows.values()},
+                         {("OPTION", "BTC-USD", "BTC-USD")})
+        self.assertEqual({row["expTime"] for row in rows.values()}, self.expected_expiries())
+        self.assertEqual("BTC-USD-261225-100000-C" in rows, self.fake.now_ms() < 1798185600000)   # 25 Dec 2026 8:00
+        row = rows[self.option_id("100000")]
+        self.assertEqual({name: row[name] for name in ("optType", "stk", "ctVal", "ctMult", "ctValCcy", "settleCcy",
+                                                       "tickSz", "lotSz", "minSz", "lever", "ctType")},
+                         {"optType": "C", "stk": "100000", "ctVal": "1", "ctMult": "0.01", "ctValCcy": "BTC",
+                          "settleCcy": "BTC", "tickSz": "0.0001", "lotSz": "1", "minSz": "1", "lever": "",
+                          "ctType": ""})
+        if "BTC-USD-261225-100000-C" in rows:
+            self.assertEqual((rows["BTC-USD-261225-100000-C"]["expTime"], rows["BTC-USD-261225-100000-P"]["stk"]),
+                             ("1798185600000", "100000"))
+        strikes = {int(row["stk"]) for row in rows.values()}
+        self.assertEqual(strikes, {41000, 42000, 43000, 44000, 45000, 100000})      # around 43000 and the fixed one
+        for inst_id, row in rows.items():
+            family, day, strike, kind = inst_id.rsplit("-", 3)
+            self.assertEqual((family, strike, kind), ("BTC-USD", row["stk"], row["optType"]))
+            expiry = dt.datetime.fromtimestamp(int(row["expTime"]) / 1000, dt.timezone.utc)
+            self.assertEqual((expiry.strftime("%y%m%d"), expiry.hour, expiry.weekday()), (day, 8, 4))
+        _, tickers = okx_request(self.fake.base_url, "GET", "/api/v5/market/tickers?instType=OPTION&instFamily=BTC-USD",
+                                 signed=False)
+        self.assertEqual({row["instId"] for row in tickers["data"]}, set(rows))
+        for row in tickers["data"]:
+            self.assertEqual((row["instType"], Decimal(row["bidPx"]) % Decimal("0.0001")), ("OPTION", 0))
+            self.assertLess(Decimal(row["bidPx"]), Decimal(row["askPx"]))
+        _, eth = okx_request(self.fake.base_url, "GET", "/api/v5/public/instruments?instType=OPTION&instFamily=ETH-USD",
+                             signed=False)
+        self.assertEqual({(row["ctMult"], row["settleCcy"]) for row in eth["data"]}, {("0.1", "ETH")})
+
+    def test_option_market_data(self):
+        inst_id = self.option_id()
+        ticker = self.rest("GET", "/api/v5/market/ticker?instId=" + inst_id)["data"][0]
+        self.assertEqual(ticker["instType"], "OPTION")
+        self.assertTrue(0 < Decimal(ticker["last"]) < 1, ticker)
+        book = self.rest("GET", "/api/v5/market/books?sz=400&instId=" + self.option_id("100000"))["data"][0]
+        self.assertTrue(book["bids"] and all(Decimal(px) > 0 for px, _, _, _ in book["bids"]))
+        self.assertEqual(len(book["asks"]), 400)
+        self.assertEqual(len(self.rest("GET", "/api/v5/market/trades?limit=5&instId=" + inst_id)["data"]), 5)
+        candles = self.rest("GET", "/api/v5/market/candles?bar=1H&limit=3&instId=" + inst_id)["data"]
+        self.assertEqual([len(row) for row in candles], [9, 9, 9])
+        self.assertTrue(all(0 < Decimal(px) < 1 for row in candles for px in row[1:5]))
+
+    def test_an_option_fill_pays_the_premium_and_opens_a_net_position(self):
+        inst_id = self.option_id()
+        ticker = self.rest("GET", "/api/v5/market/ticker?instId=" + inst_id)["data"][0]
+        ask, bid = Decimal(ticker["askPx"]), Decimal(ticker["bidPx"])
+        self.fake.set_position_mode("long_short_mode")          # options stay net in either mode
+        buy = self.place(instId=inst_id, tdMode="cross", side="buy", ordType="limit", px=fmt(ask), sz="2")
+        premium = ask * 2 * Decimal("0.01")
+        btc = Decimal("0.5") - premium - premium * self.fake.fee_rate
+        self.assertEqual(self.fake.balance("BTC"), (btc, Decimal(0)))
+        positions = self.rest("GET", "/api/v5/account/positions?instType=OPTION")["data"]
+        self.assertEqual([(p["instId"], p["instType"], p["pos"], p["posSide"], p["avgPx"], p["mgnMode"])
+                          for p in positions], [(inst_id, "OPTION", "2", "net", fmt(ask), "cross")])
+        self.assertEqual([p["instId"] for p in self.rest("GET", "/api/v5/account/positions")["data"]], [inst_id])
+        history = self.rest("GET", "/api/v5/trade/orders-history?instType=OPTION")["data"]
+        self.assertEqual([(o["ordId"], o["instType"], o["state"]) for o in history], [(buy, "OPTION", "filled")])
+        self.place(instId=inst_id, tdMode="cross", side="sell", ordType="limit", px=fmt(bid), sz="3")
+        received = bid * 3 * Decimal("0.01")
+        btc += received - received * self.fake.fee_rate - Decimal("0.01")          # 1 short contract's cover
+        self.assertEqual(self.fake.balance("BTC"), (btc, Decimal("0.01")))
+        position = self.rest("GET", "/api/v5/account/positions?instType=OPTION")["data"][0]
+        self.assertEqual((position["pos"], position["avgPx"]), ("-1", fmt(bid)))
+        resting = self.place(instId=inst_id, tdMode="cross", side="buy", ordType="limit", px="0.0001", sz="1")
+        pending = self.rest("GET", "/api/v5/trade/orders-pending?instType=OPTION")["data"]
+        self.assertEqual([(o["ordId"], o["instType"], o["px"]) for o in pending], [(resting, "OPTION", "0.0001")])
+        self.assertEqual(self.fake.balance("BTC")[1], Decimal("0.010001"))
+        market = {"instId": inst_id, "tdMode": "cross", "side": "buy", "ordType": "market", "sz": "1"}
+        self.assertEqual(self.error("POST", "/api/v5/trade/order", market)[0], "51066")
+        self.assertEqual(self.error("POST", "/api/v5/trade/order", dict(market, ordType="limit", px="0.00015"))[0],
+                         "51000")
 
 
 
