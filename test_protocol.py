@@ -2232,10 +2232,12 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         with self._lock:
             return dict(PUSH_DEFAULTS, **self.accounts[key]["orders"][ord_id].get("_push", {}))
 
+    @account_change()
     def _amended(self, account, order, result, req_id, code="0", msg=""):
-        """Record an amendment's outcome on the order (the private stream's orders push goes out here)."""
+        """Record an amendment's outcome on the order and push it on the private stream's orders channel."""
         order["_push"] = {"amendResult": result, "reqId": req_id, "code": code, "msg": msg}
         order["uTime"] = str(self.now_ms())
+        self._order_event(account, order, amendResult=result, reqId=req_id, code=code, msg=msg)
 
     def _amend_reserve(self, account, inst, order, remaining, price):
         """What the unfilled `remaining` of an amended order freezes at `price`: (ccy, amount), or None."""
