@@ -211,6 +211,11 @@ ERROR_HINTS = {
 }
 
 
+# The docker method the current thread serves: ``method`` as the docker spelled it (for log lines),
+# ``counted`` the name it is counted under (for GET /status). "-" outside a call.
+_context = threading.local()
+
+
 class Config:
     """The plugin's settings: the command line's flags, and the clock everything measures time with."""
 
@@ -896,6 +901,18 @@ class RateLimiter:
         with self._lock:
             return len(self._windows)
 
+    def usage(self):
+        """``{endpoint: buckets in use}`` (a bucket per key or instrument, by the endpoint's scope), the
+        buckets whose window holds a request now. Keys are not shown."""
+        now = self.clock.monotonic()
+        usage = collections.Counter()
+        with self._lock:
+            for bucket, sent in self._windows.items():
+                window = self.limits[(bucket[0], bucket[1])][1] + RATE_WINDOW_MARGIN
+                if sent and sent[-1] > now - window:
+                    usage["%s %s" % bucket[:2]] += 1
+        return dict(usage)
+
     def acquire(self, bucket, deadline):
         """Wait for a place in ``bucket``'s window, or raise RateLimited if it would come after deadline."""
         if bucket is None:
@@ -974,6 +991,7 @@ class OKXClient:
         self.exchange_clock = ExchangeClock(self.clock)
         self.user_agent = "fmz-okx-plugin/%s" % __version__
         self.requests_sent = collections.Counter()   # path -> requests sent to OKX (for GET /status)
+        self._by_method = collections.Counter()      # docker method -> requests it sent to OKX
         self._count_lock = threading.Lock()
         self._flights = {}        # key -> _Flight of a shared request or a cache load on its way
         self._flights_lock = threading.Lock()
@@ -1046,6 +1064,12 @@ class OKXClient:
             if path not in self.requests_sent and len(self.requests_sent) >= 64:
                 path = "(other paths)"        # exchange.IO may name any path: the count stays small
             self.requests_sent[path] += 1
+            self._by_method[getattr(_context, "counted", None) or "(background)"] += 1
+
+    def requests_by_method(self):
+        """``{docker method: requests sent to OKX for it}``; "(background)" for the streams' and clock's own."""
+        with self._count_lock:
+            return dict(self._by_method)
 
     def call(self, method, path, params=None, body=None, credentials=None, deadline=None, **options):
         """Send one OKX call; return its ``data`` list, or raise ExchangeError for any error code."""
@@ -3040,28 +3064,40 @@ class OKX(BaseProtocol):
         self._demo = None
 
     # --- plumbing -------------------------------------------------------------------------------------
+    _known_keys = LastUsed(1000)          # (access key, Secret Key field) -> Credentials: parsed once
+
     @property
     def credentials(self):
         """The request's OKX key; BadRequest when the docker sent none or a malformed one."""
         if self._credentials is None:
-            if not self.request.access_key:
-                raise BadRequest("access_key is empty: this method needs an OKX API key")
-            if not _PRINTABLE_RE.match(self.request.access_key):
-                raise BadRequest("access_key may hold only printable ASCII characters")
-            if len(self.request.access_key) > MAX_KEY_CHARS:
-                raise BadRequest("access_key is longer than any OKX API key (%d characters at most)" % MAX_KEY_CHARS)
-            secret, passphrase, demo = parse_secret_field(self.request.secret_key)
-            self._credentials = Credentials(self.request.access_key, secret, passphrase, demo)
+            field = (self.request.access_key, self.request.secret_key)
+            self._credentials = OKX._known_keys.get(field)
+            if self._credentials is None:
+                self._credentials = OKX._known_keys[field] = self._parse_credentials()
         return self._credentials
+
+    def _parse_credentials(self):
+        access_key = self.request.access_key
+        if not access_key:
+            raise BadRequest("access_key is empty: this method needs an OKX API key")
+        if not _PRINTABLE_RE.match(access_key):
+            raise BadRequest("access_key may hold only printable ASCII characters")
+        if len(access_key) > MAX_KEY_CHARS:
+            raise BadRequest("access_key is longer than any OKX API key (%d characters at most)" % MAX_KEY_CHARS)
+        secret, passphrase, demo = parse_secret_field(self.request.secret_key)
+        return Credentials(access_key, secret, passphrase, demo)
 
     @property
     def demo(self):
         """True for a demo-trading key (``,simulate``): its market-data calls carry the demo header too."""
         if self._demo is None:
             try:
-                self._demo = parse_secret_field(self.request.secret_key)[2]
+                self._demo = self.credentials.demo
             except BadRequest:        # public calls need no valid key
-                self._demo = False
+                try:
+                    self._demo = parse_secret_field(self.request.secret_key)[2]
+                except BadRequest:
+                    self._demo = False
         return self._demo
 
     def _market(self, path, params):
@@ -3533,8 +3569,17 @@ class Param:
         return self.default
 
 
+_known_symbols = LastUsed(1000)           # (symbol, contract type) -> Symbol: parsed once
+
+
 def _symbol(value, params, name):
-    return Symbol(*split_symbol(value, params.get("contract_type") or params.get("contractType")))
+    key = (value, params.get("contract_type") or params.get("contractType"))
+    symbol = _known_symbols.get(key) if isinstance(value, str) and isinstance(key[1], (str, type(None))) else None
+    if symbol is None:
+        symbol = Symbol(*split_symbol(*key))
+        if isinstance(value, str) and isinstance(key[1], (str, type(None))):
+            _known_symbols[key] = symbol
+    return symbol
 
 
 def _contract(value, params, name):
@@ -3662,8 +3707,8 @@ def dispatch(protocol, method, params):
 # =====================================================================================================
 
 EXCHANGES = {"okx": (OKX, OKXShared)}   # last path segment of the service address -> (protocol, shared state)
-
-_context = threading.local()             # the docker method being served, for log lines
+MAX_HEADER_LINE = 65536                  # as http.server: a longer line is answered 431
+MAX_HEADERS = 100
 
 
 class _MethodLogFilter(logging.Filter):
@@ -3674,27 +3719,107 @@ class _MethodLogFilter(logging.Filter):
         return True
 
 
+class HeaderFields(dict):
+    """A request's header fields by lower-cased name (the last of repeated ones); ``get`` ignores case."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+class CallCounts:
+    """Calls, errors and OKX requests per docker method, for GET /status (thread-safe, bounded: unknown
+    method names count together)."""
+
+    def __init__(self):
+        self._counts = {}
+        self._lock = threading.Lock()
+
+    def add(self, method, what, count=1):
+        with self._lock:
+            if method not in self._counts and len(self._counts) >= 64:
+                method = "(other)"
+            entry = self._counts.setdefault(method, {"calls": 0, "errors": 0, "okx_requests": 0})
+            entry[what] += count
+
+    def snapshot(self):
+        with self._lock:
+            return {method: dict(entry) for method, entry in sorted(self._counts.items())}
+
+
+def count_key(method):
+    """The name a docker method is counted under: its DISPATCH key, ``__api_``, or ``(unknown)``."""
+    if method[:len(API_PREFIX)].lower() == API_PREFIX:
+        return API_PREFIX
+    try:
+        return resolve_method(method)
+    except BadRequest:
+        return "(unknown)"
+
+
 class DockerHandler(http.server.BaseHTTPRequestHandler):
     """Serves the FMZ docker: ``POST /<Exchange>`` with a JSON body, answered with JSON.
 
     Connections are kept alive (HTTP/1.1). Every answer is HTTP 200 with ``{"data": ..., "raw": ...}`` or
     ``{"error": "..."}``, including for malformed requests; a request whose body cannot be read (no or a
     false Content-Length, too large, too slow) also closes the connection. Only what is not HTTP at all (a
-    garbled request line, headers too long) gets a 4xx status, still with a JSON error body.
+    garbled request line, headers too long) gets a 4xx status, still with a JSON error body. ``GET /status``
+    answers the operator's status page (``PluginServer.status``); every other verb or path an error.
     """
 
     protocol_version = "HTTP/1.1"
     server_version = "fmz-okx-plugin/" + __version__
     timeout = CLIENT_READ_TIMEOUT         # bounds reading a request and idle keep-alive time
     disable_nagle_algorithm = True        # answers go out at once, not after a delayed ACK
+    _date = (0, "")                       # (second, Date header value) shared by every handler
+
+    def parse_request(self):
+        """As http.server's, but the header lines are read with a plain loop: the email parser http.server
+        uses costs more than the rest of a call answered from memory. An unusual request line goes to
+        http.server's own parser."""
+        words = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n").split()
+        if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0"):
+            return super().parse_request()
+        self.requestline = " ".join(words)
+        self.command, self.path, self.request_version = words
+        self.close_connection = words[2] == "HTTP/1.0"
+        headers, name = HeaderFields(), None
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "Line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            text = line.decode("iso-8859-1")
+            if text[0] in " \t" and name is not None:        # a folded continuation line
+                headers[name] += " " + text.strip()
+                continue
+            name, colon, value = text.partition(":")
+            if not colon or not name.strip():
+                self.send_error(400, "Bad header line")
+                return False
+            name = name.strip().lower()
+            headers[name] = value.strip()
+        else:
+            self.send_error(431, "Too many headers")
+            return False
+        self.headers = headers
+        connection = headers.get("connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if headers.get("expect", "").lower() == "100-continue" and words[2] == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def do_POST(self):
         started = time.monotonic()
-        _context.method = "-"
+        _context.method = _context.counted = "-"
         try:
             body = self._read_body()
             exchange, request, method, params = self._parse(body)
-            _context.method = method
+            _context.method, _context.counted = method, count_key(method)
             protocol_class, _ = EXCHANGES[exchange]
             data, raw = dispatch(protocol_class(request, self.server.exchanges[exchange]), method, params)
             answer = {"data": data}
@@ -3705,13 +3830,15 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:  # a bug must not kill the server nor hide what happened
             log.exception("internal error")
             answer = {"error": "internal error in the plugin (%s); see the plugin's log" % type(exc).__name__}
-        elapsed = (time.monotonic() - started) * 1000
+        counts = self.server.counts
+        counts.add(_context.counted, "calls")
         if "error" in answer:
-            log.warning("answered error in %.1f ms: %s", elapsed, answer["error"])
-        else:
-            log.debug("answered in %.1f ms", elapsed)
+            counts.add(_context.counted, "errors")
+            log.warning("answered error in %.1f ms: %s", (time.monotonic() - started) * 1000, answer["error"])
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("answered in %.1f ms", (time.monotonic() - started) * 1000)
         self._answer(answer)
-        _context.method = "-"
+        _context.method = _context.counted = "-"
 
     def _read_body(self):
         """The request body, or BadRequest (closing the connection when the body cannot be framed)."""
@@ -3740,10 +3867,10 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     def _parse(self, body):
         """``(exchange, DockerRequest, method, params)`` of a request body; BadRequest when malformed."""
-        exchange = urllib.parse.urlsplit(self.path).path.rstrip("/").rsplit("/", 1)[-1].lower()
+        exchange = _exchange_of(self.path)
         if exchange not in EXCHANGES:
-            raise BadRequest("unknown exchange %r in the path: use /%s"
-                             % (exchange, " or /".join(name.upper() for name in EXCHANGES)))
+            raise BadRequest("unknown exchange %s in the path: use /%s"
+                             % (_describe(exchange), " or /".join(name.upper() for name in EXCHANGES)))
         envelope = parse_docker_json(body)
         if not isinstance(envelope, dict):
             raise BadRequest("request body must be a JSON object, got %s" % type(envelope).__name__)
@@ -3765,22 +3892,28 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, answer, status=200):
         body = json.dumps(answer, separators=(",", ":"), default=json_default).encode("utf-8")
-        head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
-                "Server: " + self.version_string(), "Date: " + self.date_time_string(),
-                "Content-Type: application/json", "Content-Length: %d" % len(body)]
+        head = "HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+            status, self.responses.get(status, ("",))[0], self.server_version, self.date_time_string(), len(body))
         if self.close_connection:
-            head.append("Connection: close")
+            head += "Connection: close\r\n"
         try:
-            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            self.wfile.write((head + "\r\n").encode("latin-1") + body)
         except OSError:            # the docker went away; nothing to tell it
             self.close_connection = True
+
+    def do_GET(self):
+        if urllib.parse.urlsplit(self.path).path.rstrip("/") != "/status":
+            return self._wrong_verb()
+        _context.method = "status"
+        self._answer(self.server.status())
+        _context.method = "-"
 
     def _wrong_verb(self):
         _context.method = "-"
         self.close_connection = True
         self._answer({"error": "only POST is supported: the FMZ docker sends POST /<Exchange> with a JSON body"})
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _wrong_verb
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _wrong_verb
 
     def send_error(self, code, message=None, explain=None):
         """Malformed HTTP (bad request line, headers too long): a JSON error, then close."""
@@ -3792,8 +3925,31 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         """The Server header names the plugin only, not the Python under it."""
         return self.server_version
 
+    def date_time_string(self, timestamp=None):
+        """The Date header, formatted once a second (it is the same for every answer of that second)."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached = DockerHandler._date
+        if cached[0] != second:
+            cached = DockerHandler._date = (second, super().date_time_string(second))
+        return cached[1]
+
     def log_message(self, format, *args):
         log.debug("docker %s: " + format, self.address_string(), *args)
+
+
+_exchanges_of_paths = {}
+
+
+def _exchange_of(path):
+    """The exchange a request path names: its last segment, lower case (``/OKX`` -> ``okx``)."""
+    exchange = _exchanges_of_paths.get(path)
+    if exchange is None:
+        exchange = urllib.parse.urlsplit(path).path.rstrip("/").rsplit("/", 1)[-1].lower()
+        if exchange in EXCHANGES and len(_exchanges_of_paths) < 64:
+            _exchanges_of_paths[path] = exchange
+    return exchange
 
 
 def parse_docker_json(body):
@@ -3834,6 +3990,8 @@ class PluginServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.config = config
         self.exchanges = {name: shared_class(config) for name, (_, shared_class) in EXCHANGES.items()}
+        self.counts = CallCounts()
+        self.started_at = config.clock.monotonic()
         self._active = 0
         self._active_lock = threading.Lock()
         super().__init__(address, handler)
@@ -3860,6 +4018,28 @@ class PluginServer(http.server.ThreadingHTTPServer):
         finally:
             with self._active_lock:
                 self._active -= 1
+
+    def status(self):
+        """GET /status: version, uptime, each live stream (an account stream named by the first 4 characters
+        of its key), the rate-limit buckets in use, and calls, errors and OKX requests per docker method.
+        It holds no secret, passphrase or full key."""
+        counts = self.counts.snapshot()
+        answer = {"version": __version__, "uptime_s": round(self.config.clock.monotonic() - self.started_at, 1),
+                  "docker_connections": self._active, "exchanges": {}}
+        for name, shared in self.exchanges.items():
+            client = shared.client
+            for method, okx_requests in client.requests_by_method().items():
+                counts.setdefault(method, {"calls": 0, "errors": 0, "okx_requests": 0})["okx_requests"] = okx_requests
+            answer["exchanges"][name] = {
+                "api_base": client.api_base,
+                "streams": {"market": [stream.status() for stream in shared.streams()
+                                       if isinstance(stream, MarketStream)],
+                            "account": [stream.status() for stream in shared.streams()
+                                        if isinstance(stream, AccountStream)]},
+                "rate_limit_buckets": client.limiter.usage(),
+                "okx_requests": dict(client.requests_sent)}
+        answer["methods"] = counts
+        return answer
 
     def handle_error(self, request, client_address):
         """A docker connection failed outside a request (e.g. reset): a log line, not a traceback."""
