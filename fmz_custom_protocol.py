@@ -165,6 +165,13 @@ RATE_LIMITS = {
     ("POST", "/api/v5/account/set-leverage"): (20, 2, "key"),
     ("GET", "/api/v5/account/config"): (5, 2, "key"),
     ("GET", "/api/v5/account/leverage-info"): (20, 2, "key"),
+    ("POST", "/api/v5/trade/amend-order"): (60, 2, "key+instId"),
+    ("POST", "/api/v5/trade/order-algo"): (20, 2, "key+instId"),
+    ("POST", "/api/v5/trade/amend-algos"): (20, 2, "key+instId"),
+    ("POST", "/api/v5/trade/cancel-algos"): (20, 2, "key"),
+    ("GET", "/api/v5/trade/order-algo"): (20, 2, "key"),
+    ("GET", "/api/v5/trade/orders-algo-pending"): (20, 2, "key"),
+    ("GET", "/api/v5/trade/orders-algo-history"): (20, 2, "key"),
 }
 # OKX counts a request when it arrives; this margin keeps our window a little wider than OKX's so
 # that network jitter never puts one request too many into OKX's window.
@@ -289,7 +296,8 @@ MAX_NUMBER_CHARS = 64
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]*$")      # what HTTP header values can carry
 _CURRENCY_RE = re.compile(r"^[A-Za-z0-9]{1,20}$")     # OKX currency names: BTC, USDT, 1INCH
-_CONTRACT_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")   # swap, this_week, 250328, BTC-USD-261225-100000-C
+_CONTRACT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")  # swap, this_week, 250328, BTC-USD-261225-100000-C
+_OPTION_RE = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+-[0-9]{6}-[0-9.]+-[CPcp]$")  # family-YYMMDD-strike-C|P
 
 
 def decimal_text(value, name, allow_negative_one=False):
@@ -370,7 +378,7 @@ def split_symbol(fmz_symbol, contract_type=None):
     if contract and not _CONTRACT_RE.match(contract):
         raise BadRequest("unknown contract type %s: use swap, %s, or a delivery date YYMMDD"
                          % (_describe(contract), ", ".join(FUTURES_ALIASES)))
-    contract = contract.lower()
+    contract = contract.upper() if _OPTION_RE.match(contract) else contract.lower()   # options keep OKX's instId
     if contract == "spot":
         contract = ""
     return base.upper(), quote.upper(), contract
@@ -378,19 +386,24 @@ def split_symbol(fmz_symbol, contract_type=None):
 
 def fmz_symbol_of(inst_id, alias=""):
     """The FMZ symbol of an OKX instId: ``BTC-USDT`` -> ``BTC_USDT``, ``BTC-USDT-SWAP`` -> ``BTC_USDT.swap``,
-    ``BTC-USD-250328`` -> ``BTC_USD.quarter`` when its alias is known, else ``BTC_USD.250328``."""
+    ``BTC-USD-250328`` -> ``BTC_USD.quarter`` when its alias is known, else ``BTC_USD.250328``; an option
+    keeps its whole instId: ``BTC-USD-261225-100000-C`` -> ``BTC_USD.BTC-USD-261225-100000-C``."""
     parts = inst_id.split("-")
     symbol = "_".join(parts[:2])
     if len(parts) < 3:
         return symbol
+    if _OPTION_RE.match(inst_id):
+        return "%s.%s" % (symbol, inst_id)
     return "%s.%s" % (symbol, "swap" if parts[2] == "SWAP" else (alias or parts[2]))
 
 
 def inst_type_of(inst_id):
-    """``SPOT``, ``SWAP`` or ``FUTURES`` from the form of an instId."""
+    """``SPOT``, ``SWAP``, ``FUTURES`` or ``OPTION`` from the form of an instId."""
     parts = inst_id.split("-")
     if len(parts) < 3:
         return "SPOT"
+    if _OPTION_RE.match(inst_id):
+        return "OPTION"
     return "SWAP" if parts[2] == "SWAP" else "FUTURES"
 
 
@@ -402,6 +415,139 @@ def okx_bar(period):
     except KeyError:
         raise BadRequest("period %d is not supported; use one of %s (minutes)"
                          % (minutes, ", ".join(str(p) for p in PERIOD_TO_BAR))) from None
+
+
+# FMZ's condition types (CreateConditionOrder's ConditionType) and the OKX algo ordType each one becomes.
+CONDITION_TYPES = {0: "oco", 1: "conditional", 2: "conditional", 3: "trigger"}
+CONDITION_NAMES = {0: "OCO", 1: "take-profit", 2: "stop-loss", 3: "generic"}
+CONDITION_FIELDS = ("ConditionType", "TpTriggerPrice", "TpOrderPrice", "SlTriggerPrice", "SlOrderPrice")
+
+
+class Condition(collections.namedtuple("Condition", "type tp_trigger tp_order sl_trigger sl_order")):
+    """A parsed FMZ condition: ``type`` 0 OCO, 1 take-profit, 2 stop-loss, 3 generic; each price decimal
+    text, ``"-1"`` for a market order price, or None when not set."""
+
+    @property
+    def legs(self):
+        """The legs that are set: ``{"tp": (trigger, order), "sl": (trigger, order)}``."""
+        legs = {}
+        for leg, trigger, order in (("tp", self.tp_trigger, self.tp_order), ("sl", self.sl_trigger, self.sl_order)):
+            if trigger is not None or order is not None:
+                legs[leg] = (trigger, order)
+        return legs
+
+
+def parse_condition(value, name="condition", partial=False):
+    """FMZ's condition object (or its JSON text), its field names in any letter case, as a Condition.
+
+    A price of 0 or absent is not set (FMZ's typed languages send 0 for unset fields); an order price of
+    -1 is a market order. Each leg that is set needs its trigger and its order price.
+    """
+    if isinstance(value, str):
+        try:
+            value = loads_exact(value)
+        except (ValueError, RecursionError):
+            raise BadRequest("%s must be an object or its JSON text, got %s" % (name, _describe(value))) from None
+    if not isinstance(value, dict):
+        raise BadRequest("%s must be an object like {\"ConditionType\": 0, ...}, got %s" % (name, _describe(value)))
+    fields = {str(key).lower(): field_value for key, field_value in value.items()}
+    kind = fields.get("conditiontype")
+    if kind is None or kind == "":
+        raise BadRequest("%s.ConditionType is required: 0 OCO, 1 take-profit, 2 stop-loss, 3 generic" % name)
+    kind = parse_int(kind, name + ".ConditionType", 0, 3)
+    prices = []
+    for field in CONDITION_FIELDS[1:]:
+        raw = fields.get(field.lower())
+        if raw is None or raw == "" or (not isinstance(raw, bool) and isinstance(raw, (int, Decimal, str))
+                                        and _is_zero(raw)):
+            prices.append(None)
+        else:
+            prices.append(decimal_text(raw, "%s.%s" % (name, field), allow_negative_one=field.endswith("OrderPrice")))
+    condition = Condition(kind, *prices)
+    for leg, (trigger, order) in condition.legs.items():
+        if trigger is None or order is None:
+            raise BadRequest("%s: the %s leg needs both %sTriggerPrice and %sOrderPrice (-1: market)"
+                             % (name, "take-profit" if leg == "tp" else "stop-loss", leg.title(), leg.title()))
+    wanted = {0: ("tp", "sl"), 1: ("tp",), 2: ("sl",)}.get(kind)
+    legs = sorted(condition.legs)
+    if partial:                           # an amendment sets only what changes
+        if kind == 3 and len(legs) > 1:
+            raise BadRequest("%s: a generic condition has one leg, got two" % name)
+        return condition
+    if wanted is not None and tuple(legs) != tuple(sorted(wanted)):
+        raise BadRequest("%s: a%s %s condition needs %s" % (
+            name, "n" if kind == 0 else "", CONDITION_NAMES[kind],
+            {0: "both a take-profit and a stop-loss leg", 1: "the take-profit leg only",
+             2: "the stop-loss leg only"}[kind]))
+    if kind == 3 and len(legs) != 1:
+        raise BadRequest("%s: a generic condition needs one leg (TpTriggerPrice/TpOrderPrice or "
+                         "SlTriggerPrice/SlOrderPrice), got %d" % (name, len(legs)))
+    return condition
+
+
+# Condition orders (OKX's algo orders): their kinds, FMZ statuses, and the client id of each.
+ALGO_ORD_TYPES = ("conditional,oco", "trigger")           # what orders-algo-pending/-history are asked for
+ALGO_FINAL_STATES = ("effective", "canceled", "order_failed")
+ALGO_STATUS = {"live": "pending", "pause": "pending", "partially_effective": "pending", "effective": "filled",
+               "canceled": "canceled", "order_failed": "canceled", "partially_failed": "canceled"}
+ALGO_SL_PREFIX = "fmzs"           # the algoClOrdId of a generic condition set on its stop-loss leg
+
+
+def algo_legs(condition):
+    """The OKX fields of a condition's legs: ``tpTriggerPx``/``tpOrdPx`` and ``slTriggerPx``/``slOrdPx``,
+    or, for a generic condition, ``triggerPx``/``orderPx`` of its one leg. Legs not set are left out."""
+    if condition.type == 3:
+        (trigger, order), = condition.legs.values()
+        return {"triggerPx": trigger, "orderPx": order}
+    fields = {}
+    for leg, (trigger, order) in sorted(condition.legs.items()):
+        fields[leg + "TriggerPx"], fields[leg + "OrdPx"] = trigger, order
+    return fields
+
+
+def algo_client_id_for(nonce, condition):
+    """The algoClOrdId of a condition order: like ``clord_id_for``, so that a request places at most one;
+    ``fmzs`` marks a generic condition set on its stop-loss leg (OKX keeps only triggerPx for it)."""
+    digits = clord_id_for(nonce)[3:]
+    if condition.type == 3 and "sl" in condition.legs:
+        return ALGO_SL_PREFIX + digits[-28:]
+    return "fmz" + digits
+
+
+def _is_zero(value):
+    try:
+        return Decimal(str(value).strip() or "0") == 0
+    except ArithmeticError:
+        return False
+
+
+def loads_exact(text):
+    """JSON text as Python, numbers with a point as Decimal (never float). ValueError (RecursionError when
+    nested deeper than Python follows) also for NaN or Infinity, and for an integer of more than
+    MAX_JSON_DIGITS digits: Python 3.8 to 3.10 take seconds to read one of a million digits."""
+    return json.loads(text, parse_float=Decimal, parse_int=_json_int, parse_constant=_no_constants)
+
+
+def _json_int(text):
+    if len(text) > MAX_JSON_DIGITS:
+        raise ValueError("an integer of %d digits" % len(text))
+    return int(text)
+
+
+def _no_constants(name):
+    raise ValueError("%s is not a number" % name)
+
+
+def parse_docker_json(body):
+    """A docker request body as JSON (``loads_exact``); BadRequest when it is not UTF-8 or not JSON."""
+    try:
+        return loads_exact(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8 text") from None
+    except RecursionError:
+        raise BadRequest("request body is not JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise BadRequest("request body is not JSON (%s)" % exc) from None
 
 
 def fmz_order_status(state, filled):
@@ -1013,7 +1159,12 @@ class OKXClient:
         method = method.upper()
         query = urllib.parse.urlencode([(k, _query_value(v)) for k, v in (params or {}).items()])
         target = path + ("?" + query if query else "")
-        payload = dumps(body if body is not None else {}) if method == "POST" else ""
+        if method != "POST":
+            payload = ""
+        elif isinstance(body, str):        # JSON text given by exchange.IO: sent (and signed) as it is
+            payload = body
+        else:
+            payload = dumps(body if body is not None else {})
         bucket = self.limiter.bucket(method, path, credentials and credentials.api_key,
                                      body if method == "POST" else params)
         if retry_safe is None:
@@ -1225,6 +1376,9 @@ def raise_for_code(envelope, status=200, path=""):
 ORDER_RECOVERY_SECONDS = 2.0      # of a call's time, kept to look for an order whose answer was lost
 ORDER_EXPIRY_SECONDS = 5.0        # an order must reach OKX within this (its expTime) or is never executed
 ORDER_EXPIRY_MARGIN = 0.25        # after expTime, wait this much more (clock sync accuracy) before "never"
+AMEND_PUSH_WAIT = 1.0             # how long modifyorder waits for the push with its amendment's result...
+AMEND_READ_BACKS = 3              # ...or, without one, reads the order back this often,
+AMEND_READ_BACK_WAIT = 0.2        # this many seconds apart
 
 
 class OrderKind(collections.namedtuple("OrderKind", "what path id_field client_field lookup_path "
@@ -2530,6 +2684,27 @@ class AccountStream(LiveConnection):
                 return                    # its push came before the answer
             self._awaited[ord_id] = (inst_id, sent_at, cancel)
 
+    def expect_amend(self, req_id):
+        """An amendment with ``req_id`` is about to be sent: its result push is kept for ``amend_result``."""
+        waiter = (req_id, threading.Event())
+        with self._lock:
+            self._amends[req_id] = [waiter[1], None]
+            while len(self._amends) > 100:            # waiters that never asked for their result
+                del self._amends[next(iter(self._amends))]
+        return waiter
+
+    def amend_result(self, waiter):
+        """``(amendResult, code, msg)`` pushed for the amendment, waiting up to AMEND_PUSH_WAIT while the
+        connection is live; None when none came (then read the order back)."""
+        req_id, event = waiter
+        with self._lock:
+            live = self._trusted("orders", self.clock.monotonic())
+        if live:
+            self.clock.wait(event, AMEND_PUSH_WAIT)
+        with self._lock:
+            entry = self._amends.pop(req_id, None)
+        return entry[1] if entry else None
+
     def status(self):
         """What GET /status shows of this stream (the key by its first 4 characters only)."""
         with self._lock:
@@ -2593,6 +2768,7 @@ class AccountStream(LiveConnection):
         self._orders_loading = False
         self._orders_results = []
         self._reload_at = None
+        self._amends = getattr(self, "_amends", collections.OrderedDict())  # reqId -> [Event, result]
 
     def _opened(self, ws):
         """Log in, wait for OKX's answer, then subscribe the three channels."""
@@ -2693,6 +2869,7 @@ class AccountStream(LiveConnection):
             if channel == "orders":
                 for row in data:
                     if isinstance(row, dict) and row.get("ordId"):
+                        self._note_amend(row)
                         self._merge_order(rest_order_row(row), now)
             elif channel in ("account", "positions"):
                 self._on_snapshot_or_update(channel, message, data, now)
@@ -2764,6 +2941,13 @@ class AccountStream(LiveConnection):
             self._positions.pop(key, None)
         else:
             self._positions[key] = {name: value for name, value in row.items() if name != "pTime"}
+
+    def _note_amend(self, row):
+        """An orders push that carries the result of an amendment this plugin is waiting for."""
+        entry = self._amends.get(row.get("reqId"))
+        if entry is not None and row.get("amendResult") not in (None, ""):
+            entry[1] = (str(row["amendResult"]), str(row.get("code") or ""), str(row.get("msg") or ""))
+            entry[0].set()
 
     def _merge_order(self, row, now):
         """One order row (pushed, ``now`` its arrival; or from REST, ``now`` None) merged by ``supersedes``."""
@@ -2852,11 +3036,12 @@ class BaseProtocol:
         ``period`` in minutes, ``limit`` bars."""
         self._unsupported("records")
 
-    def tickers(self, contract):
-        """``[{symbol, buy, sell, high, low, open, last, vol, time}, ...]`` for every instrument of a kind."""
+    def tickers(self, contract, family=None):
+        """``[{symbol, buy, sell, high, low, open, last, vol, time}, ...]`` for every instrument of a kind
+        (options: of one underlying ``family``)."""
         self._unsupported("tickers")
 
-    def markets(self, contract):
+    def markets(self, contract, family=None):
         """``{fmz_symbol: {symbol, baseAsset, quoteAsset, tickSize, amountSize, pricePrecision,
         amountPrecision, minQty, maxQty, minNotional, maxNotional, ctVal, ctValCcy}, ...}``."""
         self._unsupported("markets")
@@ -2891,6 +3076,10 @@ class BaseProtocol:
         """Cancel an order; ``true``."""
         self._unsupported("cancel")
 
+    def modifyorder(self, id, symbol, price, amount, type=None):
+        """Move a resting order to a new ``price`` and/or ``amount`` ("-1" keeps either); ``{id}``."""
+        self._unsupported("ModifyOrder")
+
     # --- futures --------------------------------------------------------------------------------------
     def positions(self, symbol):
         """``[{symbol, margin_level, amount, frozen_amount, price, profit, margin, type, contract_type}]``;
@@ -2905,7 +3094,37 @@ class BaseProtocol:
         """``[{symbol, rate, time, interval, next_time}, ...]``: funding rate of perpetual swaps."""
         self._unsupported("fundings")
 
-    # --- exchange.IO("api", ...) ----------------------------------------------------------------------
+    # --- condition orders --------------------------------------------------------------------------------
+    def createconditionorder(self, symbol, type, amount, condition, direction=None):
+        """Place an exchange-side condition order (``condition``: a Condition); ``{id}``."""
+        self._unsupported("CreateConditionOrder")
+
+    def modifyconditionorder(self, id, symbol, amount, condition, type=None):
+        """Change a condition order's amount ("-1" keeps it) and/or the legs ``condition`` sets; ``{id}``."""
+        self._unsupported("ModifyConditionOrder")
+
+    def cancelconditionorder(self, id, symbol):
+        """Cancel a condition order; ``true``."""
+        self._unsupported("CancelConditionOrder")
+
+    def conditionorder(self, id, symbol):
+        """One condition order: the order shape plus ``condition`` (``ConditionType``, ``TpTriggerPrice``,
+        ``TpOrderPrice``, ``SlTriggerPrice``, ``SlOrderPrice``, numbers as text, "0" when not set)."""
+        self._unsupported("GetConditionOrder")
+
+    def conditionorders(self, symbol):
+        """Pending condition orders, newest first."""
+        self._unsupported("GetConditionOrders")
+
+    def historyconditionorders(self, symbol, since, limit):
+        """Finished condition orders, oldest first; ``since`` ms (0: none)."""
+        self._unsupported("GetHistoryConditionOrders")
+
+    # --- the older io form, and exchange.IO("api", ...) ------------------------------------------------
+    def io(self, code, args, symbol=None):
+        """A futures setting in FMZ's older form: an operation ``code`` and its ``args``."""
+        self._unsupported("io")
+
     def api(self, path, params):
         """Any exchange endpoint, signed: the exchange's own JSON answer as ``data``."""
         self._unsupported("exchange.IO passthrough")
@@ -3127,6 +3346,12 @@ class OKX(BaseProtocol):
             return pair + "-SWAP"
         if re.match(r"^\d{6}$", contract):
             return "%s-%s" % (pair, contract)
+        if _OPTION_RE.match(contract):
+            inst_id = contract
+            if not inst_id.startswith(pair + "-"):
+                raise BadRequest("option %s is not one of %s's: use %s.%s-YYMMDD-STRIKE-C"
+                                 % (inst_id, symbol.fmz.partition(".")[0], symbol.fmz.partition(".")[0], pair))
+            return inst_id
         if contract in FUTURES_ALIASES:
             for _ in range(2):     # once more after re-reading a list in which the contract expired
                 now, expired = self.client.exchange_clock.now_ms(), False
@@ -3140,8 +3365,8 @@ class OKX(BaseProtocol):
                 # The contract of that alias expired since the list was read: read the list again.
                 self.client.forget("instruments", ("FUTURES", None))
             raise BadRequest("OKX lists no %s futures contract for %s" % (contract, symbol.fmz))
-        raise BadRequest("unknown contract type %r: use swap, %s, or a delivery date YYMMDD"
-                         % (contract, ", ".join(FUTURES_ALIASES)))
+        raise BadRequest("unknown contract type %r: use swap, %s, a delivery date YYMMDD, or an option's "
+                         "instId" % (contract, ", ".join(FUTURES_ALIASES)))
 
     def fmz_symbol(self, inst_id):
         """FMZ symbol of an instId; delivery futures by their alias when the instrument list has it."""
@@ -3222,21 +3447,37 @@ class OKX(BaseProtocol):
             return "SWAP"
         if contract in FUTURES_ALIASES or contract == "futures":
             return "FUTURES"
-        raise BadRequest("unknown contract type %r: use spot, swap or futures" % contract)
+        if contract == "option" or _OPTION_RE.match(contract):
+            return "OPTION"
+        raise BadRequest("unknown contract type %r: use spot, swap, futures or option" % contract)
 
-    def tickers(self, contract):
-        """tickers -> GET /api/v5/market/tickers?instType=SPOT (SWAP/FUTURES with a contract type)."""
-        rows = self._market("/api/v5/market/tickers", {"instType": self._inst_type(contract)})
+    @staticmethod
+    def _option_family(family):
+        """OKX lists options per underlying (instFamily, e.g. BTC-USD): the pair of the request's symbol."""
+        if not family:
+            raise BadRequest("options are listed per underlying: give the pair too, e.g. symbol BTC_USD with "
+                             "contract type option (or symbol BTC_USD.option)")
+        return family
+
+    def tickers(self, contract, family=None):
+        """tickers -> GET /api/v5/market/tickers?instType=SPOT (SWAP/FUTURES/OPTION with a contract type;
+        options of the symbol's pair, instFamily)."""
+        params = {"instType": self._inst_type(contract)}
+        if params["instType"] == "OPTION":
+            params["instFamily"] = self._option_family(family)
+        rows = self._market("/api/v5/market/tickers", params)
         data = [self._ticker_data(self.fmz_symbol(row["instId"]), row) for row in rows if "instId" in row]
         if contract in FUTURES_ALIASES:
             data = [ticker for ticker in data if ticker["symbol"].endswith("." + contract)]
         return data, None
 
-    def markets(self, contract):
-        """markets -> GET /api/v5/public/instruments (cached), keyed by FMZ symbol."""
+    def markets(self, contract, family=None):
+        """markets -> GET /api/v5/public/instruments (cached), keyed by FMZ symbol; options of the symbol's
+        pair (instFamily)."""
         inst_type = self._inst_type(contract)
+        family = self._option_family(family) if inst_type == "OPTION" else None
         data = {}
-        for inst_id, row in self.client.instruments(inst_type, self.deadline).items():
+        for inst_id, row in self.client.instruments(inst_type, self.deadline, family).items():
             fmz_symbol = fmz_symbol_of(inst_id, row.get("alias", ""))
             if contract in FUTURES_ALIASES and row.get("alias") != contract:
                 continue
@@ -3321,17 +3562,24 @@ class OKX(BaseProtocol):
             body["ordType"] = "market"
         else:
             body.update(ordType="limit", px=price)
-        if symbol.contract:
-            body["tdMode"] = self.client.config.margin_mode
-            if self._hedge_mode():
-                body["posSide"] = pos_side
-            elif reduce_only:
-                body["reduceOnly"] = True
-        else:
-            body["tdMode"] = "cash"
-            if body["ordType"] == "market":
-                body["tgtCcy"] = "quote_ccy" if side == "buy" else "base_ccy"
+        self._add_mode(body, symbol, inst_id, pos_side, reduce_only)
+        if not symbol.contract and body["ordType"] == "market":
+            body["tgtCcy"] = "quote_ccy" if side == "buy" else "base_ccy"
         return body
+
+    def _add_mode(self, body, symbol, inst_id, pos_side, reduce_only):
+        """tdMode, and posSide (long/short mode) or reduceOnly (net mode) of a swap or futures order; options
+        are always net and close by the opposite side."""
+        if not symbol.contract:
+            body["tdMode"] = "cash"
+            return
+        body["tdMode"] = self.client.config.margin_mode
+        if inst_type_of(inst_id) == "OPTION":
+            return
+        if self._hedge_mode():
+            body["posSide"] = pos_side
+        elif reduce_only:
+            body["reduceOnly"] = True
 
     def _order_direction(self, symbol, type, direction):
         """(side, posSide, reduceOnly) of an order type: buy, sell, closebuy, closesell."""
@@ -3423,7 +3671,7 @@ class OKX(BaseProtocol):
             inst_id = self.inst_id(symbol)
             queries = [{"instType": inst_type_of(inst_id), "instId": inst_id}]
         else:
-            queries = [{"instType": inst_type} for inst_type in ("SPOT", "SWAP", "FUTURES")]
+            queries = [{"instType": inst_type} for inst_type in ("SPOT", "SWAP", "FUTURES", "OPTION")]
         week_ago = self.client.exchange_clock.now_ms() - HISTORY_DAYS * 86400000
         rows = []
         for params in queries:
@@ -3451,6 +3699,58 @@ class OKX(BaseProtocol):
             stream.end_write(inst_id, ord_id, sent_at, cancel=True)
         log.info("canceled order %s,%s", inst_id, ord_id)
         return True, rows
+
+    def modifyorder(self, id, symbol, price, amount, type=None):
+        """modifyorder -> POST /api/v5/trade/amend-order (``newPx``, ``newSz``; "-1" keeps either; OKX's newSz
+        counts what already filled), then the outcome: OKX's "accepted" is not yet success. The live
+        ``orders`` channel brings it (amendResult of our reqId); without it the order is read back."""
+        inst_id, ord_id = self._split_order_id(id, symbol)
+        body = {"instId": inst_id, "ordId": ord_id, "reqId": clord_id_for(self.request.nonce)}
+        if price != "-1":
+            body["newPx"] = price
+        if amount != "-1":
+            body["newSz"] = amount
+        if len(body) == 3:
+            raise BadRequest("modifyorder changes nothing: price and amount are both -1 (keep)")
+        stream = self._account_stream()
+        waiter = stream.expect_amend(body["reqId"]) if stream else None
+        try:
+            status, envelope = self.client.request("POST", "/api/v5/trade/amend-order", body=body,
+                                                   credentials=self.credentials, deadline=self.deadline,
+                                                   exp_time=self.client.clock.monotonic() + ORDER_EXPIRY_SECONDS)
+            raise_for_code(envelope, status, "/api/v5/trade/amend-order")
+        except TransportError as exc:
+            if not exc.maybe_sent:
+                raise
+            envelope = None                 # lost answer: the order shows whether it was amended
+            log.warning("amending %s,%s gave no clear answer (%s): reading the order", inst_id, ord_id, exc)
+        result = stream.amend_result(waiter) if waiter else None
+        if result is not None and result[0] not in ("0", "2"):
+            raise ExchangeError(result[1] or "1", "%s (OKX accepted the amendment of %s,%s, then it failed: "
+                                "amendResult %s)" % (result[2] or "amendment failed", inst_id, ord_id, result[0]))
+        if result is None:
+            self._check_amended(inst_id, ord_id, body, envelope is None)
+        log.info("amended order %s,%s:%s%s", inst_id, ord_id, " price %s" % price if price != "-1" else "",
+                 " amount %s" % amount if amount != "-1" else "")
+        return {"id": "%s,%s" % (inst_id, ord_id)}, envelope
+
+    def _check_amended(self, inst_id, ord_id, body, answer_lost):
+        """Read the order back until it shows the amendment (a few tries: OKX applies it asynchronously);
+        an error when it does not."""
+        for attempt in range(AMEND_READ_BACKS):
+            row = self._first(self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id}),
+                              "order")
+            price_done = "newPx" not in body or Decimal(row.get("px") or 0) == Decimal(body["newPx"])
+            size_done = "newSz" not in body or Decimal(row.get("sz") or 0) == Decimal(body["newSz"]) or (
+                row.get("state") == "filled" and Decimal(body["newSz"]) <= _filled(row))
+            if price_done and size_done:
+                return
+            if STATE_RANK.get(row.get("state"), 0) == 2:
+                break                       # it ended (filled or canceled) before the amendment
+            self.client.clock.sleep(AMEND_READ_BACK_WAIT)
+        what = "the amendment's answer was lost, and " if answer_lost else "OKX accepted the amendment, but "
+        raise TransportError("%sorder %s,%s shows price %s, amount %s, state %s: not amended"
+                             % (what, inst_id, ord_id, row.get("px") or "market", row.get("sz"), row.get("state")))
 
     # --- futures --------------------------------------------------------------------------------------
     def positions(self, symbol):
@@ -3489,8 +3789,9 @@ class OKX(BaseProtocol):
         """SetMarginLevel -> POST /api/v5/account/set-leverage for the contract and --margin-mode
         (isolated margin in long/short mode: once for each side)."""
         inst_id = self.inst_id(symbol)
-        if not symbol.contract:
-            raise BadRequest("leverage applies to swaps and futures, not to spot %s" % symbol.fmz)
+        if not symbol.contract or inst_type_of(inst_id) == "OPTION":
+            raise BadRequest("leverage applies to swaps and futures, not to %s %s"
+                             % ("spot" if not symbol.contract else "the option", symbol.fmz))
         mgn_mode = self.client.config.margin_mode
         body = {"instId": inst_id, "lever": str(margin_level), "mgnMode": mgn_mode}
         if mgn_mode == "isolated" and self._hedge_mode():
@@ -3519,28 +3820,216 @@ class OKX(BaseProtocol):
                  "interval": _ms(row.get("nextFundingTime")) - _ms(row.get("fundingTime"))} for row in rows]
         return data, rows
 
+    # --- condition orders (OKX's algo orders) ----------------------------------------------------------
+    def createconditionorder(self, symbol, type, amount, condition, direction=None):
+        """createconditionorder -> POST /api/v5/trade/order-algo, placed at most once (OrderPlacer, by an
+        algoClOrdId from the nonce): OCO -> ordType oco, take-profit or stop-loss -> conditional with that
+        leg only, generic -> trigger. Only the legs that are set are sent; an order price of -1 is a market
+        order. Spot amounts are in the base currency; contracts' in contracts."""
+        inst_id = self.inst_id(symbol)
+        side, pos_side, reduce_only = self._order_direction(symbol, type, direction)
+        algo_client_id = algo_client_id_for(self.request.nonce, condition)
+
+        def build_body():
+            body = {"instId": inst_id, "algoClOrdId": algo_client_id, "side": side, "sz": amount,
+                    "ordType": CONDITION_TYPES[condition.type]}
+            body.update(algo_legs(condition))
+            self._add_mode(body, symbol, inst_id, pos_side, reduce_only)
+            if not symbol.contract and side == "buy" and "-1" in (condition.tp_order, condition.sl_order):
+                body["tgtCcy"] = "base_ccy"     # OKX's default for a market buy would be the quote currency
+            return body
+        placed = self._place(ALGO_ORDER, symbol, inst_id, build_body)
+        return {"id": "%s,%s" % (inst_id, placed.exchange_id)}, placed.raw
+
+    def modifyconditionorder(self, id, symbol, amount, condition, type=None):
+        """modifyconditionorder -> POST /api/v5/trade/amend-algos: ``newSz`` unless amount is -1, and the
+        legs the condition sets (never a 0 leg: OKX deletes a leg amended to 0)."""
+        inst_id, algo_id = self._split_order_id(id, symbol)
+        body = {"instId": inst_id, "algoId": algo_id}
+        if amount != "-1":
+            body["newSz"] = amount
+        if condition is not None:
+            current = self._algo_order(algo_id)
+            if current.get("ordType") == "trigger":
+                (trigger, order), = condition.legs.values()
+                body.update(newTriggerPx=trigger, newOrdPx=order)
+            else:
+                body.update(("new" + name[0].upper() + name[1:], value)
+                            for name, value in algo_legs(condition).items())
+        if len(body) == 2:
+            raise BadRequest("modifyconditionorder changes nothing: amount is -1 (keep) and no condition is set")
+        rows = self._private("POST", "/api/v5/trade/amend-algos", body=body)
+        log.info("amended condition order %s,%s", inst_id, algo_id)
+        return {"id": "%s,%s" % (inst_id, algo_id)}, rows
+
+    def cancelconditionorder(self, id, symbol):
+        """cancelconditionorder -> POST /api/v5/trade/cancel-algos (its body is an array)."""
+        inst_id, algo_id = self._split_order_id(id, symbol)
+        rows = self._private("POST", "/api/v5/trade/cancel-algos", body=[{"instId": inst_id, "algoId": algo_id}])
+        log.info("canceled condition order %s,%s", inst_id, algo_id)
+        return True, rows
+
+    def conditionorder(self, id, symbol):
+        """conditionorder -> GET /api/v5/trade/order-algo?algoId."""
+        inst_id, algo_id = self._split_order_id(id, symbol)
+        row = self._algo_order(algo_id)
+        if row.get("instId") != inst_id:
+            raise ExchangeError("51603", "Order does not exist.")
+        return self._condition_data(row), row
+
+    def conditionorders(self, symbol):
+        """conditionorders -> GET /api/v5/trade/orders-algo-pending, ordType conditional,oco then trigger,
+        every page; newest first."""
+        rows = []
+        for ord_type in ALGO_ORD_TYPES:
+            rows.extend(paged(self.client, self.credentials, "/api/v5/trade/orders-algo-pending",
+                              dict(self._algo_filter(symbol), ordType=ord_type), deadline=self.deadline,
+                              cursor="algoId"))
+        rows.sort(key=lambda row: _ms(row.get("cTime")), reverse=True)
+        return [self._condition_data(row) for row in rows], rows
+
+    def historyconditionorders(self, symbol, since, limit):
+        """historyconditionorders -> GET /api/v5/trade/orders-algo-history for each ordType and final state
+        (effective, canceled, order_failed), paged back until ``since`` (cTime, ms) is passed; the ``limit``
+        oldest from ``since`` on, or the ``limit`` newest without it, oldest first."""
+        limit = limit or DEFAULT_HISTORY_ORDERS
+        rows = []
+        for ord_type in ALGO_ORD_TYPES:
+            for state in ALGO_FINAL_STATES:
+                params = dict(self._algo_filter(symbol), ordType=ord_type, state=state)
+                after = None
+                while True:
+                    page = self._private("GET", "/api/v5/trade/orders-algo-history",
+                                         dict(params, limit=OKX_ORDERS_PAGE, **({"after": after} if after else {})))
+                    rows.extend(row for row in page if _ms(row.get("cTime")) >= since)
+                    if (len(page) < OKX_ORDERS_PAGE or not since and len(rows) >= limit
+                            or _ms(page[-1].get("cTime")) < since):
+                        break
+                    after = page[-1].get("algoId")
+        rows.sort(key=lambda row: (_ms(row.get("cTime")), row.get("algoId", "")))
+        rows = rows[:limit] if since else rows[-limit:]
+        return [self._condition_data(row) for row in rows], rows
+
+    def _algo_order(self, algo_id):
+        return self._first(self._private("GET", "/api/v5/trade/order-algo", {"algoId": algo_id}), "condition order")
+
+    def _algo_filter(self, symbol):
+        if symbol is None:
+            return {}
+        inst_id = self.inst_id(symbol)
+        return {"instType": inst_type_of(inst_id), "instId": inst_id}
+
+    def _condition_data(self, row):
+        """A condition order in the order shape, plus ``condition``: FMZ's five fields, numbers as text."""
+        inst_id, ord_type = row.get("instId", ""), row.get("ordType", "")
+        tp = (row.get("tpTriggerPx") or "", row.get("tpOrdPx") or "")
+        sl = (row.get("slTriggerPx") or "", row.get("slOrdPx") or "")
+        if ord_type == "trigger":
+            # A generic condition's one leg: the plugin marks a stop-loss leg in its algoClOrdId.
+            leg = (row.get("triggerPx") or "", row.get("ordPx") or row.get("orderPx") or "")
+            on_sl = str(row.get("algoClOrdId", "")).startswith(ALGO_SL_PREFIX)
+            tp, sl, kind = (("", ""), leg, 3) if on_sl else (leg, ("", ""), 3)
+        elif ord_type == "oco":
+            kind = 0
+        else:
+            kind = 2 if sl[0] else 1
+        fired = row.get("actualSide")
+        leg = {"tp": tp, "sl": sl}.get(fired) or (tp if kind == 1 or kind == 3 and tp[0] else sl)
+        status = ALGO_STATUS.get(row.get("state"), row.get("state") or "unknown")
+        data = {
+            "id": "%s,%s" % (inst_id, row.get("algoId", "")),
+            "symbol": self.fmz_symbol(inst_id),
+            "amount": row.get("sz", ""),
+            "price": _zero_if_empty(leg[1]),
+            "deal_amount": _zero_if_empty(row.get("actualSz")),
+            "avg_price": _zero_if_empty(row.get("actualPx")),
+            "type": row.get("side", ""),
+            "status": status,
+            "condition": {"ConditionType": str(kind), "TpTriggerPrice": _zero_if_empty(tp[0]),
+                          "TpOrderPrice": _zero_if_empty(tp[1]), "SlTriggerPrice": _zero_if_empty(sl[0]),
+                          "SlOrderPrice": _zero_if_empty(sl[1])},
+        }
+        if inst_type_of(inst_id) != "SPOT":
+            closing = row.get("reduceOnly") in ("true", True) or (row.get("posSide"), row.get("side")) in (
+                ("long", "sell"), ("short", "buy"))
+            data["offset"] = "close" if closing else "open"
+        return data
+
+    # --- the older io form -----------------------------------------------------------------------------
+    def io(self, code, args, symbol=None):
+        """io: FMZ's older way to send futures settings (an operation code and its arguments): 0
+        SetMarginLevel(args[0]), 1 SetDirection(args[0]) (true: the direction goes with each trade), 2
+        SetContractType(args[0]) -> ``{"InstrumentID": instId}``, 3 GetPosition -> as positions."""
+        def first_arg():
+            if not args:
+                raise BadRequest("io code %d needs args[0]" % code)
+            return args[0]
+        if code == 0:
+            if symbol is None:
+                raise BadRequest("io code 0 (SetMarginLevel) needs params.symbol")
+            return self.set_margin_level(symbol, decimal_text(first_arg(), "args[0]"))
+        if code == 1:
+            if str(first_arg()).lower() not in ("buy", "sell", "closebuy", "closesell"):
+                raise BadRequest("io code 1 (SetDirection): args[0] must be buy, sell, closebuy or closesell")
+            return True, None
+        if code == 2:
+            if symbol is None:
+                raise BadRequest("io code 2 (SetContractType) needs params.symbol, the pair")
+            contract = first_arg()
+            if not isinstance(contract, str):
+                raise BadRequest("io code 2 (SetContractType): args[0] must be a contract type such as swap")
+            return {"InstrumentID": self.inst_id(Symbol(*split_symbol(symbol.fmz.partition(".")[0], contract)))}, None
+        if code == 3:
+            return self.positions(symbol)
+        raise BadRequest("io code %d is not known: 0 SetMarginLevel, 1 SetDirection, 2 SetContractType, "
+                         "3 GetPosition" % code)
+
     # --- exchange.IO("api", verb, path, query) --------------------------------------------------------
     def api(self, path, params):
         """``__api_<path>`` -> that OKX path, signed when the request has a key; OKX's JSON as ``data``.
 
         The verb comes from the docker's ``Http-Method`` header (GET when absent). GET and DELETE send the
-        params as the query string, POST as the JSON body.
+        params as the query string. POST sends them as the JSON body: an object, or an array for OKX's batch
+        endpoints and cancel-algos, given as params themselves or as their JSON text (sent as it is).
         """
         if not re.match(r"^/api/[\x21-\x7e]*$", path) or "?" in path or "#" in path:
             raise BadRequest("exchange.IO path must be an OKX path such as /api/v5/account/balance, "
-                             "with the query as params; got %r" % path)
+                             "with the query as params; got %s" % _describe(path))
         verb = (self.request.http_method or "GET").upper()
         if verb not in ("GET", "POST", "DELETE"):
-            raise BadRequest("Http-Method must be GET, POST or DELETE, got %r" % verb)
+            raise BadRequest("Http-Method must be GET, POST or DELETE, got %s" % _describe(verb))
+        body = passthrough_body(params) if verb == "POST" else None
+        if verb != "POST" and not isinstance(params, dict):
+            raise BadRequest("exchange.IO %s sends its params as a query string: they must be an object, "
+                             "got %s" % (verb, type(params).__name__))
         credentials = self.credentials if self.request.access_key else None
         status, envelope = self.client.request(
-            verb, path, params=params if verb != "POST" else None, body=params if verb == "POST" else None,
+            verb, path, params=params if verb != "POST" else None, body=body,
             credentials=credentials, deadline=self.deadline, demo=self.demo)
         raise_for_code(envelope, status, path)
         if verb == "POST" and path.startswith("/api/v5/account/") and credentials is not None:
             # e.g. set-position-mode: what the plugin cached of the account may have changed
             self.client.forget("account", (credentials.api_key, credentials.demo))
         return envelope, None
+
+
+def passthrough_body(params):
+    """The JSON body of an exchange.IO POST: the params object or array, or the JSON text of one. A query
+    string parser makes of a JSON text one key with an empty value: that key is the text."""
+    if isinstance(params, dict) and len(params) == 1 and list(params.values()) == [""]:
+        text = next(iter(params))
+        if text.strip()[:1] in ("[", "{"):
+            params = text
+    if isinstance(params, str):
+        try:
+            parsed = loads_exact(params)
+        except (ValueError, RecursionError):
+            raise BadRequest("exchange.IO POST params must be an object, an array or their JSON text, got %s"
+                             % _describe(params)) from None
+        if not isinstance(parsed, (dict, list)):
+            raise BadRequest("exchange.IO POST params must be an object or an array, got %s" % _describe(params))
+        return params.strip()
+    return params
 
 
 # =====================================================================================================
@@ -3607,6 +4096,38 @@ def _price(value, params, name):
     return decimal_text(value, name, allow_negative_one=True)
 
 
+def _amount_or_keep(value, params, name):
+    return decimal_text(value, name, allow_negative_one=True)
+
+
+def _family(value, params, name):
+    """The underlying of the request's symbol, as OKX names an option family: ``BTC_USD`` -> ``BTC-USD``."""
+    if not isinstance(value, str) or "_" not in value:
+        return None
+    base, quote, _ = split_symbol(value.partition(".")[0])
+    return "%s-%s" % (base, quote)
+
+
+def _condition(value, params, name):
+    return parse_condition(value, name)
+
+
+def _condition_change(value, params, name):
+    return parse_condition(value, name, partial=True)
+
+
+def _io_code(value, params, name):
+    return parse_int(value, name, 0, 99)
+
+
+def _io_args(value, params, name):
+    if isinstance(value, (str, int, Decimal)) and not isinstance(value, bool):
+        return [value]
+    if not isinstance(value, list):
+        raise BadRequest("%s must be a list of the call's arguments, got %s" % (name, _describe(value)))
+    return value
+
+
 def _amount(value, params, name):
     return decimal_text(value, name)
 
@@ -3625,6 +4146,8 @@ CONTRACT = Param("contract_type", _contract, default="", aliases=("contractType"
                  arg="contract")
 ORDER_ID = Param("id", _order_id, aliases=("orderId", "order_id"))
 LEVERAGE = ("marginLevel", "margin_level", "leverage")
+FAMILY = Param("symbol", _family, default=None, arg="family")
+CONDITION = Param("condition", _condition, aliases=("Condition",))
 
 
 
@@ -3650,8 +4173,8 @@ DISPATCH = {
     "records": reads("records", [SYMBOL, Param("period", _count(1, None)),
                                  Param("limit", _count(1, MAX_RECORDS, zero_means=DEFAULT_RECORDS),
                                        DEFAULT_RECORDS)]),
-    "tickers": reads("tickers", [CONTRACT]),
-    "markets": reads("markets", [CONTRACT]),
+    "tickers": reads("tickers", [CONTRACT, FAMILY]),
+    "markets": reads("markets", [CONTRACT, FAMILY]),
     "accounts": reads("accounts"),
     "assets": reads("assets"),
     "trade": acts("trade", [SYMBOL, Param("type", _text), Param("price", _price), Param("amount", _amount),
@@ -3662,42 +4185,78 @@ DISPATCH = {
     "historyorders": reads("historyorders", [OPTIONAL_SYMBOL, Param("since", _count(0, None), 0),
                                              Param("limit", _count(0, 1000), 0)]),
     "cancel": acts("cancel", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "modifyorder": acts("modifyorder", [ORDER_ID, OPTIONAL_SYMBOL, Param("price", _price, "-1"),
+                                        Param("amount", _amount_or_keep, "-1"), Param("type", _text, None)]),
     "positions": reads("positions", [OPTIONAL_SYMBOL]),
     "setmarginlevel": acts("set_margin_level", [SYMBOL, Param(LEVERAGE[0], _amount, aliases=LEVERAGE[1:],
                                                               arg="margin_level")]),
     "fundings": reads("fundings", [OPTIONAL_SYMBOL]),
+    "createconditionorder": acts("createconditionorder", [SYMBOL, Param("type", _text), Param("amount", _amount),
+                                                          CONDITION, Param("direction", _text, default=None)]),
+    "modifyconditionorder": acts("modifyconditionorder", [ORDER_ID, OPTIONAL_SYMBOL,
+                                                          Param("amount", _amount_or_keep, "-1"),
+                                                          Param("condition", _condition_change, None,
+                                                                aliases=("Condition",)),
+                                                          Param("type", _text, None)]),
+    "cancelconditionorder": acts("cancelconditionorder", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "conditionorder": reads("conditionorder", [ORDER_ID, OPTIONAL_SYMBOL]),
+    "conditionorders": reads("conditionorders", [OPTIONAL_SYMBOL]),
+    "historyconditionorders": reads("historyconditionorders", [OPTIONAL_SYMBOL, Param("since", _count(0, None), 0),
+                                                               Param("limit", _count(0, 1000), 0)]),
+    "io": acts("io", [Param("code", _io_code), Param("args", _io_args, []), OPTIONAL_SYMBOL]),
 }
 
 # Other spellings of the same methods, from FMZ's strategy functions and the reference example.
 METHOD_SPELLINGS = {
     "getaccount": "accounts", "createorder": "trade", "cancelorder": "cancel",
     "getposition": "positions", "position": "positions",
-    "marginlevel": "setmarginlevel", "margin_level": "setmarginlevel", "setleverage": "setmarginlevel",
+    "marginlevel": "setmarginlevel", "setleverage": "setmarginlevel",
     "getfunding": "fundings", "funding": "fundings",
 }
 
 API_PREFIX = "__api_"           # exchange.IO("api", verb, path, ...) arrives as method "__api_" + path
+UNKNOWN_METHODS_LOGGED = 256    # unknown method names warned about once each, at most this many
 
 
-def resolve_method(method):
-    """The DISPATCH key of a docker method name, accepting its other spellings; BadRequest if unknown."""
+def resolve_method(method, params=None):
+    """The DISPATCH key of a docker method name: matched in any letter case with ``_`` and ``-`` ignored,
+    FMZ's "Get" spelling of a method that reads, and the other spellings above. A ``trade`` (or a
+    ``conditionorder``) that carries a condition places a condition order. BadRequest if unknown."""
     if not isinstance(method, str) or not method.strip():
         raise BadRequest("method must be a non-empty string, got %s" % _describe(method))
-    name = method.strip().lower()
+    name = method.strip().lower().replace("_", "").replace("-", "")
     name = METHOD_SPELLINGS.get(name, name)
     if name.startswith("get") and name[3:] in DISPATCH and DISPATCH[name[3:]].reads:   # GetTicker, getmarkets
         name = name[3:]
     if name not in DISPATCH:
-        raise BadRequest("unknown method %r; known: %s, and %s<path> for exchange.IO"
-                         % (method, ", ".join(sorted(DISPATCH)), API_PREFIX))
+        raise BadRequest("unknown method %s; known: %s, and %s<path> for exchange.IO"
+                         % (_describe(method), ", ".join(sorted(DISPATCH)), API_PREFIX))
+    if name in ("trade", "conditionorder") and isinstance(params, dict) and (
+            params.get("condition") not in (None, "", {}) or name == "conditionorder" and "amount" in params):
+        name = "createconditionorder"
     return name
 
 
+_unknown_methods = set()
+
+
 def dispatch(protocol, method, params):
-    """Run one docker method on a protocol instance; returns ``(data, raw)``."""
+    """Run one docker method on a protocol instance; returns ``(data, raw)``. An unknown method name is
+    logged once, with the names (never the values) of its parameters, so that an operator can tell what
+    the docker sent."""
     if method[:len(API_PREFIX)].lower() == API_PREFIX:
         return protocol.api(method[len(API_PREFIX):], params)
-    entry = DISPATCH[resolve_method(method)]
+    try:
+        name = resolve_method(method, params)
+    except BadRequest:
+        key = method.strip().lower()[:64]
+        if key not in _unknown_methods and len(_unknown_methods) < UNKNOWN_METHODS_LOGGED:
+            _unknown_methods.add(key)
+            names = sorted(str(name)[:40] for name in params)[:20] if isinstance(params, dict) else []
+            log.warning("the docker sent method %s, which the plugin does not know (its params: %s); if FMZ "
+                        "names a known method so, please report it", _describe(method), ", ".join(names) or "none")
+        raise
+    entry = DISPATCH[name]
     arguments = {param.arg: param.read(params) for param in entry.params}
     return getattr(protocol, entry.handler)(**arguments)
 
@@ -3880,8 +4439,13 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         params = envelope.get("params")
         if params is None:
             params = {}
-        if not isinstance(params, dict):
+        passthrough = method.strip()[:len(API_PREFIX)].lower() == API_PREFIX
+        if not isinstance(params, dict) and not (passthrough and isinstance(params, (list, str))):
             raise BadRequest("params must be a JSON object, got %s" % type(params).__name__)
+        if isinstance(params, dict):
+            for field in ("code", "args"):    # the older io form may carry them beside params
+                if field in envelope and field not in params:
+                    params = dict(params, **{field: envelope[field]})
         for field in ("access_key", "secret_key"):
             if not isinstance(envelope.get(field, ""), str):
                 raise BadRequest("%s must be a string" % field)
@@ -3950,31 +4514,6 @@ def _exchange_of(path):
         if exchange in EXCHANGES and len(_exchanges_of_paths) < 64:
             _exchanges_of_paths[path] = exchange
     return exchange
-
-
-def parse_docker_json(body):
-    """A docker request body as JSON, numbers with a point as Decimal (never float); BadRequest when it is
-    not UTF-8, not JSON, nested deeper than Python can follow, or holds an integer of more than
-    MAX_JSON_DIGITS digits (Python 3.8 to 3.10 take seconds to read one of a million digits)."""
-    try:
-        return json.loads(body.decode("utf-8"), parse_float=Decimal, parse_int=_json_int,
-                          parse_constant=_no_constants)
-    except UnicodeDecodeError:
-        raise BadRequest("request body is not UTF-8 text") from None
-    except RecursionError:
-        raise BadRequest("request body is not JSON (nested too deeply)") from None
-    except ValueError as exc:
-        raise BadRequest("request body is not JSON (%s)" % exc) from None
-
-
-def _json_int(text):
-    if len(text) > MAX_JSON_DIGITS:
-        raise ValueError("an integer of %d digits" % len(text))
-    return int(text)
-
-
-def _no_constants(name):
-    raise ValueError("%s is not a number" % name)
 
 
 class PluginServer(http.server.ThreadingHTTPServer):
