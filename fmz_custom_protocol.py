@@ -9,7 +9,10 @@ sends ``POST /OKX`` to this plugin with a JSON body::
      "method": "ticker", "params": {"symbol": "ETH_USDT"}}
 
 The plugin calls OKX's v5 REST API (signing private calls), and answers ``{"data": ..., "raw": ...}``
-(``data`` in the shape the docker expects, ``raw`` OKX's own answer) or ``{"error": "text"}``.
+(``data`` in the shape the docker expects, ``raw`` OKX's own answer) or ``{"error": "text"}``. What robots
+poll (ticker, depth, trades; balances, positions, orders) is answered from OKX's WebSocket streams kept in
+memory while they are provably live, and from REST otherwise. ``GET /status`` shows the operator how it is
+doing.
 
 Run it on the docker's machine::
 
@@ -23,18 +26,19 @@ trading). README.md documents every method, flag and error.
 How the file reads, top to bottom (each part under a banner, each readable or skippable as a whole):
 
 1. constants and the error family (every failure is a ``ProtocolError``, answered in one place);
-2. small pure helpers: symbols, decimals, periods, order states, signing, bounded memories;
+2. small pure helpers: symbols, decimals, periods, order states, conditions, signing, bounded memories;
 3. time: the injectable clock everything measures with, and OKX's time kept on it;
 4. transport: how bytes reach OKX, knowing nothing of FMZ (pooled keep-alive HTTPS connections, the proxy
    tunnel, OKX's rate limits, the signed-request client and what it does with OKX's codes);
 5. order safety: every order placed at most once, and never lost track of (``OrderPlacer``);
 6. the WebSocket client both live streams share, and the thread that keeps a connection open;
-7. the live market stream (OKX's public WebSocket, kept in memory for ticker, depth and trades);
-8. ``BaseProtocol``: the docker-facing contract, one method per docker method, each documenting its ``data``;
-9. ``OKX``: the mapping of each docker method onto OKX, in the order of the protocol;
-10. ``DISPATCH``: docker method names (and their accepted spellings) to handlers and parameters;
-11. the HTTP server that the docker talks to;
-12. the command line and ``main()``.
+7. the live market stream (OKX's public WebSocket: ticker, depth and trades from memory);
+8. the live account stream (OKX's private WebSocket, one per API key: balances, positions, orders);
+9. ``BaseProtocol``: the docker-facing contract, one method per docker method, each documenting its ``data``;
+10. ``OKX``: the mapping of each docker method onto OKX, in the order of the protocol;
+11. ``DISPATCH``: docker method names (and their accepted spellings) to handlers and parameters;
+12. the HTTP server that the docker talks to, with ``GET /status``;
+13. the command line and ``main()``.
 
 To add another exchange, subclass ``BaseProtocol`` like ``OKX`` does and register it in ``EXCHANGES``
 under the last path segment of the service address.
