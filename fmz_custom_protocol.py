@@ -2760,6 +2760,8 @@ class AccountStream(LiveConnection):
         """OKX answered an order (``ord_id``) or its cancel: until that order's own push arrives (a final
         state, for a cancel), ``order`` and ``open_orders`` of its instrument leave it to REST."""
         with self._lock:
+            if not self._connected:
+                return                    # memory answers nothing until a new connection synced from REST
             if cancel:
                 row = self._orders.get(ord_id)
                 if row is not None and _rank(row) == 2:
