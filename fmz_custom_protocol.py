@@ -735,6 +735,11 @@ class ExchangeClock:
     def needs_sync(self):
         return self.synced_at is None
 
+    @property
+    def anchored(self):
+        """True once OKX's time was read at least once."""
+        return self._anchor is not None
+
     def is_stale(self):
         return self.synced_at is not None and self.clock.monotonic() - self.synced_at > CLOCK_RESYNC_INTERVAL
 
@@ -751,10 +756,9 @@ class ExchangeClock:
                         abs(offset_ms) / 1000, "behind" if offset_ms > 0 else "ahead of")
 
     def retry_in(self, seconds):
-        """The first sync failed: go on with the wall clock, and make the next signed call try again after
-        ``seconds``."""
-        if self.synced_at is None or self._anchor is None:
-            self.synced_at = self.clock.monotonic() - CLOCK_RESYNC_INTERVAL + seconds
+        """A sync failed: go on with what is known (the last sync, or the wall clock), and try again after
+        ``seconds`` rather than at every signed call."""
+        self.synced_at = self.clock.monotonic() - CLOCK_RESYNC_INTERVAL + seconds
 
     def start_refresh(self):
         """True for the one caller that should refresh a stale sync (the others go on with the old one)."""
@@ -809,6 +813,8 @@ def service_url(url, schemes, name):
                          % (name, secure, secure, "www.okx.com" if secure == "https" else "ws.okx.com:8443"))
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
         raise ValueError("%s must be %s://host[:port] alone, without a path, query or user" % (name, secure))
+    if port == 0:
+        raise ValueError("%s has port 0: give the port OKX (or your test server) listens on" % name)
     if parts.scheme.lower() == plain and not is_loopback(parts.hostname):
         raise ValueError("%s %s://%s would send your API key, passphrase and signatures in clear; use %s://"
                          % (name, plain, parts.netloc, secure))
@@ -1376,7 +1382,10 @@ class OKXClient:
             received_at = self.clock.monotonic()
             self.exchange_clock.update(float(data[0]["ts"]), sent_at, received_at)
         except (ProtocolError, KeyError, IndexError, ValueError, TypeError) as exc:
-            log.warning("could not read OKX's clock (%s); signing with this machine's clock", exc)
+            if self.exchange_clock.anchored:
+                log.warning("could not re-sync with OKX's clock (%s); going on with the last sync", exc)
+            else:
+                log.warning("could not read OKX's clock (%s); signing with this machine's clock", exc)
             self.exchange_clock.retry_in(60)
 
     # --- what rarely changes --------------------------------------------------------------------------
@@ -1466,9 +1475,10 @@ AMEND_READ_BACK_WAIT = 0.2        # this many seconds apart
 
 
 class OrderKind(collections.namedtuple("OrderKind", "what path id_field client_field lookup_path "
-                                                    "lookup_needs_inst_id expires")):
+                                                    "lookup_needs_inst_id expires settled")):
     """How one kind of order is placed (``path``), named (``id_field``, ``client_field``) and found again
-    by its client id (``lookup_path``); ``expires`` when OKX honours the expTime header for it."""
+    by its client id (``lookup_path``); ``expires`` when OKX honours the expTime header for it; ``settled``
+    says why an order OKX does not have after the wait is safe to place again."""
 
     def lookup(self, inst_id, client_id):
         params = {self.client_field: client_id}
@@ -1477,10 +1487,13 @@ class OrderKind(collections.namedtuple("OrderKind", "what path id_field client_f
         return self.lookup_path, params
 
 
-PLAIN_ORDER = OrderKind("order", "/api/v5/trade/order", "ordId", "clOrdId", "/api/v5/trade/order", True, True)
+PLAIN_ORDER = OrderKind("order", "/api/v5/trade/order", "ordId", "clOrdId", "/api/v5/trade/order", True, True,
+                        "and can no longer execute one (its expTime has passed)")
 # OKX has no expTime for algo orders; its refusal of a second algoClOrdId (51065) guards a late first one.
 ALGO_ORDER = OrderKind("condition order", "/api/v5/trade/order-algo", "algoId", "algoClOrdId",
-                       "/api/v5/trade/order-algo", False, False)
+                       "/api/v5/trade/order-algo", False, False,
+                       "after waiting for it; the same request (nonce) again is safe: OKX refuses a second "
+                       "condition order with this algoClOrdId (51065)")
 NOT_FOUND_CODES = ("51603",)      # OKX's "Order does not exist" (orders and algo orders alike)
 
 
@@ -1562,9 +1575,9 @@ class OrderPlacer:
         if isinstance(outcome, Placed):
             return outcome
         if isinstance(outcome, NotPlaced):
-            raise OrderNotPlaced("the %s was not placed: %s; OKX has no %s with %s %s and can no longer "
-                                 "execute one; it was not sent again"
-                                 % (kind.what, outcome.reason, kind.what, kind.client_field, client_id))
+            raise OrderNotPlaced("the %s was not placed: %s; OKX has no %s with %s %s %s; it was not sent again"
+                                 % (kind.what, outcome.reason, kind.what, kind.client_field, client_id,
+                                    kind.settled))
         raise OrderOutcomeUnknown("the %s's outcome is unknown: %s: check open orders before placing it "
                                   "again" % (kind.what, outcome.reason), outcome)
 
@@ -2741,8 +2754,10 @@ class AccountStream(LiveConnection):
         """REST ``/trade/order`` row of one order this connection knows, or None."""
         with self._lock:
             now = self._ask()
+            if not self._orders_trusted(now):
+                return None
             row = self._orders.get(ord_id)
-            if row is None or row.get("instId") != inst_id or ord_id in self._awaited or not self._orders_trusted(now):
+            if row is None or row.get("instId") != inst_id or ord_id in self._awaited:
                 return None
             self._served += 1
             return dict(row)
@@ -3307,7 +3322,13 @@ class OKXShared:
                 stream = self._accounts.get(key)
                 if stream is None:
                     self._forget_idle_accounts()
-                    stream = self._accounts[key] = self._new_account_stream(base, credentials)
+                    try:
+                        stream = self._new_account_stream(base, credentials)
+                    except ValueError as exc:      # a Config made in code, not checked by the command line
+                        log.error("no live account data: %s", exc)
+                        self.config.private_stream = False
+                        return None
+                    self._accounts[key] = stream
         if stream.credentials.secret != credentials.secret or stream.credentials.passphrase != credentials.passphrase:
             stream.credentials = credentials      # a new secret for the key: the next login uses it
         return stream
@@ -3352,7 +3373,7 @@ class OKXShared:
 
 
 class OKX(BaseProtocol):
-    """OKX v5: spot, perpetual swaps and delivery futures.
+    """OKX v5: spot, perpetual swaps, delivery futures and options; orders, amendments and condition orders.
 
     One instance serves one docker request; everything shared (connections, clock, limits, caches, order
     memory, the live streams) lives in ``shared``, an OKXShared.
@@ -3631,7 +3652,7 @@ class OKX(BaseProtocol):
         try:
             return self.shared.orders.place(kind, self.credentials, inst_id, build_body(), self.deadline)
         except ExchangeError as exc:
-            if not (symbol.contract and exc.code == "51000" and "posSide" in exc.message):
+            if not (symbol.contract and exc.code in ("51000", "50014") and "posSide" in exc.message):
                 raise
             self.client.forget("account", (self.credentials.api_key, self.credentials.demo))
             try:
@@ -3800,16 +3821,22 @@ class OKX(BaseProtocol):
             raise BadRequest("modifyorder changes nothing: price and amount are both -1 (keep)")
         stream = self._account_stream()
         waiter = stream.expect_amend(body["reqId"]) if stream else None
+        clock = self.client.clock
+        post_deadline = self.deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
+        until = min(post_deadline, clock.monotonic() + ORDER_EXPIRY_SECONDS)     # OKX's expTime
         try:
             status, envelope = self.client.request("POST", "/api/v5/trade/amend-order", body=body,
-                                                   credentials=self.credentials, deadline=self.deadline,
-                                                   exp_time=self.client.clock.monotonic() + ORDER_EXPIRY_SECONDS)
+                                                   credentials=self.credentials, deadline=post_deadline,
+                                                   exp_time=until)
             raise_for_code(envelope, status, "/api/v5/trade/amend-order")
-        except TransportError as exc:
-            if not exc.maybe_sent:
+        except (TransportError, ExchangeError) as exc:
+            if not (getattr(exc, "maybe_sent", False) or getattr(exc, "outcome_unknown", False)):
                 raise
-            envelope = None                 # lost answer: the order shows whether it was amended
+            envelope = None                 # lost answer: once its expTime passed, the order shows the outcome
             log.warning("amending %s,%s gave no clear answer (%s): reading the order", inst_id, ord_id, exc)
+            wait = until + ORDER_EXPIRY_MARGIN - clock.monotonic()
+            if 0 < wait < self.deadline - clock.monotonic() - 0.05:
+                clock.sleep(wait)
         result = stream.amend_result(waiter) if waiter else None
         if result is not None and result[0] not in ("0", "2"):
             raise ExchangeError(result[1] or "1", "%s (OKX accepted the amendment of %s,%s, then it failed: "
@@ -3937,6 +3964,9 @@ class OKX(BaseProtocol):
         if condition is not None:
             current = self._algo_order(algo_id)
             if current.get("ordType") == "trigger":
+                if len(condition.legs) != 1:
+                    raise BadRequest("condition order %s is generic (one trigger): its condition sets one leg, "
+                                     "got %d" % (id, len(condition.legs)))
                 (trigger, order), = condition.legs.values()
                 body.update(newTriggerPx=trigger, newOrdPx=order)
             else:
@@ -4313,7 +4343,7 @@ def resolve_method(method, params=None):
     name = method.strip().lower().replace("_", "").replace("-", "")
     name = METHOD_SPELLINGS.get(name, name)
     if name.startswith("get") and name[3:] in DISPATCH and DISPATCH[name[3:]].reads:   # GetTicker, getmarkets
-        name = name[3:]
+        return name[3:]             # a "Get" spelling only ever reads
     if name not in DISPATCH:
         raise BadRequest("unknown method %s; known: %s, and %s<path> for exchange.IO"
                          % (_describe(method), ", ".join(sorted(DISPATCH)), API_PREFIX))
@@ -4331,9 +4361,11 @@ def dispatch(protocol, method, params):
     logged once, with the names (never the values) of its parameters, so that an operator can tell what
     the docker sent."""
     if method[:len(API_PREFIX)].lower() == API_PREFIX:
+        _context.counted = API_PREFIX
         return protocol.api(method[len(API_PREFIX):], params)
     try:
         name = resolve_method(method, params)
+        _context.counted = name
     except BadRequest:
         key = method.strip().lower()[:64]
         if key not in _unknown_methods and len(_unknown_methods) < UNKNOWN_METHODS_LOGGED:
@@ -4382,25 +4414,6 @@ class CallCounts:
             return {method: dict(entry) for method, entry in sorted(self._counts.items())}
 
 
-_count_keys = {}
-
-
-def count_key(method):
-    """The name a docker method is counted under: its DISPATCH key, ``__api_``, or ``(unknown)``."""
-    key = _count_keys.get(method)
-    if key is None:
-        if method[:len(API_PREFIX)].lower() == API_PREFIX:
-            key = API_PREFIX
-        else:
-            try:
-                key = resolve_method(method)
-            except BadRequest:
-                key = "(unknown)"
-        if len(_count_keys) < 256:
-            _count_keys[method] = key
-    return key
-
-
 class DockerHandler(http.server.BaseHTTPRequestHandler):
     """Serves the FMZ docker: ``POST /<Exchange>`` with a JSON body, answered with JSON.
 
@@ -4443,11 +4456,11 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         started = time.monotonic()
-        _context.method = _context.counted = "-"
+        _context.method, _context.counted = "-", "(bad request)"
         try:
             body = self._read_body()
             exchange, request, method, params = self._parse(body)
-            _context.method, _context.counted = method, count_key(method)
+            _context.method, _context.counted = method, "(unknown)"
             protocol_class, _ = EXCHANGES[exchange]
             data, raw = dispatch(protocol_class(request, self.server.exchanges[exchange]), method, params)
             answer = {"data": data}
@@ -4466,7 +4479,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("answered in %.1f ms", (time.monotonic() - started) * 1000)
         self._answer(answer)
-        _context.method = _context.counted = "-"
+        _context.method, _context.counted = "-", None
 
     def _read_body(self):
         """The request body, or BadRequest (closing the connection when the body cannot be framed)."""
@@ -4677,7 +4690,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser():
     parser = _OneLineParser(
         prog="fmz_custom_protocol.py",
-        description="FMZ Quant custom-protocol plugin for OKX v5 (spot, perpetual swaps, delivery futures). "
+        description="FMZ Quant custom-protocol plugin for OKX v5 (spot, perpetual swaps, delivery futures, "
+                    "options). "
                     "In FMZ, add a Custom Protocol exchange with service address http://ADDRESS:PORT/OKX, "
                     "Access Key = OKX API key, Secret Key = SECRET,PASSPHRASE (append ,simulate for demo trading).")
     parser.add_argument("--address", default=DEFAULT_ADDRESS,
