@@ -809,7 +809,7 @@ def service_url(url, schemes, name):
     except ValueError as exc:
         raise ValueError("%s is not a URL (%s)" % (name, exc)) from None
     if parts.scheme.lower() not in schemes or not parts.hostname:
-        raise ValueError("%s must be a %s:// URL with a host, such as %s://%s"
+        raise ValueError("%s must be a %s:// URL with a host, like %s://%s"
                          % (name, secure, secure, "www.okx.com" if secure == "https" else "ws.okx.com:8443"))
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
         raise ValueError("%s must be %s://host[:port] alone, without a path, query or user" % (name, secure))
