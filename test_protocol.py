@@ -3197,6 +3197,12 @@ class PluginTestCase(unittest.TestCase):
         """Requests the fake received for one path."""
         return [request for request in self.fake.requests if request["path"] == path]
 
+    def relay(self):
+        """An OKXRelay in front of the fake (see "Orders whose answer is lost"), stopped after the test."""
+        relay = OKXRelay(self.fake)
+        self.addCleanup(relay.stop)
+        return relay
+
     def place(self, symbol="BTC_USDT", type="buy", price="30000", amount="0.01", **params):
         """Place an order through the plugin; returns the docker order id."""
         params.update(symbol=symbol, type=type, price=price, amount=amount)
@@ -4724,29 +4730,39 @@ class BadInputTest(HardeningTestCase):
         self.assert_still_serves()
 
 
-class LateOrderRelay:
-    """A TCP relay in front of a FakeOKX that loses the first order in transit, as a network can.
+class OKXRelay:
+    """A TCP relay in front of a FakeOKX (the plugin's --api-base) that loses, holds or replaces answers
+    as a network or OKX can, without any real time having to pass.
 
-    Requests pass through unchanged (one upstream connection per plugin connection), except the first
-    POST /api/v5/trade/order: the plugin's connection is reset at once and the relay holds the request,
-    as an order still travelling inside OKX when the connection broke. The held order reaches the fake
-    when the test calls `deliver()` (after the plugin answered, say), or, with `deliver_on_lookup`, the
-    moment the fake has answered the plugin's first lookup of it: that lookup finds nothing, and the order
-    is executed before the plugin asks again. `late_answer` is then the fake's answer to the held order.
-    With `answer_after`, the first order instead reaches the fake at once, and the relay holds the fake's
-    answer until the test calls `release()`, then resets the plugin's connection: an answer lost after a
-    long wait. Nothing here waits for real time to pass.
+    Requests pass through unchanged (one upstream connection per plugin connection), except those that
+    a rule, set beforehand, takes (the first request it matches, by method and path prefix):
+
+    - ``hold_order(deliver_on_lookup=False)``: the next POST /api/v5/trade/order is held and the plugin's
+      connection reset at once, as an order still travelling inside OKX when the connection broke. It
+      reaches the fake when the test calls ``deliver()`` (after the plugin answered, say), or with
+      ``deliver_on_lookup`` the moment the fake has answered the plugin's first lookup of it: that lookup
+      finds nothing, and the order is executed before the plugin asks again. ``late_answer`` is the fake's
+      answer to it, ``delivered`` is set then.
+    - ``hold_answer()``: the next order reaches the fake at once, but its answer is held until
+      ``release()``; then the plugin's connection is reset: an answer lost after a long wait.
+    - ``answer(method, path, envelope, status=200, process=False, count=1)``: the next ``count`` matching
+      requests get OKX's JSON ``envelope`` with HTTP ``status``; with ``process`` the fake carries each out
+      first (an order really is placed) and its own answer is dropped.
+
+    ``holding`` is set once a held order or answer is held. ``seen`` lists ``(method, path, body)`` of
+    every request that reached the relay.
     """
 
-    def __init__(self, fake, deliver_on_lookup=False, answer_after=False):
+    def __init__(self, fake):
         self.upstream = ("127.0.0.1", int(fake.base_url.rsplit(":", 1)[1]))
-        self.deliver_on_lookup, self.answer_after = deliver_on_lookup, answer_after
         self.late_answer = None
-        self.delivered = threading.Event()     # the held order has been answered by the fake
-        self.holding = threading.Event()       # the first order (or its answer) is being held
+        self.delivered = threading.Event()
+        self.holding = threading.Event()
+        self.seen = []
         self._released = threading.Event()
+        self._rules = []
         self._held = None
-        self._taken = False
+        self._deliver_on_lookup = False
         self._lock = threading.Lock()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -4766,6 +4782,36 @@ class LateOrderRelay:
         for sock in sockets:
             sock.close()
 
+    # -- rules ------------------------------------------------------------------------------------------
+
+    def hold_order(self, deliver_on_lookup=False):
+        self._deliver_on_lookup = deliver_on_lookup
+        self._add("POST", "/api/v5/trade/order", "hold", 1)
+
+    def hold_answer(self):
+        self._add("POST", "/api/v5/trade/order", "hold_answer", 1)
+
+    def answer(self, method, path, envelope, status=200, process=False, count=1):
+        self._add(method, path, "answer", count, envelope=envelope, status=status, process=process)
+
+    def clear(self):
+        with self._lock:
+            del self._rules[:]
+
+    def _add(self, method, path, kind, count, **details):
+        with self._lock:
+            self._rules.append(dict(details, method=method, path=path, kind=kind, count=count))
+
+    def _rule_for(self, method, path):
+        with self._lock:
+            for rule in self._rules:
+                if rule["count"] > 0 and rule["method"] == method and path.startswith(rule["path"]):
+                    rule["count"] -= 1
+                    return rule
+        return None
+
+    # -- what the test does with held things -----------------------------------------------------------
+
     def deliver(self):
         """Send the held order to the fake now; its answer (parsed JSON)."""
         with self._lock:
@@ -4779,8 +4825,10 @@ class LateOrderRelay:
         return self.late_answer
 
     def release(self):
-        """Let the held answer go: the plugin's connection is reset instead of receiving it."""
+        """Let a held answer go: the plugin's connection is reset instead of receiving it."""
         self._released.set()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
 
     def _accept(self):
         while True:
@@ -4804,36 +4852,53 @@ class LateOrderRelay:
         length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
         return head + (reader.read(int(length.group(1))) if length else b"")
 
+    @staticmethod
+    def _reset(client):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
     def _serve(self, client):
         upstream = None
+
+        def forward(request):
+            nonlocal upstream, upstream_reader
+            if upstream is None:
+                upstream = socket.create_connection(self.upstream, timeout=10)
+                upstream_reader = upstream.makefile("rb")
+            upstream.sendall(request)
+            return self._read_message(upstream_reader)
+        upstream_reader = None
         try:
             reader = client.makefile("rb")
             while True:
                 request = self._read_message(reader)
                 if not request:
                     return
+                method, target = request.split(b" ", 2)[:2]
+                method, path = method.decode("latin-1"), target.decode("latin-1").partition("?")[0]
                 with self._lock:
-                    first = request.startswith(b"POST /api/v5/trade/order ") and not self._taken
-                    self._taken = self._taken or first
-                    if first and not self.answer_after:
+                    self.seen.append((method, path, request.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")))
+                rule = self._rule_for(method, path)
+                kind = rule["kind"] if rule else None
+                if kind == "hold":
+                    with self._lock:
                         self._held = request
-                if first and not self.answer_after:
                     self.holding.set()
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    return
-                if upstream is None:
-                    upstream = socket.create_connection(self.upstream, timeout=10)
-                    upstream_reader = upstream.makefile("rb")
-                upstream.sendall(request)
-                answer = self._read_message(upstream_reader)
-                if first:                      # processed by the fake; its answer is lost later
+                    return self._reset(client)
+                if kind == "answer" and not rule["process"]:
+                    answer = None
+                else:
+                    answer = forward(request)
+                if kind == "hold_answer":             # carried out by the fake; its answer is lost later
                     self.holding.set()
                     self._released.wait(30)
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    return
-                if (self.deliver_on_lookup and self._held is not None
-                        and request.startswith(b"GET /api/v5/trade/order?")):
-                    self.deliver()             # the lookup found nothing; now the order executes
+                    return self._reset(client)
+                if kind == "answer":
+                    body = json.dumps(rule["envelope"]).encode("utf-8")
+                    answer = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                              % (rule["status"], HTTPStatus(rule["status"]).phrase, len(body))).encode() + body
+                if self._deliver_on_lookup and self._held is not None and (method, path) == (
+                        "GET", "/api/v5/trade/order"):
+                    self.deliver()                    # the lookup found nothing; now the order executes
                 client.sendall(answer)
         except OSError:
             pass
@@ -5038,8 +5103,8 @@ class LostOrderTest(HardeningTestCase):
     def test_concurrent_requests_with_one_nonce_place_one_order(self):
         # The first request's order is placed, and its answer held back until all three requests are
         # inside the plugin; then it is lost.
-        relay = LateOrderRelay(self.fake, answer_after=True)
-        self.addCleanup(relay.stop)
+        relay = self.relay()
+        relay.hold_answer()
         server = self.start_plugin(api_base=relay.base_url)
         placer, claims = server.exchanges["okx"].orders, []
         claim = placer._claim
@@ -5080,8 +5145,8 @@ class LostOrderTest(HardeningTestCase):
         self.assertEqual(len(self.fake.orders()), 3)
 
     def test_order_that_arrives_after_its_exptime_is_never_executed(self):
-        relay = LateOrderRelay(self.fake)            # the order is still in transit when the plugin answers
-        self.addCleanup(relay.stop)
+        relay = self.relay()
+        relay.hold_order()                           # the order is still in transit when the plugin answers
         docker = Docker(self.start_plugin(api_base=relay.base_url, timeout=1.5).server_address[1])
         self.addCleanup(docker.close)
         answer, elapsed = self.timed("trade", ORDER, docker=docker, nonce=801)
@@ -5095,8 +5160,8 @@ class LostOrderTest(HardeningTestCase):
         # The connection breaks at once, but the order is still on its way inside OKX: the first lookup
         # finds nothing, and the order is executed after it, before its expTime. Saying "not placed"
         # then would make the robot place it again.
-        relay = LateOrderRelay(self.fake, deliver_on_lookup=True)
-        self.addCleanup(relay.stop)
+        relay = self.relay()
+        relay.hold_order(deliver_on_lookup=True)
         server = self.start_plugin(api_base=relay.base_url, timeout=1.5)
         docker = Docker(server.server_address[1])
         self.addCleanup(docker.close)
