@@ -5174,6 +5174,235 @@ class LostOrderTest(HardeningTestCase):
         self.assertLess(elapsed, 2.0)
 
 
+class OrderOutcomeTest(PluginTestCase):
+    """OrderPlacer on its own, against the fake: every way an order can end is one typed outcome, and
+    what it learnt of a client id answers the next request with that id."""
+
+    CREDENTIALS = plugin.Credentials(KEY, SECRET, PASSPHRASE)
+
+    def placer(self, api_base=None):
+        client = plugin.OKXClient(plugin.Config(api_base=api_base or self.fake.base_url, timeout=1.5,
+                                                clock=self.clock, stream=False))
+        self.addCleanup(client.close)
+        return plugin.OrderPlacer(client)
+
+    def place(self, placer, client_id, **fields):
+        body = dict({"instId": "BTC-USDT", "tdMode": "cash", "clOrdId": client_id, "side": "buy",
+                     "ordType": "limit", "px": "30000", "sz": "0.01"}, **fields)
+        return placer.place(plugin.PLAIN_ORDER, self.CREDENTIALS, "BTC-USDT", body, self.clock.monotonic() + 1.5)
+
+    def posts(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "POST"]
+
+    def lookups(self):
+        return [urllib.parse.parse_qs(r["query"]) for r in self.okx_calls("/api/v5/trade/order")
+                if r["method"] == "GET"]
+
+    def test_kinds_say_how_an_order_is_placed_and_found_again(self):
+        self.assertEqual(plugin.PLAIN_ORDER.lookup("BTC-USDT", "c1"),
+                         ("/api/v5/trade/order", {"clOrdId": "c1", "instId": "BTC-USDT"}))
+        self.assertTrue(plugin.PLAIN_ORDER.expires)
+        self.assertEqual(plugin.ALGO_ORDER.lookup("BTC-USDT", "a1"),
+                         ("/api/v5/trade/order-algo", {"algoClOrdId": "a1"}))
+        self.assertFalse(plugin.ALGO_ORDER.expires)        # OKX has no expTime for algo orders
+
+    def test_an_order_okx_accepts_is_placed(self):
+        outcome = self.place(self.placer(), "oo1")
+        self.assertIsInstance(outcome, plugin.Placed)
+        self.assertEqual(outcome.exchange_id, self.fake.orders()[0]["ordId"])
+        self.assertEqual(outcome.raw["data"][0]["sCode"], "0")
+        self.assertRegex(self.posts()[0]["headers"]["expTime"], r"^\d{13}$")
+        self.assertEqual(self.lookups(), [])
+
+    def test_a_lost_answer_found_by_its_client_id_is_placed(self):
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
+        outcome = self.place(self.placer(), "oo2")
+        self.assertIsInstance(outcome, plugin.Placed)
+        order = self.fake.orders()[0]
+        self.assertEqual(outcome.exchange_id, order["ordId"])
+        self.assertEqual((outcome.raw["code"], outcome.raw["data"][0]["clOrdId"]), ("0", "oo2"))
+        self.assertEqual(len(self.posts()), 1)
+        self.assertEqual(self.lookups(), [{"clOrdId": ["oo2"], "instId": ["BTC-USDT"]}])
+
+    def test_no_order_once_its_exptime_has_passed_is_not_placed_and_may_be_placed_again(self):
+        placer = self.placer()
+        self.fake.fault("/api/v5/trade/order", "reset")              # lost before OKX saw it
+        with self.assertRaises(plugin.OrderNotPlaced) as caught:
+            self.place(placer, "oo3")
+        self.assertIn("oo3", str(caught.exception))
+        exp_time = int(self.posts()[0]["headers"]["expTime"])
+        self.assertGreaterEqual(self.fake.now_ms(), exp_time + plugin.ORDER_EXPIRY_MARGIN * 1000)   # waited
+        self.assertEqual(len(self.lookups()), 2)           # looked for at once, and once it could not execute
+        self.assertEqual(self.fake.orders(), [])
+        self.assertIsInstance(self.place(placer, "oo3"), plugin.Placed)   # nothing remembered: sent anew
+        self.assertEqual(len(self.posts()), 2)
+
+    def test_a_lookup_that_fails_too_is_unknown_and_the_next_request_looks_again_first(self):
+        placer = self.placer()
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
+        self.fake.fault("/api/v5/trade/order", "http500")            # the lookup
+        sent_at = self.clock.monotonic()
+        with self.assertRaises(plugin.OrderOutcomeUnknown) as caught:
+            self.place(placer, "oo4")
+        outcome = caught.exception.outcome
+        self.assertIsInstance(outcome, plugin.Unknown)
+        self.assertTrue(caught.exception.maybe_sent)
+        self.assertTrue(sent_at < outcome.until <= sent_at + 1.5, outcome)   # could execute until then
+        self.assertIn("HTTP 500", outcome.reason)
+        again = self.place(placer, "oo4")                             # the same client id once more
+        self.assertIsInstance(again, plugin.Placed)
+        self.assertEqual(again.exchange_id, self.fake.orders()[0]["ordId"])
+        self.assertEqual(len(self.posts()), 1)                        # found, not sent again
+        self.assertEqual(len(self.fake.orders()), 1)
+
+    def test_the_memory_answers_a_repeated_client_id_without_asking_okx(self):
+        placer = self.placer()
+        first = self.place(placer, "oo5")
+        self.fake.clear_requests()
+        again = self.place(placer, "oo5", px="31000")                # whatever the body says now
+        self.assertEqual((again.exchange_id, again.raw), (first.exchange_id, None))
+        self.assertEqual(self.fake.requests, [])
+
+    def test_an_order_okx_refuses_raises_its_code_and_leaves_nothing_remembered(self):
+        placer = self.placer()
+        with self.assertRaises(plugin.ExchangeError) as caught:
+            self.place(placer, "oo6", sz="10")                        # 51008: insufficient balance
+        self.assertEqual(caught.exception.code, "51008")
+        self.assertIsInstance(self.place(placer, "oo6"), plugin.Placed)
+        self.assertEqual(len(self.posts()), 2)
+
+    def test_concurrent_requests_with_one_client_id_place_one_order(self):
+        relay = self.relay()
+        relay.hold_answer()                       # the first answer waits until all three are in
+        placer, claims = self.placer(relay.base_url), []
+        claim = placer._claim
+        placer._claim = lambda key: claims.append(key) or claim(key)
+        outcomes = []
+        threads = [threading.Thread(target=lambda: outcomes.append(self.place(placer, "oo7"))) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(relay.holding.wait(5))
+        self.assertTrue(wait_for(lambda: len(claims) == 3))
+        relay.release()
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual(len(outcomes), 3)
+        self.assertEqual(set(outcome.exchange_id for outcome in outcomes), {self.fake.orders()[0]["ordId"]})
+        self.assertEqual(len(self.posts()), 1)
+        self.assertEqual(len(self.fake.orders()), 1)
+
+
+# OKX's HTTP status with each code (OKX.md section 2); 200 for the others.
+OKX_CODE_STATUS = {"50001": 503, "50004": 400, "50011": 429, "50013": 429, "50026": 500, "50102": 401,
+                   "51149": 500}
+
+
+def okx_refusal(code, clord_id=""):
+    """OKX's answer carrying ``code``: per order (``sCode``) for the 51xxx codes of one order, else as the
+    envelope's code."""
+    if code in ("51016", "51065"):
+        return {"code": "1", "msg": "", "data": [{"ordId": "", "clOrdId": clord_id, "tag": "", "ts": "",
+                                                   "sCode": code, "sMsg": "from the relay"}]}
+    return {"code": code, "msg": "from the relay", "data": []}
+
+
+class CodeActionTest(PluginTestCase):
+    """What each OKX code asks of the plugin is data (CODE_ACTIONS), and each is acted on as it says:
+    RESYNC re-reads OKX's clock and sends once more, RETRY waits for the window and sends once more,
+    RECOVER (an order's outcome left open) finds the order by its clOrdId and never posts it again.
+    Every hint of ERROR_HINTS reaches the docker in the error's text."""
+
+    def setUp(self):
+        super().setUp()
+        self.okx = self.relay()                   # answers what the test scripts, passes on the rest
+        self.docker = Docker(self.start_plugin(api_base=self.okx.base_url).server_address[1])
+        self.addCleanup(self.docker.close)
+
+    @staticmethod
+    def codes(action):
+        return sorted(code for code, wanted in plugin.CODE_ACTIONS.items() if wanted is action)
+
+    def sent(self, method, path, text=""):
+        """Requests the plugin sent through the relay for (method, path) whose body holds ``text``."""
+        return [seen for seen in self.okx.seen if seen[:2] == (method, path) and text in seen[2]]
+
+    def test_every_code_has_one_of_the_three_actions(self):
+        self.assertEqual(set(plugin.CODE_ACTIONS.values()), {plugin.RESYNC, plugin.RETRY, plugin.RECOVER})
+        self.assertEqual(self.codes(plugin.RESYNC), ["50036", "50102"])
+        self.assertEqual(self.codes(plugin.RETRY), ["50011"])
+        self.assertEqual(self.codes(plugin.RECOVER), ["50001", "50004", "50013", "50026", "51016", "51065", "51149"])
+
+    def test_resync_codes_read_okx_clock_again_and_send_once_more(self):
+        self.assertIn("data", self.docker.call("accounts"))          # the first sync, before the count
+        for nonce, code in enumerate(self.codes(plugin.RESYNC), start=2001):
+            with self.subTest(code=code):
+                syncs = len(self.sent("GET", "/api/v5/public/time"))
+                self.okx.answer("POST", "/api/v5/trade/order", okx_refusal(code), OKX_CODE_STATUS.get(code, 200))
+                answer = self.docker.call("trade", ORDER, nonce=nonce)
+                self.assertIn("data", answer, answer)
+                self.assertEqual(len(self.sent("GET", "/api/v5/public/time")), syncs + 1)
+                self.assertEqual(len(self.sent("POST", "/api/v5/trade/order", "fmz%d" % nonce)), 2)
+                self.okx.answer("POST", "/api/v5/trade/order", okx_refusal(code), OKX_CODE_STATUS.get(code, 200),
+                                count=2)           # refused again after the re-sync: once is enough
+                answer = self.docker.call("trade", ORDER, nonce=nonce + 100)
+                self.assertIn("OKX %s" % code, answer.get("error", ""), answer)
+                self.assertEqual(len(self.sent("POST", "/api/v5/trade/order", "fmz%d" % (nonce + 100))), 2)
+                self.assertEqual(len(self.sent("GET", "/api/v5/public/time")), syncs + 2)
+        self.assertEqual(len(self.fake.orders()), len(self.codes(plugin.RESYNC)))
+
+    def test_retry_codes_wait_for_the_window_and_send_once_more(self):
+        for code in self.codes(plugin.RETRY):
+            for method, path, call in (("GET", "/api/v5/account/balance", ("accounts", {})),
+                                       ("POST", "/api/v5/trade/order", ("trade", ORDER))):
+                with self.subTest(code=code, path=path):
+                    before, waited_from = len(self.sent(method, path)), self.clock.monotonic()
+                    self.okx.answer(method, path, okx_refusal(code), OKX_CODE_STATUS.get(code, 200))
+                    self.assertIn("data", self.docker.call(*call))
+                    self.assertEqual(len(self.sent(method, path)), before + 2)
+                    self.assertGreaterEqual(self.clock.monotonic() - waited_from, 2.0)   # a whole window
+                    self.okx.answer(method, path, okx_refusal(code), OKX_CODE_STATUS.get(code, 200), count=2)
+                    self.assertIn("OKX %s" % code, self.docker.call(*call).get("error", ""))
+                    self.assertEqual(len(self.sent(method, path)), before + 4)
+        self.assertEqual(len(self.fake.orders()), len(self.codes(plugin.RETRY)))
+
+    def test_recover_codes_on_an_order_look_it_up_and_never_post_it_again(self):
+        for nonce, code in enumerate(self.codes(plugin.RECOVER), start=3001):
+            for processed in (True, False):       # OKX did place it, or did not
+                clord_id = "fmz%d" % (nonce + (0 if processed else 100))
+                with self.subTest(code=code, placed=processed):
+                    self.okx.answer("POST", "/api/v5/trade/order", okx_refusal(code, clord_id),
+                                    OKX_CODE_STATUS.get(code, 200), process=processed)
+                    answer = self.docker.call("trade", ORDER, nonce=int(clord_id[3:]))
+                    placed = [o for o in self.fake.orders() if o["clOrdId"] == clord_id]
+                    self.assertEqual(len(self.sent("POST", "/api/v5/trade/order", clord_id)), 1)
+                    lookups = [seen for seen in self.okx.seen if seen[:2] == ("GET", "/api/v5/trade/order")]
+                    self.assertTrue(lookups, code)
+                    if processed:
+                        self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + placed[0]["ordId"]}, answer)
+                    else:
+                        self.assertIn("not placed", answer.get("error", ""), answer)
+                        self.assertEqual(placed, [])
+                    del self.okx.seen[:]
+
+    def test_every_hint_reaches_the_docker_in_the_error(self):
+        errors = {}
+        for code, hint in sorted(plugin.ERROR_HINTS.items()):
+            with self.subTest(code=code):
+                self.okx.clear()
+                self.okx.answer("GET", "/api/v5/account/balance", okx_refusal(code), OKX_CODE_STATUS.get(code, 200),
+                                count=2)            # twice: a code that is acted on comes back once more
+                errors[code] = self.docker.call("accounts").get("error", "")
+                self.assertIn("OKX %s: from the relay" % code, errors[code])
+                self.assertIn(hint.format(path="/api/v5/account/balance", limit=" (10 requests per 2 s)"),
+                              errors[code])
+        self.assertIn("/api/v5/account/balance (10 requests per 2 s)", errors["50011"])   # which limit
+
+    def test_an_order_id_okx_does_not_know_answers_the_51603_hint(self):
+        error = self.docker.call("order", {"id": "BTC-USDT,1234567890123456789", "symbol": "BTC_USDT"})["error"]
+        self.assertIn("OKX 51603", error)
+        self.assertIn(plugin.ERROR_HINTS["51603"], error)
+
+
 # ---- OKX's clock ----
 
 class ClockSkewTest(HardeningTestCase):
@@ -5201,6 +5430,64 @@ class ClockSkewTest(HardeningTestCase):
         self.assertEqual(len(self.fake.orders()), 2)
         self.assertEqual(len(self.order_posts()), 4)          # each refused once unprocessed, then placed once
         self.assert_still_serves()
+
+
+class ExchangeTimeTest(HardeningTestCase):
+    """OKX's time is read once and then kept on the monotonic clock: a step of this machine's wall clock
+    (NTP, a VM resumed, an operator) changes neither the signatures' timestamps nor expTime, and so never
+    lets an order whose answer was lost execute after the plugin said it would not."""
+
+    WALL_OFFSETS = (10, -10, 3600, -3600)      # seconds this machine's clock is off OKX's after a step
+
+    def step_wall_to(self, offset):
+        """Step the host's wall clock so that it is ``offset`` seconds off the true (OKX's) time."""
+        self.clock.step_wall(offset - (self.clock.time() - self.clock.true_time()))
+
+    @staticmethod
+    def stamp_ms(request):
+        moment = dt.datetime.strptime(request["headers"]["OK-ACCESS-TIMESTAMP"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        return int(round(moment.replace(tzinfo=dt.timezone.utc).timestamp() * 1000))
+
+    def test_timestamps_and_exptime_keep_okx_time_across_wall_clock_steps(self):
+        self.assertIn("data", self.docker.call("accounts"))            # OKX's clock read, once
+        exp_offsets = {}
+        for offset in (0,) + self.WALL_OFFSETS:
+            self.step_wall_to(offset)
+            self.fake.clear_requests()
+            self.assertIn("data", self.docker.call("trade", ORDER), offset)
+            self.assertIn("data", self.docker.call("accounts"), offset)
+            okx_now = self.fake.now_ms()                   # the clock stood still during both calls
+            self.assertEqual([r["path"] for r in self.fake.requests],
+                             ["/api/v5/trade/order", "/api/v5/account/balance"], offset)   # no 50102, no re-sync
+            for request in self.fake.requests:
+                self.assertLessEqual(abs(self.stamp_ms(request) - okx_now), 100, (offset, request["path"]))
+            exp_offsets[offset] = int(self.fake.requests[0]["headers"]["expTime"]) - okx_now
+        self.assertTrue(0 < exp_offsets[0] <= self.server.config.timeout * 1000, exp_offsets)
+        for offset in self.WALL_OFFSETS:
+            self.assertLessEqual(abs(exp_offsets[offset] - exp_offsets[0]), 100, (offset, exp_offsets))
+        self.assertEqual(len(self.fake.orders()), 5)
+
+    def test_an_order_lost_in_transit_under_a_wall_clock_step_is_never_placed_twice(self):
+        relay = self.relay()
+        docker = Docker(self.start_plugin(api_base=relay.base_url).server_address[1])
+        self.addCleanup(docker.close)
+        self.assertIn("data", docker.call("accounts"))                 # OKX's clock read, before the steps
+        for nonce, offset in enumerate(self.WALL_OFFSETS, start=1001):
+            self.step_wall_to(offset)
+            relay.hold_order()                     # the connection breaks; the order is still on its way
+            answer = docker.call("trade", ORDER, nonce=nonce)
+            relay.deliver()                        # and reaches OKX after the plugin answered
+            clord_id = "fmz%d" % nonce
+            placed = [order for order in self.fake.orders() if order["clOrdId"] == clord_id]
+            posts = [seen for seen in relay.seen if seen[0] == "POST" and clord_id in seen[2]]
+            self.assertEqual(len(posts), 1, offset)                   # it reached OKX once: never re-sent
+            if "data" in answer:
+                self.assertEqual([answer["data"]["id"]], ["BTC-USDT," + order["ordId"] for order in placed])
+            else:
+                self.assertRegex(answer["error"], "not placed|unknown", offset)
+                if "not placed" in answer["error"]:
+                    self.assertEqual(placed, [], "said not placed, but OKX executed it (offset %+d s)" % offset)
+                    self.assertEqual(relay.late_answer["data"][0]["sCode"], "50037")
 
 
 # ---- Secrets and TLS ----
