@@ -5589,8 +5589,8 @@ class TlsTest(HardeningTestCase):
 
 # ---- The command line ----
 
-class CommandLineTest(unittest.TestCase):
-    """The plugin as an operator runs it: flags, signals, its port taken, log lines."""
+class PluginProcessTestCase(unittest.TestCase):
+    """Tests of the plugin as a process: start it with flags, see what it printed and how it ended."""
 
     def nowhere(self):
         return ["--api-base", "http://127.0.0.1:%d" % free_port(), "--no-stream"]
@@ -5600,9 +5600,36 @@ class CommandLineTest(unittest.TestCase):
         self.addCleanup(process.kill)
         return process
 
+    def assert_refused(self, *flag_sets, status=None):
+        """Each set of flags (a list, or a pair (list, environment)) ends the plugin at start with one line
+        on stderr, no traceback, and a failure status (``status`` when given); the processes run side by
+        side. Returns what each printed, in order."""
+        processes = []
+        for flags in flag_sets:
+            args, env = flags if isinstance(flags, tuple) else (flags, None)
+            argv = ["--port", "0", "--no-stream"] + args if "--port" not in args else args
+            processes.append((args, self.start(*argv, env=env)))
+        printed = []
+        for args, process in processes:
+            with self.subTest(args=args):
+                started = process.wait_for(r"listening on", 5)      # None once it has exited
+                process.kill()
+                printed.append(process.stderr)
+                self.assertIsNone(started, "the plugin accepted %s and started" % args)
+                self.assertNotIn(process.process.returncode, (0, None), process.stderr[-700:])
+                if status is not None:
+                    self.assertEqual(process.process.returncode, status, process.stderr[-700:])
+                self.assertEqual(len(process.lines), 1, process.stderr[-700:])
+                self.assertNotIn("Traceback", process.stderr)
+        return printed
+
+
+class CommandLineTest(PluginProcessTestCase):
+    """The plugin as an operator runs it: flags, signals, its port taken, log lines."""
+
     def test_sigterm_and_sigint_stop_within_a_second_with_status_0(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            process = self.start("--port", "0", *self.nowhere())
+        processes = {signum: self.start("--port", "0", *self.nowhere()) for signum in (signal.SIGTERM, signal.SIGINT)}
+        for signum, process in processes.items():
             docker = Docker(process.port())             # a robot's kept-alive connection stays open
             self.addCleanup(docker.close)
             self.assertIn("unknown method", docker.call("fly").get("error", ""))
@@ -5629,27 +5656,6 @@ class CommandLineTest(unittest.TestCase):
                             ["--api-base", "http://[oops"], ["--proxy", "ftp://proxy"], ["--ca-file", "/no/such/file"],
                             ["--ws-base", "https://ws.okx.com"], ["--address", "999.1.2.3"])
 
-    def assert_refused(self, *flag_sets, env=None, status=None):
-        """Each set of flags ends the plugin at start with one line on stderr, no traceback, and a failure
-        status (``status`` when given; the processes run side by side); returns their lines."""
-        processes = []
-        for args in flag_sets:
-            argv = ["--port", "0", "--no-stream"] + args if "--port" not in args else args
-            processes.append((args, self.start(*argv, env=env)))
-        lines = []
-        for args, process in processes:
-            with self.subTest(args=args):
-                started = process.wait_for(r"listening on", 5)      # None once it has exited
-                process.kill()
-                self.assertIsNone(started, "the plugin accepted %s and started" % args)
-                self.assertNotIn(process.process.returncode, (0, None), process.stderr[-700:])
-                if status is not None:
-                    self.assertEqual(process.process.returncode, status, process.stderr[-700:])
-                self.assertEqual(len(process.lines), 1, process.stderr[-700:])
-                self.assertNotIn("Traceback", process.stderr)
-                lines += process.lines
-        return lines
-
     def test_help_mentions_every_flag(self):
         status, stdout, stderr = run_plugin("--help")
         self.assertEqual(status, 0)
@@ -5675,16 +5681,102 @@ class CommandLineTest(unittest.TestCase):
             self.assertRegex(line, stamp + r"(DEBUG|INFO|WARNING|ERROR) \[[^\]]+\] ")
 
     def test_address_other_than_loopback_is_warned_about(self):
-        process = self.start("--address", "0.0.0.0", "--port", "0", *self.nowhere())
-        process.port()
-        warning = process.wait_for(r"WARNING .*0\.0\.0\.0", 2)
-        self.assertIsNotNone(warning, process.stderr)
+        anywhere = self.start("--address", "0.0.0.0", "--port", "0", *self.nowhere())
+        loopback = self.start("--address", "127.0.0.1", "--port", "0", *self.nowhere())
+        anywhere.port()
+        warning = anywhere.wait_for(r"WARNING .*0\.0\.0\.0", 2)
+        self.assertIsNotNone(warning, anywhere.stderr)
         self.assertIn("127.0.0.1", warning)
+        anywhere.stop()
+        loopback.port()
+        loopback.stop()
+        self.assertNotIn("WARNING", loopback.stderr)
+
+
+def without_proxy_variables(**variables):
+    """This process's environment without any *_proxy variable, plus ``variables``."""
+    env = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
+    env.update(variables)
+    return env
+
+
+def secret_pieces(secret):
+    """The 3-character pieces of ``secret`` that the plugin's own text (its source) does not hold: an
+    output holding one can only have it from the secret."""
+    with open(PLUGIN_PATH, encoding="utf-8") as source:
+        text = source.read()
+    return sorted(set(piece for piece in (secret[i:i + 3] for i in range(len(secret) - 2)) if piece not in text))
+
+
+class FlagCheckTest(PluginProcessTestCase):
+    """Every URL flag is checked at start, in one line and exit status 2, exactly as it is used later:
+    a stream base is ws/wss with a host, a valid port and no path; keys never travel in clear to a host
+    other than this machine; a proxy's password may hold any character, and no part of a proxy URL, the
+    flag's or a *_PROXY variable's, is ever shown."""
+
+    MALFORMED_PROXIES = (("http://robot:s3cr#t", "s3cr#t"),                      # no host: robot:s3cr#t
+                         ("http://robot:p@ss:word@host:notaport", "p@ss:word"),
+                         ("socks5://u:pw@h:1", "u:pw"))
+
+    def test_a_stream_base_is_ws_or_wss_with_a_host_a_port_and_no_path(self):
+        printed = self.assert_refused(["--ws-base", "wss://"], ["--ws-base", "wss://ws.okx.com:99999"],
+                                      ["--ws-base", "wss://h/path"], status=2)
+        for text in printed:
+            self.assertIn("--ws-base", text)
+
+    def test_plain_schemes_reach_only_this_machine(self):
+        printed = self.assert_refused(["--api-base", "http://www.okx.com"], ["--ws-base", "ws://ws.okx.com:8443"],
+                                      status=2)
+        for text in printed:
+            self.assertIn("in clear", text)
+        processes = [self.start("--port", "0", "--api-base", "http://127.0.0.1:%d" % free_port(), "--no-stream"),
+                     self.start("--port", "0", "--ws-base", "ws://127.0.0.1:%d" % free_port(),
+                                "--api-base", "http://127.0.0.1:%d" % free_port())]
+        for process in processes:
+            Docker(process.port()).close()
+            self.assertEqual(process.stop()[0], 0, process.stderr)
+
+    def test_a_proxy_password_may_hold_any_character(self):
+        fake = FakeOKX(tls=True).start()             # real time: the plugin runs in its own process
+        self.addCleanup(fake.stop)
+        proxy = FakeProxy(user="robot", password="s3cr#t").start()
+        self.addCleanup(proxy.stop)
+        proxy_url = proxy.url.replace("http://", "http://robot:s3cr#t@")
+        process = self.start("--port", "0", "--api-base", fake.base_url, "--ca-file", fake.cert_path,
+                             "--proxy", proxy_url, "--no-stream", env=without_proxy_variables())
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        self.assertEqual(docker.call("ticker", {"symbol": "BTC_USDT"}).get("data", {}).get("symbol"), "BTC_USDT")
+        self.assertEqual(proxy.tunnels, 1)
+        self.assertEqual(proxy.auth_seen, ["Basic " + base64.b64encode(b"robot:s3cr#t").decode()])
         process.stop()
-        process = self.start("--address", "127.0.0.1", "--port", "0", *self.nowhere())
-        process.port()
+        for piece in secret_pieces("s3cr#t"):
+            self.assertNotIn(piece, process.stderr)
+
+    def test_no_part_of_a_proxy_password_is_ever_shown(self):
+        cases = []
+        for url, password in self.MALFORMED_PROXIES:
+            cases += [((["--proxy", url], without_proxy_variables()), password),
+                      (([], without_proxy_variables(HTTPS_PROXY=url)), password)]
+        printed = self.assert_refused(*[flags for flags, _ in cases], status=2)
+        for text, (flags, password) in zip(printed, cases):
+            pieces = secret_pieces(password)
+            self.assertTrue(pieces, password)
+            for piece in pieces:
+                self.assertNotIn(piece, text, flags)
+        # a proxy URL that is fine but leads nowhere: the plugin starts, and its answers and lines hide it
+        process = self.start("--port", "0", "--api-base", "https://127.0.0.1:%d" % free_port(), "--no-stream",
+                             "--proxy", "http://robot:s3cr#t@127.0.0.1:%d" % free_port(), "--timeout", "2",
+                             env=without_proxy_variables())
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        answers = [json.dumps(docker.call(method, params)) for method, params in
+                   (("ticker", {"symbol": "BTC_USDT"}), ("accounts", {}), ("trade", ORDER))]
+        self.assertIn("cannot reach proxy", answers[0])
         process.stop()
-        self.assertNotIn("WARNING", process.stderr)
+        for piece in secret_pieces("s3cr#t"):
+            for text in answers + process.lines:
+                self.assertNotIn(piece, text)
 
 
 class ReviewFindingsTest(PluginTestCase):
