@@ -18,6 +18,7 @@ import base64
 import collections
 import contextlib
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import http.client
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import traceback
+import tracemalloc
 import unittest
 import unittest.mock
 import urllib.parse
@@ -3000,13 +3002,14 @@ class FakeOKXStream(_PrivateChannels):
             raise ValueError("side must be 'bids' or 'asks'")
         return self._change_book(inst_id, [(side, str(px), str(sz))])
 
-    def add_trade(self, inst_id: str, px: str, sz: str, side: str = "buy") -> dict:
-        """Record a trade (``side`` = taker side) and push it on `trades`; returns the row."""
+    def add_trade(self, inst_id: str, px: str, sz: str, side: str = "buy", count="1") -> dict:
+        """Record a trade (``side`` = taker side) and push it on `trades`; returns the row. ``count`` is
+        OKX's number of matches the pushed row aggregates (its tradeId is the last one's)."""
         with self._lock:
             market = self._market(inst_id)
             market.next_trade_id += 1
             trade = {"instId": inst_id, "tradeId": str(market.next_trade_id), "px": str(px),
-                     "sz": str(sz), "side": side, "ts": self._stamp(), "count": "1", "source": "0",
+                     "sz": str(sz), "side": side, "ts": self._stamp(), "count": str(count), "source": "0",
                      "seqId": market.next_trade_id}
             market.trades.appendleft(trade)
             self._push("trades", inst_id, {"arg": {"channel": "trades", "instId": inst_id},
@@ -3340,6 +3343,19 @@ class EnvelopeTest(PluginTestCase):
             self.data("ticker", {"symbol": "BTC_USDT"})
         self.assertIsNotNone(self.docker.connection)
         self.assertEqual(self.fake.connections, 1)     # and towards OKX one kept-alive connection
+
+    def test_server_header_names_the_plugin_without_a_trailing_space(self):
+        for data in (request_bytes(docker_body("ticker", {"symbol": "BTC_USDT"})), b"GARBAGE\r\n\r\n"):
+            docker = RawDocker(self.server.server_address[1])
+            self.addCleanup(docker.close)
+            docker.send(data)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = docker.sock.recv(65536)
+                self.assertTrue(chunk, head)
+                head += chunk
+            server = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+            self.assertEqual(server, [b"Server: fmz-okx-plugin/" + plugin.__version__.encode()], data[:8])
 
     def test_robots_are_served_concurrently(self):
         self.data("accounts")                       # OKX's clock read: one round trip for each call below
@@ -4728,6 +4744,186 @@ class BadInputTest(HardeningTestCase):
                 docker.close()
         self.assertLessEqual(self.wait_for_threads(threads_before + 1), threads_before + 1)
         self.assert_still_serves()
+
+
+# ---- Memory bounds ----
+
+class LoopbackPool:
+    """Stands for the plugin's ConnectionPool in tests that make thousands of calls: each request is
+    handed to a FakeOKX's dispatcher in the calling thread, without a socket; same answers, no I/O."""
+
+    def __init__(self, fake, host):
+        self.fake, self.host, self.opened = fake, host, 0
+
+    def request(self, method, target, body, headers, deadline, retry_stale=True):
+        status, answer = self.fake._dispatch(method, target, headers, body.decode("utf-8") if body else "",
+                                             "127.0.0.1")
+        return status, json.dumps(answer, separators=(",", ":")).encode("utf-8")
+
+    def close(self):
+        pass
+
+
+def plugin_memory(all_frames=False):
+    """Bytes now held by what the plugin's own lines allocated, while tracemalloc traces; with
+    ``all_frames`` (and tracemalloc started with frames to look at) also what code the plugin called
+    allocated, json.loads say."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, plugin.__file__,
+                                                                             all_frames=all_frames)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+class MemoryBoundTest(PluginTestCase):
+    """Weeks of robots, keys and symbols coming and going leave the plugin no bigger: every memory it
+    keeps per key, instrument or order is bounded, and what cannot be bounded is refused at the door."""
+
+    def setUp(self):
+        super().setUp()
+        level = plugin.log.level
+        plugin.log.setLevel(logging.WARNING)        # thousands of debug lines would be the test's memory
+        self.addCleanup(plugin.log.setLevel, level)
+
+    @property
+    def shared(self):
+        return self.server.exchanges["okx"]
+
+    def call(self, method, params, access_key=KEY, nonce=None):
+        """One docker method run as DockerHandler runs it (without the HTTP around it); answer or error text."""
+        protocol_class, _ = plugin.EXCHANGES["okx"]
+        request = plugin.DockerRequest(access_key, SECRET_FIELD, nonce, None, self.clock.monotonic() + 5)
+        try:
+            return plugin.dispatch(protocol_class(request, self.shared), method, params)
+        except plugin.ProtocolError as exc:
+            return str(exc)
+
+    def churn(self, round_number, nonces, instruments):
+        """``instruments`` instruments nobody will ask about again, through every family of methods; 40 API
+        keys OKX does not know; 60 orders placed; a leverage set; then every rate window empties."""
+        for n in range(instruments):
+            base = "M%d%04d" % (round_number, n)
+            family = n % 4
+            if family == 0:
+                self.call("ticker", {"symbol": base + "_USDT"})                       # market data
+            elif family == 1:
+                self.call("order", {"id": base + "-USDT,1"})                          # a signed read
+            elif family == 2:
+                self.call("trade", {"symbol": base + "_USDT", "type": "buy", "price": "1", "amount": "1"},
+                          nonce=next(nonces))                                          # refused by OKX
+            else:
+                self.call("__api_/api/v5/public/funding-rate", {"instId": base + "-USDT-SWAP"})
+        for n in range(40):
+            self.call("accounts", {}, access_key="churn-key-%d-%d" % (round_number, n))
+        for _ in range(60):
+            self.call("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "20000", "amount": "0.00001"},
+                      nonce=next(nonces))
+        self.call("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": str(2 + round_number)})
+        self.fake.clear_requests()
+        with self.fake._lock:
+            self.fake.accounts[KEY]["orders"].clear()       # the fake's memory is not the plugin's
+        self.clock.advance(3)
+
+    def test_keys_and_instruments_that_come_and_go_leave_the_plugin_no_bigger(self):
+        # 240 API keys and 5,000 instruments in six rounds: four to warm up, two measured (tracemalloc
+        # is slow). The memories are made small here (their size is MEMORY_ENTRIES) so that the first
+        # rounds fill them.
+        client = self.shared.client
+        client.pool = LoopbackPool(self.fake, client.pool.host)
+        memories = {"orders": self.shared.orders._outcomes, "leverage": self.shared.leverage,
+                    "caches": client._caches}
+        for memory in memories.values():
+            self.assertEqual(memory.size, plugin.MEMORY_ENTRIES)
+            memory.size = 50
+        client.limiter.SWEEP_EVERY = 16
+        self.fake.set_balance("USDT", "100000000")
+        nonces, in_use = iter(range(1, 10 ** 6)), []
+        for round_number in range(4):                    # warm-up: every memory at its size
+            self.churn(round_number, nonces, 1000)
+            in_use.append(client.limiter.in_use())
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        self.churn(4, nonces, 500)
+        after_warm_up = plugin_memory()
+        self.churn(5, nonces, 500)
+        after_more = plugin_memory()
+        in_use.append(client.limiter.in_use())
+        self.assertLess(after_more - after_warm_up, 60000, (after_warm_up, after_more))
+        self.assertLess(max(in_use), 300, in_use)              # of ~790 new ones a round
+        for name, memory in memories.items():
+            self.assertLessEqual(len(memory), memory.size, name)
+        self.assertEqual(len(memories["orders"]), 50)             # full: 360 orders went through it
+        self.assertLessEqual(len(client.requests_sent), 65)
+
+    def test_a_500_kb_inst_id_through_the_passthrough_is_not_kept(self):
+        self.assertIn("data", self.docker.call("accounts"))         # the kept-alive connections are made
+        self.assertIn("data", self.docker.call("ticker", {"symbol": "BTC_USDT"}))
+        tracemalloc.start(64)
+        self.addCleanup(tracemalloc.stop)
+        before = plugin_memory(all_frames=True)
+        answer = self.docker.call("__api_/api/v5/public/funding-rate", {"instId": "BTC" * 170000})
+        self.assertIn("error", answer)
+        self.assertIn("data", self.docker.call("ticker", {"symbol": "BTC_USDT"}))   # the first one is done
+        self.assertLess(plugin_memory(all_frames=True) - before, 100000)
+
+    def test_a_million_digit_nonce_is_refused_within_a_second(self):
+        if hasattr(sys, "set_int_max_str_digits"):       # as a Python without that limit (before 3.8.14)
+            limit = sys.get_int_max_str_digits()
+            sys.set_int_max_str_digits(0)
+            self.addCleanup(sys.set_int_max_str_digits, limit)
+        for nonce in ("1" * 1000000, '"%s"' % ("1" * 1000000)):
+            body = ('{"access_key":"%s","secret_key":"%s","nonce":%s,"method":"trade","params":%s}'
+                    % (KEY, SECRET_FIELD, nonce, json.dumps(ORDER))).encode()
+            started = time.monotonic()
+            status, answer = self.docker.send(body)
+            self.assertLess(time.monotonic() - started, 1.0)          # real time: the parse itself
+            self.assertRegex(answer.get("error", ""), "not JSON|nonce", nonce[:3])
+            self.assertNotIn("internal error", answer["error"])
+        self.assertEqual(self.fake.requests, [])
+
+    def test_json_nested_100000_deep_is_not_json_and_logs_no_traceback(self):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            for body in ("[" * 100000 + "]" * 100000, '{"a":' * 100000 + "1" + "}" * 100000,
+                         '{"method":"ticker","params":' + "[" * 100000 + "]" * 100000 + "}"):
+                status, answer = self.docker.send(body.encode())
+                self.assertIn("request body is not JSON", answer.get("error", ""), body[:10])
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertNotIn("Traceback", "\n".join(LOGS.lines))
+        self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["symbol"], "BTC_USDT")
+
+    def test_a_symbol_longer_than_okx_allows_is_refused_before_okx(self):
+        long_symbol = "BTC_USDT." + "9" * plugin.OKX_MAX_INST_ID
+        for method, params in (("ticker", {}), ("depth", {}), ("trades", {}), ("records", {"period": 1}),
+                               ("trade", {"type": "buy", "price": "1", "amount": "1"}), ("orders", {}),
+                               ("order", {"id": "1"}), ("historyorders", {}), ("cancel", {"id": "1"}),
+                               ("positions", {}), ("SetMarginLevel", {"marginLevel": "5"}), ("fundings", {}),
+                               ("markets", {}), ("tickers", {})):
+            with self.subTest(method=method):
+                self.assertIn("longer than any OKX instrument", self.error(method, dict(params, symbol=long_symbol)))
+        error = self.error("ticker", {"symbol": "BTC_USDT", "contract_type": "w" * 100})
+        self.assertIn("contract_type", error)
+        self.assertEqual(self.fake.requests, [])
+
+    def test_a_pushed_trade_with_a_huge_count_keeps_the_tape_small(self):
+        plugin.LiveConnection._connect_times.clear()
+        quick_stream_threads(self)
+        okx = FakeOKXStream(clock=self.clock).start()
+        self.addCleanup(okx.stop)
+        market = plugin.MarketStream(okx.url, self.clock)
+        self.addCleanup(market.close)
+        self.assertIsNone(market.trades(BTC, 1))
+        self.assertTrue(wait_for(lambda: market.stats()["subscriptions"] == 1))
+        self.assertIsNone(market.trades(BTC, 1))             # live now: REST rows after this are a seed
+        market.seed_trades(BTC, [])
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = plugin_memory()
+        for count in ("999999", "9" * 18, "1" + "0" * 400):
+            pushed = okx.add_trade(BTC, "43000", "5", count=count)
+            self.assertTrue(wait_for(lambda: (market.trades(BTC, 1) or [{}])[0].get("tradeId") == pushed["tradeId"]),
+                            count[:8])
+        self.assertLess(plugin_memory() - before, 500000)
+        self.assertEqual(len(market.trades(BTC, 3)), 3)
 
 
 class OKXRelay:
@@ -7310,10 +7506,15 @@ class StreamPluginTest(PluginTestCase):
         return [r for r in self.fake.requests if r["path"].startswith("/api/v5/market/")]
 
     def until_from_memory(self, method, params):
-        """Call until an answer costs no REST request; returns that answer."""
+        """Call until an answer costs no REST request; returns that answer's data."""
+        return self.answer_from_memory(method, params)["data"]
+
+    def answer_from_memory(self, method, params):
+        """Call until an answer costs no REST request; returns that answer (data and raw)."""
         def from_memory():
             before = len(self.market_requests())
-            answer = self.data(method, params)
+            answer = self.docker.call(method, params)
+            self.assertIn("data", answer, answer)
             return answer if len(self.market_requests()) == before else None
         answer = wait_for(from_memory, timeout=3)
         self.assertIsNotNone(answer, "%s never came from the stream" % method)
@@ -7371,6 +7572,25 @@ class StreamPluginTest(PluginTestCase):
         self.fake.set_price("BTC-USDT", "40000.1", "40000.2")
         self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["buy"], "40000.1")
         self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 1)
+
+    def test_depth_raw_has_okx_rows_from_the_stream_as_from_rest(self):
+        for limit in (5, 50):                             # books5, and books
+            with self.subTest(limit=limit):
+                params = {"symbol": "BTC_USDT", "limit": limit}
+                self.fake.clear_requests()
+                from_rest = self.docker.call("depth", params)
+                self.assertEqual(len(self.okx_calls("/api/v5/market/books")), 1)
+                from_stream = self.answer_from_memory("depth", params)
+                for answer in (from_rest, from_stream):
+                    for side in ("asks", "bids"):
+                        self.assertEqual(len(answer["raw"][side]), limit)
+                        for level in answer["raw"][side]:           # [px, sz, "0", orders], as OKX sends
+                            self.assertEqual(len(level), 4, (side, level))
+                            self.assertEqual(level[2], "0")
+                            self.assertTrue(level[3].isdigit(), level)
+                        self.assertEqual(answer["data"][side], [level[:2] for level in answer["raw"][side]])
+                bids, asks = self.okx_stream.book("BTC-USDT")
+                self.assertEqual(from_stream["data"]["asks"], asks[:limit])
 
     def test_many_robots_on_many_instruments_share_one_connection(self):
         symbols = ["BTC_USDT", "ETH_USDT", "LTC_USDT", "BTC_USDT.swap"]
