@@ -3202,7 +3202,7 @@ class PluginTestCase(unittest.TestCase):
         return [request for request in self.fake.requests if request["path"] == path]
 
     def relay(self):
-        """An OKXRelay in front of the fake (see "Orders whose answer is lost"), stopped after the test."""
+        """An OKXRelay in front of the fake (see its section), stopped after the test."""
         relay = OKXRelay(self.fake)
         self.addCleanup(relay.stop)
         return relay
@@ -4935,6 +4935,8 @@ class MemoryBoundTest(PluginTestCase):
         self.assertEqual(len(market.trades(BTC, 3)), 3)
 
 
+# ---- A relay in front of the fake: answers lost, held or scripted ----
+
 class OKXRelay:
     """A TCP relay in front of a FakeOKX (the plugin's --api-base) that loses, holds or replaces answers
     as a network or OKX can, without any real time having to pass.
@@ -4994,6 +4996,7 @@ class OKXRelay:
         self._add("POST", "/api/v5/trade/order", "hold", 1)
 
     def hold_answer(self):
+        self._released.clear()
         self._add("POST", "/api/v5/trade/order", "hold_answer", 1)
 
     def answer(self, method, path, envelope, status=200, process=False, count=1):
@@ -5062,7 +5065,7 @@ class OKXRelay:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _serve(self, client):
-        upstream = None
+        upstream = upstream_reader = None
 
         def forward(request):
             nonlocal upstream, upstream_reader
@@ -5071,7 +5074,6 @@ class OKXRelay:
                 upstream_reader = upstream.makefile("rb")
             upstream.sendall(request)
             return self._read_message(upstream_reader)
-        upstream_reader = None
         try:
             reader = client.makefile("rb")
             while True:
