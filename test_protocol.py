@@ -3201,6 +3201,12 @@ class PluginTestCase(unittest.TestCase):
         """Requests the fake received for one path."""
         return [request for request in self.fake.requests if request["path"] == path]
 
+    def order_posts(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "POST"]
+
+    def order_lookups(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "GET"]
+
     def relay(self):
         """An OKXRelay in front of the fake (see its section), stopped after the test."""
         relay = OKXRelay(self.fake)
@@ -4476,11 +4482,6 @@ class HardeningTestCase(PluginTestCase):
             time.sleep(0.05)
         return threading.active_count()
 
-    def order_posts(self):
-        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "POST"]
-
-    def order_lookups(self):
-        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "GET"]
 
 
 
@@ -5398,12 +5399,8 @@ class OrderOutcomeTest(PluginTestCase):
                      "ordType": "limit", "px": "30000", "sz": "0.01"}, **fields)
         return placer.place(plugin.PLAIN_ORDER, self.CREDENTIALS, "BTC-USDT", body, self.clock.monotonic() + 1.5)
 
-    def posts(self):
-        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "POST"]
-
     def lookups(self):
-        return [urllib.parse.parse_qs(r["query"]) for r in self.okx_calls("/api/v5/trade/order")
-                if r["method"] == "GET"]
+        return [urllib.parse.parse_qs(r["query"]) for r in self.order_lookups()]
 
     def test_kinds_say_how_an_order_is_placed_and_found_again(self):
         self.assertEqual(plugin.PLAIN_ORDER.lookup("BTC-USDT", "c1"),
@@ -5418,7 +5415,7 @@ class OrderOutcomeTest(PluginTestCase):
         self.assertIsInstance(outcome, plugin.Placed)
         self.assertEqual(outcome.exchange_id, self.fake.orders()[0]["ordId"])
         self.assertEqual(outcome.raw["data"][0]["sCode"], "0")
-        self.assertRegex(self.posts()[0]["headers"]["expTime"], r"^\d{13}$")
+        self.assertRegex(self.order_posts()[0]["headers"]["expTime"], r"^\d{13}$")
         self.assertEqual(self.lookups(), [])
 
     def test_a_lost_answer_found_by_its_client_id_is_placed(self):
@@ -5428,7 +5425,7 @@ class OrderOutcomeTest(PluginTestCase):
         order = self.fake.orders()[0]
         self.assertEqual(outcome.exchange_id, order["ordId"])
         self.assertEqual((outcome.raw["code"], outcome.raw["data"][0]["clOrdId"]), ("0", "oo2"))
-        self.assertEqual(len(self.posts()), 1)
+        self.assertEqual(len(self.order_posts()), 1)
         self.assertEqual(self.lookups(), [{"clOrdId": ["oo2"], "instId": ["BTC-USDT"]}])
 
     def test_no_order_once_its_exptime_has_passed_is_not_placed_and_may_be_placed_again(self):
@@ -5437,12 +5434,12 @@ class OrderOutcomeTest(PluginTestCase):
         with self.assertRaises(plugin.OrderNotPlaced) as caught:
             self.place(placer, "oo3")
         self.assertIn("oo3", str(caught.exception))
-        exp_time = int(self.posts()[0]["headers"]["expTime"])
+        exp_time = int(self.order_posts()[0]["headers"]["expTime"])
         self.assertGreaterEqual(self.fake.now_ms(), exp_time + plugin.ORDER_EXPIRY_MARGIN * 1000)   # waited
         self.assertEqual(len(self.lookups()), 2)           # looked for at once, and once it could not execute
         self.assertEqual(self.fake.orders(), [])
         self.assertIsInstance(self.place(placer, "oo3"), plugin.Placed)   # nothing remembered: sent anew
-        self.assertEqual(len(self.posts()), 2)
+        self.assertEqual(len(self.order_posts()), 2)
 
     def test_a_lookup_that_fails_too_is_unknown_and_the_next_request_looks_again_first(self):
         placer = self.placer()
@@ -5459,7 +5456,7 @@ class OrderOutcomeTest(PluginTestCase):
         again = self.place(placer, "oo4")                             # the same client id once more
         self.assertIsInstance(again, plugin.Placed)
         self.assertEqual(again.exchange_id, self.fake.orders()[0]["ordId"])
-        self.assertEqual(len(self.posts()), 1)                        # found, not sent again
+        self.assertEqual(len(self.order_posts()), 1)                        # found, not sent again
         self.assertEqual(len(self.fake.orders()), 1)
 
     def test_the_memory_answers_a_repeated_client_id_without_asking_okx(self):
@@ -5476,7 +5473,7 @@ class OrderOutcomeTest(PluginTestCase):
             self.place(placer, "oo6", sz="10")                        # 51008: insufficient balance
         self.assertEqual(caught.exception.code, "51008")
         self.assertIsInstance(self.place(placer, "oo6"), plugin.Placed)
-        self.assertEqual(len(self.posts()), 2)
+        self.assertEqual(len(self.order_posts()), 2)
 
     def test_concurrent_requests_with_one_client_id_place_one_order(self):
         relay = self.relay()
@@ -5495,7 +5492,7 @@ class OrderOutcomeTest(PluginTestCase):
             thread.join(5)
         self.assertEqual(len(outcomes), 3)
         self.assertEqual(set(outcome.exchange_id for outcome in outcomes), {self.fake.orders()[0]["ordId"]})
-        self.assertEqual(len(self.posts()), 1)
+        self.assertEqual(len(self.order_posts()), 1)
         self.assertEqual(len(self.fake.orders()), 1)
 
 
