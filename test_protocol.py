@@ -1,6 +1,7 @@
 """Tests for fmz_custom_protocol, the FMZ custom-protocol plugin for OKX.
 
-Run with `python3 -m unittest test_protocol` (add `-v` to see every test by name).
+Run with `python3 -m unittest test_protocol` (add `-v` to see every test by name);
+`python3 test_protocol.py durations` runs the same and lists the slowest tests.
 
 The tests talk to the plugin the way FMZ's docker does, and point the plugin at a fake OKX defined in
 this file (section "Fake OKX"):
@@ -18,6 +19,7 @@ import base64
 import collections
 import contextlib
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import http.client
@@ -41,6 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
+import tracemalloc
 import unittest
 import unittest.mock
 import urllib.parse
@@ -102,8 +105,9 @@ class VirtualClock:
 
     `sleep(s)` returns at once with time moved to max(now, now at the call + s), so a sleeping thread
     drives time. `wait(event, timeout)` never moves time: it returns True as soon as `event` is set and
-    False once time (moved by advance() or another thread's sleep()) reaches its deadline. One lock and
-    condition guard everything.
+    False once time (moved by advance() or another thread's sleep()) reaches its deadline; `waiting()`
+    lists the deadlines of the threads in wait() now (where a stream's thread is parked, say). One lock
+    and condition guard everything.
     """
 
     def __init__(self, start=10000.0, true_start=None):
@@ -111,6 +115,7 @@ class VirtualClock:
         self._start = self._now = float(start)
         self._true_start = time.time() if true_start is None else float(true_start)
         self._wall_step = 0.0
+        self._waiting = []          # deadlines of the threads in wait() (and LockstepClock's sleep())
 
     def monotonic(self):
         with self._cond:
@@ -151,11 +156,73 @@ class VirtualClock:
             return event.wait()
         with self._cond:
             deadline = self._now + max(0.0, timeout)
-        while not event.is_set():
+            self._waiting.append(deadline)
+        try:
+            while not event.is_set():
+                with self._cond:
+                    if self._now >= deadline:
+                        break
+                    self._cond.wait(_VIRTUAL_POLL_S)
+        finally:
             with self._cond:
-                if self._now >= deadline:
-                    break
-                self._cond.wait(_VIRTUAL_POLL_S)
+                self._waiting.remove(deadline)
+        return event.is_set()
+
+    def waiting(self):
+        """The deadlines (monotonic) of the threads now in wait(), earliest first."""
+        with self._cond:
+            return sorted(self._waiting)
+
+
+class LockstepClock(VirtualClock):
+    """A VirtualClock for many robots at once: time moves only while every busy request waits for it.
+
+    On a VirtualClock one thread's sleep() moves time at once, so a request that another thread has on
+    its way to OKX meanwhile arrives seconds after it left, as no network would have it: OKX then counts
+    it in a later rate window than the plugin did. Here each robot wraps its call in ``with
+    clock.busy():``, and sleep() and wait() block until every busy call is blocked in one of them; then
+    time jumps to the earliest deadline among them. Time thus stands still while any call is being sent,
+    served or answered, and moves as fast as the waits allow.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._busy = 0
+
+    @contextlib.contextmanager
+    def busy(self):
+        with self._cond:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def _block(self, deadline, event):
+        with self._cond:
+            self._waiting.append(deadline)
+            try:
+                while self._now < deadline and not event.is_set():
+                    earliest = min(self._waiting)
+                    if len(self._waiting) >= self._busy and self._now < earliest < math.inf:
+                        self._now = earliest          # every busy call waits: the next one is due
+                        self._cond.notify_all()
+                    else:
+                        self._cond.wait(_VIRTUAL_POLL_S)
+            finally:
+                self._waiting.remove(deadline)
+
+    def sleep(self, seconds):
+        with self._cond:
+            deadline = self._now + max(0.0, seconds)
+        self._block(deadline, threading.Event())
+
+    def wait(self, event, timeout):
+        with self._cond:
+            deadline = math.inf if timeout is None else self._now + max(0.0, timeout)
+        self._block(deadline, event)
         return event.is_set()
 
 
@@ -725,7 +792,7 @@ class _BackgroundServer:
 
     def _serve(self, server):
         self._server = server
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.002}, daemon=True).start()
         return self
 
     def stop(self):
@@ -3541,6 +3608,7 @@ class FakeOKXStream(_PrivateChannels):
                 continue
             except OSError:
                 return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as OKX: frames leave at once
             conn = _Connection(self, sock)
             with self._lock:
                 self._conns.add(conn)
@@ -3723,13 +3791,14 @@ class FakeOKXStream(_PrivateChannels):
             raise ValueError("side must be 'bids' or 'asks'")
         return self._change_book(inst_id, [(side, str(px), str(sz))])
 
-    def add_trade(self, inst_id: str, px: str, sz: str, side: str = "buy") -> dict:
-        """Record a trade (``side`` = taker side) and push it on `trades`; returns the row."""
+    def add_trade(self, inst_id: str, px: str, sz: str, side: str = "buy", count="1") -> dict:
+        """Record a trade (``side`` = taker side) and push it on `trades`; returns the row. ``count`` is
+        OKX's number of matches the pushed row aggregates (its tradeId is the last one's)."""
         with self._lock:
             market = self._market(inst_id)
             market.next_trade_id += 1
             trade = {"instId": inst_id, "tradeId": str(market.next_trade_id), "px": str(px),
-                     "sz": str(sz), "side": side, "ts": self._stamp(), "count": "1", "source": "0",
+                     "sz": str(sz), "side": side, "ts": self._stamp(), "count": str(count), "source": "0",
                      "seqId": market.next_trade_id}
             market.trades.appendleft(trade)
             self._push("trades", inst_id, {"arg": {"channel": "trades", "instId": inst_id},
@@ -3865,13 +3934,20 @@ class Docker:
 
 
 class PluginTestCase(unittest.TestCase):
-    """Starts a fake OKX and the plugin (in this process, on a free loopback port) for every test."""
+    """Starts a fake OKX and the plugin (in this process, on a free loopback port) for every test.
+
+    Both run on one VirtualClock, ``self.clock``: OKX's time, rate windows, the plugin's deadlines, waits
+    and clock syncs all follow it. Time stands still unless the test moves it (``self.clock.advance``) or
+    the plugin sleeps (a rate-limit wait, an order's expTime: a sleeping thread moves time at once), so
+    a test never waits for time to pass. Only real I/O (socket timeouts, latency_ms) takes real time.
+    """
 
     fake_options = {}
     plugin_options = {}
 
     def setUp(self):
-        self.fake = FakeOKX(**self.fake_options).start()
+        self.clock = VirtualClock()
+        self.fake = FakeOKX(clock=self.clock, **self.fake_options).start()
         self.addCleanup(self.fake.stop)
         self.server = self.start_plugin(**self.plugin_options)
         self.docker = Docker(self.server.server_address[1])
@@ -3880,10 +3956,11 @@ class PluginTestCase(unittest.TestCase):
 
     def start_plugin(self, **options):
         options.setdefault("api_base", self.fake.base_url)
+        options.setdefault("clock", self.clock)
         options.setdefault("timeout", 5.0)
         options.setdefault("stream", False)
         server = plugin.PluginServer(("127.0.0.1", 0), plugin.Config(**options))
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.002}, daemon=True)
         thread.start()
 
         def stop():
@@ -3911,6 +3988,18 @@ class PluginTestCase(unittest.TestCase):
     def okx_calls(self, path):
         """Requests the fake received for one path."""
         return [request for request in self.fake.requests if request["path"] == path]
+
+    def order_posts(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "POST"]
+
+    def order_lookups(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "GET"]
+
+    def relay(self):
+        """An OKXRelay in front of the fake (see its section), stopped after the test."""
+        relay = OKXRelay(self.fake)
+        self.addCleanup(relay.stop)
+        return relay
 
     def place(self, symbol="BTC_USDT", type="buy", price="30000", amount="0.01", **params):
         """Place an order through the plugin; returns the docker order id."""
@@ -4050,8 +4139,22 @@ class EnvelopeTest(PluginTestCase):
         self.assertIsNotNone(self.docker.connection)
         self.assertEqual(self.fake.connections, 1)     # and towards OKX one kept-alive connection
 
+    def test_server_header_names_the_plugin_without_a_trailing_space(self):
+        for data in (request_bytes(docker_body("ticker", {"symbol": "BTC_USDT"})), b"GARBAGE\r\n\r\n"):
+            docker = RawDocker(self.server.server_address[1])
+            self.addCleanup(docker.close)
+            docker.send(data)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = docker.sock.recv(65536)
+                self.assertTrue(chunk, head)
+                head += chunk
+            server = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+            self.assertEqual(server, [b"Server: fmz-okx-plugin/" + plugin.__version__.encode()], data[:8])
+
     def test_robots_are_served_concurrently(self):
-        self.fake.latency_ms = 300
+        self.data("accounts")                       # OKX's clock read: one round trip for each call below
+        self.fake.latency_ms = 400
         answers = []
 
         def robot(method, params):
@@ -4066,7 +4169,7 @@ class EnvelopeTest(PluginTestCase):
             thread.start()
         for thread in robots:
             thread.join()
-        self.assertLess(time.monotonic() - started, 1.5)    # one after another would take 4 round trips
+        self.assertLess(time.monotonic() - started, 1.0)    # one after another would take 1.2 s
         self.assertEqual(len([answer for answer in answers if "data" in answer]), 3)
 
 
@@ -5656,10 +5759,10 @@ def _default_sigint():
 class PluginProcess:
     """`python3 fmz_custom_protocol.py ARGS` in a subprocess, its stderr collected line by line."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, env=None):
         self.process = subprocess.Popen([sys.executable, PLUGIN_PATH] + list(args), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        preexec_fn=_default_sigint)
+                                        preexec_fn=_default_sigint, env=env)
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -5752,11 +5855,6 @@ class HardeningTestCase(PluginTestCase):
             time.sleep(0.05)
         return threading.active_count()
 
-    def order_posts(self):
-        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "POST"]
-
-    def order_lookups(self):
-        return [r for r in self.okx_calls("/api/v5/trade/order") if r["method"] == "GET"]
 
 
 
@@ -5955,16 +6053,16 @@ class BadInputTest(HardeningTestCase):
 
     def test_half_a_request_is_dropped_after_the_read_timeout_without_stalling_others(self):
         with mock.patch.object(plugin.DockerHandler, "timeout", 0.5):
+            idle = self.raw(b"")                           # a connection that never sends anything
             in_headers = self.raw(b"POST /OKX HTTP/1.1\r\nContent-Le")
             body = docker_body("trade", ORDER, nonce=99)
             in_body = self.raw(request_bytes(body)[:-20])
-            self.assert_still_serves()                  # while both stall, other robots are served
+            self.assert_still_serves()                  # while all three stall, other robots are served
             self.assertTrue(in_headers.closed_within(2.0))
             status, answer, closes = in_body.answer()
             self.assertIn("did not arrive", answer["error"])
             self.assertTrue(closes)
             self.assertTrue(in_body.closed_within(1.0))
-            idle = self.raw(b"")                           # a connection that never sends anything
             self.assertTrue(idle.closed_within(2.0))
         self.assertEqual(self.order_posts(), [])
         self.assertEqual(self.fake.orders(), [])
@@ -6023,20 +6121,229 @@ class BadInputTest(HardeningTestCase):
         self.assert_still_serves()
 
 
-class LateOrderRelay:
-    """A TCP relay in front of a FakeOKX that loses the first order in transit, as a network can.
+# ---- Memory bounds ----
 
-    Requests pass through unchanged (one upstream connection per plugin connection), except the first
-    POST /api/v5/trade/order: the plugin's connection is reset at once, and the request reaches the fake
-    `delay` seconds later, as an order still travelling inside OKX when the connection broke would.
-    `delivered` is set once the fake has answered that late request.
+class LoopbackPool:
+    """Stands for the plugin's ConnectionPool in tests that make thousands of calls: each request is
+    handed to a FakeOKX's dispatcher in the calling thread, without a socket; same answers, no I/O."""
+
+    def __init__(self, fake, host):
+        self.fake, self.host, self.opened = fake, host, 0
+
+    def request(self, method, target, body, headers, deadline, retry_stale=True):
+        status, answer = self.fake._dispatch(method, target, headers, body.decode("utf-8") if body else "",
+                                             "127.0.0.1")
+        return status, json.dumps(answer, separators=(",", ":")).encode("utf-8")
+
+    def close(self):
+        pass
+
+
+def plugin_memory(all_frames=False):
+    """Bytes now held by what the plugin's own lines allocated, while tracemalloc traces; with
+    ``all_frames`` (and tracemalloc started with frames to look at) also what code the plugin called
+    allocated, json.loads say."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, plugin.__file__,
+                                                                             all_frames=all_frames)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+class MemoryBoundTest(PluginTestCase):
+    """Weeks of robots, keys and symbols coming and going leave the plugin no bigger: every memory it
+    keeps per key, instrument or order is bounded, and what cannot be bounded is refused at the door."""
+
+    def setUp(self):
+        super().setUp()
+        level = plugin.log.level
+        plugin.log.setLevel(logging.WARNING)        # thousands of debug lines would be the test's memory
+        self.addCleanup(plugin.log.setLevel, level)
+
+    @property
+    def shared(self):
+        return self.server.exchanges["okx"]
+
+    def call(self, method, params, access_key=KEY, nonce=None):
+        """One docker method run as DockerHandler runs it (without the HTTP around it); answer or error text."""
+        protocol_class, _ = plugin.EXCHANGES["okx"]
+        request = plugin.DockerRequest(access_key, SECRET_FIELD, nonce, None, self.clock.monotonic() + 5)
+        try:
+            return plugin.dispatch(protocol_class(request, self.shared), method, params)
+        except plugin.ProtocolError as exc:
+            return str(exc)
+
+    def churn(self, round_number, nonces, instruments):
+        """``instruments`` instruments nobody will ask about again, through every family of methods; 40 API
+        keys OKX does not know; 60 orders placed; a leverage set; then every rate window empties."""
+        for n in range(instruments):
+            base = "M%d%04d" % (round_number, n)
+            family = n % 4
+            if family == 0:
+                self.call("ticker", {"symbol": base + "_USDT"})                       # market data
+            elif family == 1:
+                self.call("order", {"id": base + "-USDT,1"})                          # a signed read
+            elif family == 2:
+                self.call("trade", {"symbol": base + "_USDT", "type": "buy", "price": "1", "amount": "1"},
+                          nonce=next(nonces))                                          # refused by OKX
+            else:
+                self.call("__api_/api/v5/public/funding-rate", {"instId": base + "-USDT-SWAP"})
+        for n in range(40):
+            self.call("accounts", {}, access_key="churn-key-%d-%d" % (round_number, n))
+        for _ in range(60):
+            self.call("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "20000", "amount": "0.00001"},
+                      nonce=next(nonces))
+        self.call("SetMarginLevel", {"symbol": "BTC_USDT.swap", "marginLevel": str(2 + round_number)})
+        self.fake.clear_requests()
+        with self.fake._lock:
+            self.fake.accounts[KEY]["orders"].clear()       # the fake's memory is not the plugin's
+        self.clock.advance(3)
+
+    def test_keys_and_instruments_that_come_and_go_leave_the_plugin_no_bigger(self):
+        # 240 API keys and 5,000 instruments in six rounds: four to warm up, two measured (tracemalloc
+        # is slow). The memories are made small here (their size is MEMORY_ENTRIES) so that the first
+        # rounds fill them.
+        client = self.shared.client
+        client.pool = LoopbackPool(self.fake, client.pool.host)
+        memories = {"orders": self.shared.orders._outcomes, "leverage": self.shared.leverage,
+                    "caches": client._caches}
+        for memory in memories.values():
+            self.assertEqual(memory.size, plugin.MEMORY_ENTRIES)
+            memory.size = 50
+        client.limiter.SWEEP_EVERY = 16
+        self.fake.set_balance("USDT", "100000000")
+        nonces, in_use = iter(range(1, 10 ** 6)), []
+        for round_number in range(4):                    # warm-up: every memory at its size
+            self.churn(round_number, nonces, 1000)
+            in_use.append(client.limiter.in_use())
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        self.churn(4, nonces, 500)
+        after_warm_up = plugin_memory()
+        self.churn(5, nonces, 500)
+        after_more = plugin_memory()
+        in_use.append(client.limiter.in_use())
+        self.assertLess(after_more - after_warm_up, 60000, (after_warm_up, after_more))
+        self.assertLess(max(in_use), 300, in_use)              # of ~790 new ones a round
+        for name, memory in memories.items():
+            self.assertLessEqual(len(memory), memory.size, name)
+        self.assertEqual(len(memories["orders"]), 50)             # full: 360 orders went through it
+        self.assertLessEqual(len(client.requests_sent), 65)
+
+    def test_a_500_kb_inst_id_through_the_passthrough_is_not_kept(self):
+        self.assertIn("data", self.docker.call("accounts"))         # the kept-alive connections are made
+        self.assertIn("data", self.docker.call("ticker", {"symbol": "BTC_USDT"}))
+        tracemalloc.start(64)
+        self.addCleanup(tracemalloc.stop)
+        before = plugin_memory(all_frames=True)
+        answer = self.docker.call("__api_/api/v5/public/funding-rate", {"instId": "BTC" * 170000})
+        self.assertIn("error", answer)
+        self.assertIn("data", self.docker.call("ticker", {"symbol": "BTC_USDT"}))   # the first one is done
+        self.assertLess(plugin_memory(all_frames=True) - before, 100000)
+
+    def test_a_million_digit_nonce_is_refused_within_a_second(self):
+        if hasattr(sys, "set_int_max_str_digits"):       # as a Python without that limit (before 3.8.14)
+            limit = sys.get_int_max_str_digits()
+            sys.set_int_max_str_digits(0)
+            self.addCleanup(sys.set_int_max_str_digits, limit)
+        for nonce, error in (("1" * 1000000, r"request body is not JSON \(.*digits"),
+                             ('"%s"' % ("1" * 1000000), "nonce is out of range")):
+            body = ('{"access_key":"%s","secret_key":"%s","nonce":%s,"method":"trade","params":%s}'
+                    % (KEY, SECRET_FIELD, nonce, json.dumps(ORDER))).encode()
+            started = time.monotonic()
+            status, answer = self.docker.send(body)
+            self.assertLess(time.monotonic() - started, 1.0)          # real time: the parse itself
+            self.assertRegex(answer.get("error", ""), error)
+        self.assertEqual(self.fake.requests, [])
+
+    def test_json_nested_100000_deep_is_not_json_and_logs_no_traceback(self):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            for body in ("[" * 100000 + "]" * 100000, '{"a":' * 100000 + "1" + "}" * 100000,
+                         '{"method":"ticker","params":' + "[" * 100000 + "]" * 100000 + "}"):
+                status, answer = self.docker.send(body.encode())
+                self.assertIn("request body is not JSON", answer.get("error", ""), body[:10])
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertNotIn("Traceback", "\n".join(LOGS.lines))
+        self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["symbol"], "BTC_USDT")
+
+    def test_a_symbol_longer_than_okx_allows_is_refused_before_okx(self):
+        long_symbol = "BTC_USDT." + "9" * plugin.OKX_MAX_INST_ID
+        for method, params in (("ticker", {}), ("depth", {}), ("trades", {}), ("records", {"period": 1}),
+                               ("trade", {"type": "buy", "price": "1", "amount": "1"}), ("orders", {}),
+                               ("order", {"id": "1"}), ("historyorders", {}), ("cancel", {"id": "1"}),
+                               ("positions", {}), ("SetMarginLevel", {"marginLevel": "5"}), ("fundings", {}),
+                               ("markets", {}), ("tickers", {})):
+            with self.subTest(method=method):
+                self.assertIn("longer than any OKX instrument", self.error(method, dict(params, symbol=long_symbol)))
+        error = self.error("ticker", {"symbol": "BTC_USDT", "contract_type": "w" * 100})
+        self.assertIn("contract_type", error)
+        self.assertEqual(self.fake.requests, [])
+
+    def test_an_access_key_or_secret_longer_than_okx_gives_is_refused_before_okx(self):
+        long_key = "k" * (plugin.MAX_KEY_CHARS + 1)
+        for method, params in (("accounts", {}), ("trade", ORDER), ("__api_/api/v5/account/balance", {})):
+            with self.subTest(method=method):
+                self.assertIn("access_key is longer", self.error(method, params, access_key=long_key))
+                self.assertIn("secret_key is longer", self.error(method, params, secret_key="s," + "p" * 300))
+        self.assertEqual(self.fake.requests, [])
+
+    def test_a_pushed_trade_with_a_huge_count_keeps_the_tape_small(self):
+        plugin.LiveConnection._connect_times.clear()
+        quick_stream_threads(self)
+        okx = FakeOKXStream(clock=self.clock).start()
+        self.addCleanup(okx.stop)
+        market = plugin.MarketStream(okx.url, self.clock)
+        self.addCleanup(market.close)
+        self.assertIsNone(market.trades(BTC, 1))
+        self.assertTrue(wait_for(lambda: market.stats()["subscriptions"] == 1))
+        self.assertIsNone(market.trades(BTC, 1))             # live now: REST rows after this are a seed
+        market.seed_trades(BTC, [])
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = plugin_memory()
+        for count in ("999999", "9" * 18, "1" + "0" * 400):
+            pushed = okx.add_trade(BTC, "43000", "5", count=count)
+            self.assertTrue(wait_for(lambda: (market.trades(BTC, 1) or [{}])[0].get("tradeId") == pushed["tradeId"]),
+                            count[:8])
+        self.assertLess(plugin_memory() - before, 500000)
+        self.assertEqual(len(market.trades(BTC, 3)), 3)
+
+
+# ---- A relay in front of the fake: answers lost, held or scripted ----
+
+class OKXRelay:
+    """A TCP relay in front of a FakeOKX (the plugin's --api-base) that loses, holds or replaces answers
+    as a network or OKX can, without any real time having to pass.
+
+    Requests pass through unchanged (one upstream connection per plugin connection), except those that
+    a rule, set beforehand, takes (the first request it matches, by method and path prefix):
+
+    - ``hold_order(deliver_on_lookup=False)``: the next POST /api/v5/trade/order is held and the plugin's
+      connection reset at once, as an order still travelling inside OKX when the connection broke. It
+      reaches the fake when the test calls ``deliver()`` (after the plugin answered, say), or with
+      ``deliver_on_lookup`` the moment the fake has answered the plugin's first lookup of it: that lookup
+      finds nothing, and the order is executed before the plugin asks again. ``late_answer`` is the fake's
+      answer to it, ``delivered`` is set then.
+    - ``hold_answer()``: the next order reaches the fake at once, but its answer is held until
+      ``release()``; then the plugin's connection is reset: an answer lost after a long wait.
+    - ``answer(method, path, envelope, status=200, process=False, count=1)``: the next ``count`` matching
+      requests get OKX's JSON ``envelope`` with HTTP ``status``; with ``process`` the fake carries each out
+      first (an order really is placed) and its own answer is dropped.
+
+    ``holding`` is set once a held order or answer is held. ``seen`` lists ``(method, path, body)`` of
+    every request that reached the relay.
     """
 
-    def __init__(self, fake, delay=0.3):
+    def __init__(self, fake):
         self.upstream = ("127.0.0.1", int(fake.base_url.rsplit(":", 1)[1]))
-        self.delay = delay
+        self.late_answer = None
         self.delivered = threading.Event()
-        self._held = False
+        self.holding = threading.Event()
+        self.seen = []
+        self._released = threading.Event()
+        self._rules = []
+        self._held = None
+        self._deliver_on_lookup = False
         self._lock = threading.Lock()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -6049,11 +6356,61 @@ class LateOrderRelay:
         return "http://127.0.0.1:%d" % self._listener.getsockname()[1]
 
     def stop(self):
+        self._released.set()
         self._listener.close()
         with self._lock:
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
             sock.close()
+
+    # -- rules ------------------------------------------------------------------------------------------
+
+    def hold_order(self, deliver_on_lookup=False):
+        self._deliver_on_lookup = deliver_on_lookup
+        self._add("POST", "/api/v5/trade/order", "hold", 1)
+
+    def hold_answer(self):
+        self._released.clear()
+        self._add("POST", "/api/v5/trade/order", "hold_answer", 1)
+
+    def answer(self, method, path, envelope, status=200, process=False, count=1):
+        self._add(method, path, "answer", count, envelope=envelope, status=status, process=process)
+
+    def clear(self):
+        with self._lock:
+            del self._rules[:]
+
+    def _add(self, method, path, kind, count, **details):
+        with self._lock:
+            self._rules.append(dict(details, method=method, path=path, kind=kind, count=count))
+
+    def _rule_for(self, method, path):
+        with self._lock:
+            for rule in self._rules:
+                if rule["count"] > 0 and rule["method"] == method and path.startswith(rule["path"]):
+                    rule["count"] -= 1
+                    return rule
+        return None
+
+    # -- what the test does with held things -----------------------------------------------------------
+
+    def deliver(self):
+        """Send the held order to the fake now; its answer (parsed JSON)."""
+        with self._lock:
+            request, self._held = self._held, None
+        assert request is not None, "no order is held"
+        with socket.create_connection(self.upstream, timeout=10) as upstream:
+            upstream.sendall(request)
+            answer = self._read_message(upstream.makefile("rb"))
+        self.late_answer = json.loads(answer.partition(b"\r\n\r\n")[2].decode("utf-8"))
+        self.delivered.set()
+        return self.late_answer
+
+    def release(self):
+        """Let a held answer go: the plugin's connection is reset instead of receiving it."""
+        self._released.set()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
 
     def _accept(self):
         while True:
@@ -6077,40 +6434,59 @@ class LateOrderRelay:
         length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
         return head + (reader.read(int(length.group(1))) if length else b"")
 
+    @staticmethod
+    def _reset(client):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
     def _serve(self, client):
-        upstream = None
+        upstream = upstream_reader = None
+
+        def forward(request):
+            nonlocal upstream, upstream_reader
+            if upstream is None:
+                upstream = socket.create_connection(self.upstream, timeout=10)
+                upstream_reader = upstream.makefile("rb")
+            upstream.sendall(request)
+            return self._read_message(upstream_reader)
         try:
             reader = client.makefile("rb")
             while True:
                 request = self._read_message(reader)
                 if not request:
                     return
+                method, target = request.split(b" ", 2)[:2]
+                method, path = method.decode("latin-1"), target.decode("latin-1").partition("?")[0]
                 with self._lock:
-                    hold = request.startswith(b"POST /api/v5/trade/order ") and not self._held
-                    self._held = self._held or hold
-                if hold:
-                    threading.Timer(self.delay, self._deliver_late, args=(request,)).start()
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    return
-                if upstream is None:
-                    upstream = socket.create_connection(self.upstream, timeout=10)
-                    upstream_reader = upstream.makefile("rb")
-                upstream.sendall(request)
-                client.sendall(self._read_message(upstream_reader))
+                    self.seen.append((method, path, request.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")))
+                rule = self._rule_for(method, path)
+                kind = rule["kind"] if rule else None
+                if kind == "hold":
+                    with self._lock:
+                        self._held = request
+                    self.holding.set()
+                    return self._reset(client)
+                if kind == "answer" and not rule["process"]:
+                    answer = None
+                else:
+                    answer = forward(request)
+                if kind == "hold_answer":             # carried out by the fake; its answer is lost later
+                    self.holding.set()
+                    self._released.wait(30)
+                    return self._reset(client)
+                if kind == "answer":
+                    body = json.dumps(rule["envelope"]).encode("utf-8")
+                    answer = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                              % (rule["status"], HTTPStatus(rule["status"]).phrase, len(body))).encode() + body
+                if self._deliver_on_lookup and self._held is not None and (method, path) == (
+                        "GET", "/api/v5/trade/order"):
+                    self.deliver()                    # the lookup found nothing; now the order executes
+                client.sendall(answer)
         except OSError:
             pass
         finally:
             client.close()
             if upstream is not None:
                 upstream.close()
-
-    def _deliver_late(self, request):
-        try:
-            with socket.create_connection(self.upstream, timeout=10) as upstream:
-                upstream.sendall(request)
-                self._read_message(upstream.makefile("rb"))
-        finally:
-            self.delivered.set()
 
 
 # ---- Faults on the OKX side ----
@@ -6128,9 +6504,12 @@ class OkxFaultTest(HardeningTestCase):
         return answer["error"]
 
     def close_idle_okx_connections(self):
-        """The fake closes every kept-alive connection, as OKX does with idle ones."""
+        """The fake closes every kept-alive connection, as OKX does with idle ones; returns once the FIN
+        has reached the plugin's side of each."""
         _drop_sockets(self.fake._lock, self.fake._sockets)
-        time.sleep(0.05)        # let the FIN reach the plugin's side
+        pool = self.server.exchanges["okx"].client.pool
+        self.assertTrue(wait_for(lambda: all(plugin._closed_by_peer(connection.sock)
+                                             for connection, _ in list(pool._idle))))
 
     def test_closed_port_is_a_clear_error_at_once(self):
         port = free_port()
@@ -6143,25 +6522,32 @@ class OkxFaultTest(HardeningTestCase):
             self.assertLess(elapsed, 1.0)
         self.assert_still_serves()              # the other plugin, on the same process, is unaffected
 
-    def test_unresponsive_server_is_an_error_within_the_timeout(self):
-        silent = socket.socket()                # accepts connections (the kernel does) but never answers
+    def test_silent_okx_is_a_clear_error_within_the_timeout_then_calls_work(self):
+        # Each waits for a real socket timeout, so all at once: a server that accepts connections (the
+        # kernel does) but never answers, over http and https; and OKX not answering one request.
+        silent = socket.socket()
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         self.addCleanup(silent.close)
-        for scheme in ("http", "https"):
-            server = self.start_plugin(api_base="%s://127.0.0.1:%d" % (scheme, silent.getsockname()[1]),
-                                       timeout=1.0)
-            docker = Docker(server.server_address[1])
-            self.addCleanup(docker.close)
-            answer, elapsed = self.timed("ticker", {"symbol": "BTC_USDT"}, docker=docker)
-            self.assertIn("error", answer)
-            self.assertRegex(answer["error"], "time")
-            self.assertLess(elapsed, 1.5)
-        self.assert_still_serves()
-
-    def test_read_timeout_is_a_clear_error_then_calls_work(self):
         self.fake.fault("/api/v5/market/ticker", "timeout")
-        self.assert_error_in_time("ticker", {"symbol": "BTC_USDT"}, "did not answer within")
+        bases = {"http": "http://127.0.0.1:%d" % silent.getsockname()[1],
+                 "https": "https://127.0.0.1:%d" % silent.getsockname()[1], "okx": self.fake.base_url}
+        answers = {}
+
+        def robot(name):
+            docker = Docker(self.start_plugin(api_base=bases[name], timeout=1.0).server_address[1])
+            self.addCleanup(docker.close)
+            answers[name] = self.timed("ticker", {"symbol": "BTC_USDT"}, docker=docker)
+        robots = [threading.Thread(target=robot, args=(name,)) for name in bases]
+        for thread in robots:
+            thread.start()
+        for thread in robots:
+            thread.join()
+        for name, (answer, elapsed) in sorted(answers.items()):
+            self.assertIn("error", answer, name)
+            self.assertRegex(answer["error"], "time", name)
+            self.assertLess(elapsed, 1.5, name)
+        self.assertIn("did not answer within", answers["okx"][0]["error"])
         self.assert_still_serves()
         self.assertIn("data", self.docker.call("accounts"))
 
@@ -6219,6 +6605,8 @@ class LostOrderTest(HardeningTestCase):
     """An order is placed at most once: a lost answer is found by its clOrdId, an order that was not placed
     is said to be so, a repeated nonce answers the same order, and OKX never executes it late."""
 
+    plugin_options = {"timeout": 1.0}     # a lost answer's socket timeout is real time: 0.6 s of it
+
     def trade(self, nonce, params=ORDER):
         answer, elapsed = self.timed("trade", params, nonce=nonce)
         self.assertLess(elapsed, self.server.config.timeout + 0.5)
@@ -6258,7 +6646,7 @@ class LostOrderTest(HardeningTestCase):
         self.assertEqual(len(self.fake.orders()), 1)
 
     def test_outcome_unknown_when_the_lookup_fails_too(self):
-        self.fake.fault("/api/v5/trade/order", "timeout_after_process")
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
         self.fake.fault("/api/v5/trade/order", "http500")              # the lookup by clOrdId
         answer = self.trade(301)
         self.assertIn("unknown", answer.get("error", ""), answer)
@@ -6276,7 +6664,7 @@ class LostOrderTest(HardeningTestCase):
         self.assertEqual(len(self.order_posts()), 1)
 
     def test_repeated_nonce_after_a_lost_answer_answers_the_same_order(self):
-        self.fake.fault("/api/v5/trade/order", "timeout_after_process")
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
         first = self.trade(501)
         self.assert_one_order(first)
         second = self.trade(501)
@@ -6286,23 +6674,33 @@ class LostOrderTest(HardeningTestCase):
     def test_repeated_nonce_after_an_unknown_outcome_never_places_a_second_order(self):
         # The first request's answer and its lookup are both lost; the order then fills (it is no longer
         # pending, so OKX would accept the same clOrdId again). The docker repeats the request.
-        self.fake.fault("/api/v5/trade/order", "timeout_after_process")
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
         self.fake.fault("/api/v5/trade/order", "http500")
         self.assertIn("unknown", self.trade(601).get("error", ""))
         self.fake.fill(self.fake.orders()[0]["ordId"])
         self.assert_one_order(self.trade(601))
 
     def test_concurrent_requests_with_one_nonce_place_one_order(self):
-        self.fake.fault("/api/v5/trade/order", "timeout_after_process")
+        # The first request's order is placed, and its answer held back until all three requests are
+        # inside the plugin; then it is lost.
+        relay = self.relay()
+        relay.hold_answer()
+        server = self.start_plugin(api_base=relay.base_url)
+        placer, claims = server.exchanges["okx"].orders, []
+        claim = placer._claim
+        placer._claim = lambda key: claims.append(key) or claim(key)
         answers = []
 
         def robot():
-            docker = Docker(self.server.server_address[1])
+            docker = Docker(server.server_address[1])
             answers.append(docker.call("trade", ORDER, nonce=701))
             docker.close()
         robots = [threading.Thread(target=robot) for _ in range(3)]
         for thread in robots:
             thread.start()
+        self.assertTrue(relay.holding.wait(5))
+        self.assertTrue(wait_for(lambda: len(claims) == 3, timeout=5))
+        relay.release()
         for thread in robots:
             thread.join()
         self.assertEqual(len(answers), 3)
@@ -6327,29 +6725,259 @@ class LostOrderTest(HardeningTestCase):
         self.assertEqual(len(self.fake.orders()), 3)
 
     def test_order_that_arrives_after_its_exptime_is_never_executed(self):
-        self.fake.fault("/api/v5/trade/order", "slow")               # reaches OKX's engine 2 s late
-        started = time.monotonic()
-        answer = self.trade(801)
+        relay = self.relay()
+        relay.hold_order()                           # the order is still in transit when the plugin answers
+        docker = Docker(self.start_plugin(api_base=relay.base_url, timeout=1.5).server_address[1])
+        self.addCleanup(docker.close)
+        answer, elapsed = self.timed("trade", ORDER, docker=docker, nonce=801)
         self.assertIn("not placed", answer.get("error", ""), answer)
-        time.sleep(max(0.0, started + 2.3 - time.monotonic()))      # until the fake has processed it
+        self.assertEqual(relay.deliver()["data"][0]["sCode"], "50037")      # it reaches OKX's engine late
         self.assertEqual(len(self.order_posts()), 1)
         self.assertEqual(self.fake.orders(), [])
         self.assert_still_serves()
 
     def test_reset_while_the_order_is_still_in_transit_is_not_called_not_placed(self):
-        # The connection breaks at once, but the order is still on its way inside OKX and is executed
-        # 0.3 s later, before its expTime. Saying "not placed" then would make the robot place it again.
-        relay = LateOrderRelay(self.fake, delay=0.3)
-        self.addCleanup(relay.stop)
+        # The connection breaks at once, but the order is still on its way inside OKX: the first lookup
+        # finds nothing, and the order is executed after it, before its expTime. Saying "not placed"
+        # then would make the robot place it again.
+        relay = self.relay()
+        relay.hold_order(deliver_on_lookup=True)
         server = self.start_plugin(api_base=relay.base_url, timeout=1.5)
         docker = Docker(server.server_address[1])
         self.addCleanup(docker.close)
         answer, elapsed = self.timed("trade", ORDER, docker=docker, nonce=901)
-        self.assertTrue(relay.delivered.wait(3))
+        self.assertTrue(relay.delivered.is_set())
+        self.assertEqual(relay.late_answer["data"][0]["sCode"], "0")
         orders = self.fake.orders()
         self.assertEqual(len(orders), 1)                # OKX did execute it
         self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + orders[0]["ordId"]}, answer)
+        self.assertEqual(len(self.order_lookups()), 2)  # found by the lookup after its expTime
         self.assertLess(elapsed, 2.0)
+
+
+class OrderOutcomeTest(PluginTestCase):
+    """OrderPlacer on its own, against the fake: every way an order can end is one typed outcome, and
+    what it learnt of a client id answers the next request with that id."""
+
+    CREDENTIALS = plugin.Credentials(KEY, SECRET, PASSPHRASE)
+
+    def placer(self, api_base=None):
+        client = plugin.OKXClient(plugin.Config(api_base=api_base or self.fake.base_url, timeout=1.5,
+                                                clock=self.clock, stream=False))
+        self.addCleanup(client.close)
+        return plugin.OrderPlacer(client)
+
+    def place(self, placer, client_id, **fields):
+        body = dict({"instId": "BTC-USDT", "tdMode": "cash", "clOrdId": client_id, "side": "buy",
+                     "ordType": "limit", "px": "30000", "sz": "0.01"}, **fields)
+        return placer.place(plugin.PLAIN_ORDER, self.CREDENTIALS, "BTC-USDT", body, self.clock.monotonic() + 1.5)
+
+    def lookups(self):
+        return [urllib.parse.parse_qs(r["query"]) for r in self.order_lookups()]
+
+    def test_kinds_say_how_an_order_is_placed_and_found_again(self):
+        self.assertEqual(plugin.PLAIN_ORDER.lookup("BTC-USDT", "c1"),
+                         ("/api/v5/trade/order", {"clOrdId": "c1", "instId": "BTC-USDT"}))
+        self.assertTrue(plugin.PLAIN_ORDER.expires)
+        self.assertEqual(plugin.ALGO_ORDER.lookup("BTC-USDT", "a1"),
+                         ("/api/v5/trade/order-algo", {"algoClOrdId": "a1"}))
+        self.assertFalse(plugin.ALGO_ORDER.expires)        # OKX has no expTime for algo orders
+
+    def test_an_order_okx_accepts_is_placed(self):
+        outcome = self.place(self.placer(), "oo1")
+        self.assertIsInstance(outcome, plugin.Placed)
+        self.assertEqual(outcome.exchange_id, self.fake.orders()[0]["ordId"])
+        self.assertEqual(outcome.raw["data"][0]["sCode"], "0")
+        self.assertRegex(self.order_posts()[0]["headers"]["expTime"], r"^\d{13}$")
+        self.assertEqual(self.lookups(), [])
+
+    def test_a_lost_answer_found_by_its_client_id_is_placed(self):
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
+        outcome = self.place(self.placer(), "oo2")
+        self.assertIsInstance(outcome, plugin.Placed)
+        order = self.fake.orders()[0]
+        self.assertEqual(outcome.exchange_id, order["ordId"])
+        self.assertEqual((outcome.raw["code"], outcome.raw["data"][0]["clOrdId"]), ("0", "oo2"))
+        self.assertEqual(len(self.order_posts()), 1)
+        self.assertEqual(self.lookups(), [{"clOrdId": ["oo2"], "instId": ["BTC-USDT"]}])
+
+    def test_no_order_once_its_exptime_has_passed_is_not_placed_and_may_be_placed_again(self):
+        placer = self.placer()
+        self.fake.fault("/api/v5/trade/order", "reset")              # lost before OKX saw it
+        with self.assertRaises(plugin.OrderNotPlaced) as caught:
+            self.place(placer, "oo3")
+        self.assertIn("oo3", str(caught.exception))
+        exp_time = int(self.order_posts()[0]["headers"]["expTime"])
+        self.assertGreaterEqual(self.fake.now_ms(), exp_time + plugin.ORDER_EXPIRY_MARGIN * 1000)   # waited
+        self.assertEqual(len(self.lookups()), 2)           # looked for at once, and once it could not execute
+        self.assertEqual(self.fake.orders(), [])
+        self.assertIsInstance(self.place(placer, "oo3"), plugin.Placed)   # nothing remembered: sent anew
+        self.assertEqual(len(self.order_posts()), 2)
+
+    def test_a_lookup_that_fails_too_is_unknown_and_the_next_request_looks_again_first(self):
+        placer = self.placer()
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
+        self.fake.fault("/api/v5/trade/order", "http500")            # the lookup
+        sent_at = self.clock.monotonic()
+        with self.assertRaises(plugin.OrderOutcomeUnknown) as caught:
+            self.place(placer, "oo4")
+        outcome = caught.exception.outcome
+        self.assertIsInstance(outcome, plugin.Unknown)
+        self.assertTrue(caught.exception.maybe_sent)
+        self.assertTrue(sent_at < outcome.until <= sent_at + 1.5, outcome)   # could execute until then
+        self.assertIn("HTTP 500", outcome.reason)
+        again = self.place(placer, "oo4")                             # the same client id once more
+        self.assertIsInstance(again, plugin.Placed)
+        self.assertEqual(again.exchange_id, self.fake.orders()[0]["ordId"])
+        self.assertEqual(len(self.order_posts()), 1)                        # found, not sent again
+        self.assertEqual(len(self.fake.orders()), 1)
+
+    def test_the_memory_answers_a_repeated_client_id_without_asking_okx(self):
+        placer = self.placer()
+        first = self.place(placer, "oo5")
+        self.fake.clear_requests()
+        again = self.place(placer, "oo5", px="31000")                # whatever the body says now
+        self.assertEqual((again.exchange_id, again.raw), (first.exchange_id, None))
+        self.assertEqual(self.fake.requests, [])
+
+    def test_an_order_okx_refuses_raises_its_code_and_leaves_nothing_remembered(self):
+        placer = self.placer()
+        with self.assertRaises(plugin.ExchangeError) as caught:
+            self.place(placer, "oo6", sz="10")                        # 51008: insufficient balance
+        self.assertEqual(caught.exception.code, "51008")
+        self.assertIsInstance(self.place(placer, "oo6"), plugin.Placed)
+        self.assertEqual(len(self.order_posts()), 2)
+
+    def test_concurrent_requests_with_one_client_id_place_one_order(self):
+        relay = self.relay()
+        relay.hold_answer()                       # the first answer waits until all three are in
+        placer, claims = self.placer(relay.base_url), []
+        claim = placer._claim
+        placer._claim = lambda key: claims.append(key) or claim(key)
+        outcomes = []
+        threads = [threading.Thread(target=lambda: outcomes.append(self.place(placer, "oo7"))) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(relay.holding.wait(5))
+        self.assertTrue(wait_for(lambda: len(claims) == 3))
+        relay.release()
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual(len(outcomes), 3)
+        self.assertEqual(set(outcome.exchange_id for outcome in outcomes), {self.fake.orders()[0]["ordId"]})
+        self.assertEqual(len(self.order_posts()), 1)
+        self.assertEqual(len(self.fake.orders()), 1)
+
+
+# OKX's HTTP status with each code (OKX.md section 2); 200 for the others.
+OKX_CODE_STATUS = {"50001": 503, "50004": 400, "50011": 429, "50013": 429, "50026": 500, "50102": 401,
+                   "51149": 500}
+
+
+def okx_refusal(code, clord_id=""):
+    """OKX's answer carrying ``code``: per order (``sCode``) for the 51xxx codes of one order, else as the
+    envelope's code."""
+    if code in ("51016", "51065"):
+        return {"code": "1", "msg": "", "data": [{"ordId": "", "clOrdId": clord_id, "tag": "", "ts": "",
+                                                   "sCode": code, "sMsg": "from the relay"}]}
+    return {"code": code, "msg": "from the relay", "data": []}
+
+
+class CodeActionTest(PluginTestCase):
+    """What each OKX code asks of the plugin is data (CODE_ACTIONS), and each is acted on as it says:
+    RESYNC re-reads OKX's clock and sends once more, RETRY waits for the window and sends once more,
+    RECOVER (an order's outcome left open) finds the order by its clOrdId and never posts it again.
+    Every hint of ERROR_HINTS reaches the docker in the error's text."""
+
+    def setUp(self):
+        super().setUp()
+        self.okx = self.relay()                   # answers what the test scripts, passes on the rest
+        self.docker = Docker(self.start_plugin(api_base=self.okx.base_url).server_address[1])
+        self.addCleanup(self.docker.close)
+
+    @staticmethod
+    def codes(action):
+        return sorted(code for code, wanted in plugin.CODE_ACTIONS.items() if wanted is action)
+
+    def sent(self, method, path, text=""):
+        """Requests the plugin sent through the relay for (method, path) whose body holds ``text``."""
+        return [seen for seen in self.okx.seen if seen[:2] == (method, path) and text in seen[2]]
+
+    def test_every_code_has_one_of_the_three_actions(self):
+        self.assertEqual(set(plugin.CODE_ACTIONS.values()), {plugin.RESYNC, plugin.RETRY, plugin.RECOVER})
+        self.assertEqual(self.codes(plugin.RESYNC), ["50036", "50102"])
+        self.assertEqual(self.codes(plugin.RETRY), ["50011"])
+        self.assertEqual(self.codes(plugin.RECOVER), ["50001", "50004", "50013", "50026", "51016", "51065", "51149"])
+
+    def test_resync_codes_read_okx_clock_again_and_send_once_more(self):
+        self.assertIn("data", self.docker.call("accounts"))          # the first sync, before the count
+        for nonce, code in enumerate(self.codes(plugin.RESYNC), start=2001):
+            with self.subTest(code=code):
+                syncs = len(self.sent("GET", "/api/v5/public/time"))
+                self.okx.answer("POST", "/api/v5/trade/order", okx_refusal(code), OKX_CODE_STATUS.get(code, 200))
+                answer = self.docker.call("trade", ORDER, nonce=nonce)
+                self.assertIn("data", answer, answer)
+                self.assertEqual(len(self.sent("GET", "/api/v5/public/time")), syncs + 1)
+                self.assertEqual(len(self.sent("POST", "/api/v5/trade/order", "fmz%d" % nonce)), 2)
+                self.okx.answer("POST", "/api/v5/trade/order", okx_refusal(code), OKX_CODE_STATUS.get(code, 200),
+                                count=2)           # refused again after the re-sync: once is enough
+                answer = self.docker.call("trade", ORDER, nonce=nonce + 100)
+                self.assertIn("OKX %s" % code, answer.get("error", ""), answer)
+                self.assertEqual(len(self.sent("POST", "/api/v5/trade/order", "fmz%d" % (nonce + 100))), 2)
+                self.assertEqual(len(self.sent("GET", "/api/v5/public/time")), syncs + 2)
+        self.assertEqual(len(self.fake.orders()), len(self.codes(plugin.RESYNC)))
+
+    def test_retry_codes_wait_for_the_window_and_send_once_more(self):
+        for code in self.codes(plugin.RETRY):
+            for method, path, call in (("GET", "/api/v5/account/balance", ("accounts", {})),
+                                       ("POST", "/api/v5/trade/order", ("trade", ORDER))):
+                with self.subTest(code=code, path=path):
+                    before, waited_from = len(self.sent(method, path)), self.clock.monotonic()
+                    self.okx.answer(method, path, okx_refusal(code), OKX_CODE_STATUS.get(code, 200))
+                    self.assertIn("data", self.docker.call(*call))
+                    self.assertEqual(len(self.sent(method, path)), before + 2)
+                    self.assertGreaterEqual(self.clock.monotonic() - waited_from, 2.0)   # a whole window
+                    self.okx.answer(method, path, okx_refusal(code), OKX_CODE_STATUS.get(code, 200), count=2)
+                    self.assertIn("OKX %s" % code, self.docker.call(*call).get("error", ""))
+                    self.assertEqual(len(self.sent(method, path)), before + 4)
+        self.assertEqual(len(self.fake.orders()), len(self.codes(plugin.RETRY)))
+
+    def test_recover_codes_on_an_order_look_it_up_and_never_post_it_again(self):
+        for nonce, code in enumerate(self.codes(plugin.RECOVER), start=3001):
+            for processed in (True, False):       # OKX did place it, or did not
+                clord_id = "fmz%d" % (nonce + (0 if processed else 100))
+                with self.subTest(code=code, placed=processed):
+                    self.okx.answer("POST", "/api/v5/trade/order", okx_refusal(code, clord_id),
+                                    OKX_CODE_STATUS.get(code, 200), process=processed)
+                    answer = self.docker.call("trade", ORDER, nonce=int(clord_id[3:]))
+                    placed = [o for o in self.fake.orders() if o["clOrdId"] == clord_id]
+                    self.assertEqual(len(self.sent("POST", "/api/v5/trade/order", clord_id)), 1)
+                    lookups = [seen for seen in self.okx.seen if seen[:2] == ("GET", "/api/v5/trade/order")]
+                    self.assertTrue(lookups, code)
+                    if processed:
+                        self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + placed[0]["ordId"]}, answer)
+                    else:
+                        self.assertIn("not placed", answer.get("error", ""), answer)
+                        self.assertEqual(placed, [])
+                    del self.okx.seen[:]
+
+    def test_every_hint_reaches_the_docker_in_the_error(self):
+        errors = {}
+        for code, hint in sorted(plugin.ERROR_HINTS.items()):
+            with self.subTest(code=code):
+                self.okx.clear()
+                self.okx.answer("GET", "/api/v5/account/balance", okx_refusal(code), OKX_CODE_STATUS.get(code, 200),
+                                count=2)            # twice: a code that is acted on comes back once more
+                errors[code] = self.docker.call("accounts").get("error", "")
+                self.assertIn("OKX %s: from the relay" % code, errors[code])
+                self.assertIn(hint.format(path="/api/v5/account/balance", limit=" (10 requests per 2 s)"),
+                              errors[code])
+        self.assertIn("/api/v5/account/balance (10 requests per 2 s)", errors["50011"])   # which limit
+
+    def test_an_order_id_okx_does_not_know_answers_the_51603_hint(self):
+        error = self.docker.call("order", {"id": "BTC-USDT,1234567890123456789", "symbol": "BTC_USDT"})["error"]
+        self.assertIn("OKX 51603", error)
+        self.assertIn(plugin.ERROR_HINTS["51603"], error)
 
 
 # ---- OKX's clock ----
@@ -6379,6 +7007,64 @@ class ClockSkewTest(HardeningTestCase):
         self.assertEqual(len(self.fake.orders()), 2)
         self.assertEqual(len(self.order_posts()), 4)          # each refused once unprocessed, then placed once
         self.assert_still_serves()
+
+
+class ExchangeTimeTest(HardeningTestCase):
+    """OKX's time is read once and then kept on the monotonic clock: a step of this machine's wall clock
+    (NTP, a VM resumed, an operator) changes neither the signatures' timestamps nor expTime, and so never
+    lets an order whose answer was lost execute after the plugin said it would not."""
+
+    WALL_OFFSETS = (10, -10, 3600, -3600)      # seconds this machine's clock is off OKX's after a step
+
+    def step_wall_to(self, offset):
+        """Step the host's wall clock so that it is ``offset`` seconds off the true (OKX's) time."""
+        self.clock.step_wall(offset - (self.clock.time() - self.clock.true_time()))
+
+    @staticmethod
+    def stamp_ms(request):
+        moment = dt.datetime.strptime(request["headers"]["OK-ACCESS-TIMESTAMP"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        return int(round(moment.replace(tzinfo=dt.timezone.utc).timestamp() * 1000))
+
+    def test_timestamps_and_exptime_keep_okx_time_across_wall_clock_steps(self):
+        self.assertIn("data", self.docker.call("accounts"))            # OKX's clock read, once
+        exp_offsets = {}
+        for offset in (0,) + self.WALL_OFFSETS:
+            self.step_wall_to(offset)
+            self.fake.clear_requests()
+            self.assertIn("data", self.docker.call("trade", ORDER), offset)
+            self.assertIn("data", self.docker.call("accounts"), offset)
+            okx_now = self.fake.now_ms()                   # the clock stood still during both calls
+            self.assertEqual([r["path"] for r in self.fake.requests],
+                             ["/api/v5/trade/order", "/api/v5/account/balance"], offset)   # no 50102, no re-sync
+            for request in self.fake.requests:
+                self.assertLessEqual(abs(self.stamp_ms(request) - okx_now), 100, (offset, request["path"]))
+            exp_offsets[offset] = int(self.fake.requests[0]["headers"]["expTime"]) - okx_now
+        self.assertTrue(0 < exp_offsets[0] <= self.server.config.timeout * 1000, exp_offsets)
+        for offset in self.WALL_OFFSETS:
+            self.assertLessEqual(abs(exp_offsets[offset] - exp_offsets[0]), 100, (offset, exp_offsets))
+        self.assertEqual(len(self.fake.orders()), 5)
+
+    def test_an_order_lost_in_transit_under_a_wall_clock_step_is_never_placed_twice(self):
+        relay = self.relay()
+        docker = Docker(self.start_plugin(api_base=relay.base_url).server_address[1])
+        self.addCleanup(docker.close)
+        self.assertIn("data", docker.call("accounts"))                 # OKX's clock read, before the steps
+        for nonce, offset in enumerate(self.WALL_OFFSETS, start=1001):
+            self.step_wall_to(offset)
+            relay.hold_order()                     # the connection breaks; the order is still on its way
+            answer = docker.call("trade", ORDER, nonce=nonce)
+            relay.deliver()                        # and reaches OKX after the plugin answered
+            clord_id = "fmz%d" % nonce
+            placed = [order for order in self.fake.orders() if order["clOrdId"] == clord_id]
+            posts = [seen for seen in relay.seen if seen[0] == "POST" and clord_id in seen[2]]
+            self.assertEqual(len(posts), 1, offset)                   # it reached OKX once: never re-sent
+            if "data" in answer:
+                self.assertEqual([answer["data"]["id"]], ["BTC-USDT," + order["ordId"] for order in placed])
+            else:
+                self.assertRegex(answer["error"], "not placed|unknown", offset)
+                if "not placed" in answer["error"]:
+                    self.assertEqual(placed, [], "said not placed, but OKX executed it (offset %+d s)" % offset)
+                    self.assertEqual(relay.late_answer["data"][0]["sCode"], "50037")
 
 
 # ---- Secrets and TLS ----
@@ -6415,7 +7101,7 @@ class SecretTest(HardeningTestCase):
         call("accounts", access_key="no-such-key")                               # 50111
         self.fake.fault("/api/v5/account/balance", "http500")
         call("accounts")
-        self.fake.fault("/api/v5/trade/order", "timeout_after_process")
+        self.fake.fault("/api/v5/trade/order", "reset_after_process")
         call("trade", ORDER)
         self.fake.fault("/api/v5/trade/order", "reset")
         call("trade", ORDER)
@@ -6480,20 +7166,47 @@ class TlsTest(HardeningTestCase):
 
 # ---- The command line ----
 
-class CommandLineTest(unittest.TestCase):
-    """The plugin as an operator runs it: flags, signals, its port taken, log lines."""
+class PluginProcessTestCase(unittest.TestCase):
+    """Tests of the plugin as a process: start it with flags, see what it printed and how it ended."""
 
     def nowhere(self):
         return ["--api-base", "http://127.0.0.1:%d" % free_port(), "--no-stream"]
 
-    def start(self, *args):
-        process = PluginProcess(*args)
+    def start(self, *args, env=None):
+        process = PluginProcess(*args, env=env)
         self.addCleanup(process.kill)
         return process
 
+    def assert_refused(self, *flag_sets, status=None):
+        """Each set of flags (a list, or a pair (list, environment)) ends the plugin at start with one line
+        on stderr, no traceback, and a failure status (``status`` when given); the processes run side by
+        side. Returns what each printed, in order."""
+        processes = []
+        for flags in flag_sets:
+            args, env = flags if isinstance(flags, tuple) else (flags, None)
+            argv = ["--port", "0", "--no-stream"] + args if "--port" not in args else args
+            processes.append((args, self.start(*argv, env=env)))
+        printed = []
+        for args, process in processes:
+            with self.subTest(args=args):
+                started = process.wait_for(r"listening on", 5)      # None once it has exited
+                process.kill()
+                printed.append(process.stderr)
+                self.assertIsNone(started, "the plugin accepted %s and started" % args)
+                self.assertNotIn(process.process.returncode, (0, None), process.stderr[-700:])
+                if status is not None:
+                    self.assertEqual(process.process.returncode, status, process.stderr[-700:])
+                self.assertEqual(len(process.lines), 1, process.stderr[-700:])
+                self.assertNotIn("Traceback", process.stderr)
+        return printed
+
+
+class CommandLineTest(PluginProcessTestCase):
+    """The plugin as an operator runs it: flags, signals, its port taken, log lines."""
+
     def test_sigterm_and_sigint_stop_within_a_second_with_status_0(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            process = self.start("--port", "0", *self.nowhere())
+        processes = {signum: self.start("--port", "0", *self.nowhere()) for signum in (signal.SIGTERM, signal.SIGINT)}
+        for signum, process in processes.items():
             docker = Docker(process.port())             # a robot's kept-alive connection stays open
             self.addCleanup(docker.close)
             self.assertIn("unknown method", docker.call("fly").get("error", ""))
@@ -6514,20 +7227,11 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("Traceback", stderr)
 
     def test_wrong_flags_and_values_are_one_line_and_a_failure_status(self):
-        for args in (["--bogus"], ["--port", "abc"], ["--port", "70000"], ["--port", "-1"],
-                     ["--timeout", "0"], ["--timeout", "nan"], ["--timeout", "inf"], ["--stream-idle", "nan"],
-                     ["--margin-mode", "both"], ["--log-level", "loud"], ["--api-base", "ftp://okx.com"],
-                     ["--api-base", "http://[oops"], ["--proxy", "ftp://proxy"], ["--ca-file", "/no/such/file"],
-                     ["--ws-base", "https://ws.okx.com"], ["--address", "999.1.2.3"]):
-            argv = ["--port", "0", "--no-stream"] + args if "--port" not in args else args
-            with self.subTest(args=args):
-                process = self.start(*argv)
-                started = process.wait_for(r"listening on", 5)      # None once it has exited
-                process.kill()
-                self.assertIsNone(started, "the plugin accepted %s and started" % args)
-                self.assertNotEqual(process.process.returncode, 0)
-                self.assertEqual(len(process.lines), 1, process.stderr[-700:])
-                self.assertNotIn("Traceback", process.stderr)
+        self.assert_refused(["--bogus"], ["--port", "abc"], ["--port", "70000"], ["--port", "-1"],
+                            ["--timeout", "0"], ["--timeout", "nan"], ["--timeout", "inf"], ["--stream-idle", "nan"],
+                            ["--margin-mode", "both"], ["--log-level", "loud"], ["--api-base", "ftp://okx.com"],
+                            ["--api-base", "http://[oops"], ["--proxy", "ftp://proxy"], ["--ca-file", "/no/such/file"],
+                            ["--ws-base", "https://ws.okx.com"], ["--address", "999.1.2.3"])
 
     def test_help_mentions_every_flag(self):
         status, stdout, stderr = run_plugin("--help")
@@ -6554,16 +7258,110 @@ class CommandLineTest(unittest.TestCase):
             self.assertRegex(line, stamp + r"(DEBUG|INFO|WARNING|ERROR) \[[^\]]+\] ")
 
     def test_address_other_than_loopback_is_warned_about(self):
-        process = self.start("--address", "0.0.0.0", "--port", "0", *self.nowhere())
-        process.port()
-        warning = process.wait_for(r"WARNING .*0\.0\.0\.0", 2)
-        self.assertIsNotNone(warning, process.stderr)
+        anywhere = self.start("--address", "0.0.0.0", "--port", "0", *self.nowhere())
+        loopback = self.start("--address", "127.0.0.1", "--port", "0", *self.nowhere())
+        anywhere.port()
+        warning = anywhere.wait_for(r"WARNING .*0\.0\.0\.0", 2)
+        self.assertIsNotNone(warning, anywhere.stderr)
         self.assertIn("127.0.0.1", warning)
+        anywhere.stop()
+        loopback.port()
+        loopback.stop()
+        self.assertNotIn("WARNING", loopback.stderr)
+
+
+def without_proxy_variables(**variables):
+    """This process's environment without any *_proxy variable, plus ``variables``."""
+    env = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
+    env.update(variables)
+    return env
+
+
+def secret_pieces(secret):
+    """The 3-character pieces of ``secret`` that the plugin's own text (its source) does not hold: an
+    output holding one can only have it from the secret."""
+    with open(PLUGIN_PATH, encoding="utf-8") as source:
+        text = source.read()
+    return sorted(set(piece for piece in (secret[i:i + 3] for i in range(len(secret) - 2)) if piece not in text))
+
+
+class FlagCheckTest(PluginProcessTestCase):
+    """Every URL flag is checked at start, in one line and exit status 2, exactly as it is used later:
+    a stream base is ws/wss with a host, a valid port and no path; keys never travel in clear to a host
+    other than this machine; a proxy's password may hold any character, and no part of a proxy URL, the
+    flag's or a *_PROXY variable's, is ever shown."""
+
+    MALFORMED_PROXIES = (("http://robot:s3cr#t", "s3cr#t"),                      # no host: robot:s3cr#t
+                         ("http://robot:p@ss:word@host:notaport", "p@ss:word"),
+                         ("socks5://u:pw@h:1", "u:pw"))
+
+    def test_a_stream_base_is_ws_or_wss_with_a_host_a_port_and_no_path(self):
+        printed = self.assert_refused(["--ws-base", "wss://"], ["--ws-base", "wss://ws.okx.com:99999"],
+                                      ["--ws-base", "wss://h/path"], status=2)
+        for text in printed:
+            self.assertIn("--ws-base", text)
+
+    # PLUGIN BUG: service_url() takes port 0 for a port (urlsplit's port is 0, not None), so the plugin
+    # starts with --ws-base wss://ws.okx.com:0 (the stream then refuses that base at first use and only
+    # logs it) or --api-base https://www.okx.com:0 (every call then fails to connect): the check at start
+    # is not the one the base meets later.
+    @unittest.expectedFailure
+    def test_port_0_is_refused_at_start(self):
+        self.assert_refused(["--ws-base", "wss://ws.okx.com:0"], ["--api-base", "https://www.okx.com:0"], status=2)
+
+    def test_plain_schemes_reach_only_this_machine(self):
+        printed = self.assert_refused(["--api-base", "http://www.okx.com"], ["--ws-base", "ws://ws.okx.com:8443"],
+                                      status=2)
+        for text in printed:
+            self.assertIn("in clear", text)
+        processes = [self.start("--port", "0", "--api-base", "http://127.0.0.1:%d" % free_port(), "--no-stream"),
+                     self.start("--port", "0", "--ws-base", "ws://127.0.0.1:%d" % free_port(),
+                                "--api-base", "http://127.0.0.1:%d" % free_port())]
+        for process in processes:
+            Docker(process.port()).close()
+            self.assertEqual(process.stop()[0], 0, process.stderr)
+
+    def test_a_proxy_password_may_hold_any_character(self):
+        fake = FakeOKX(tls=True).start()             # real time: the plugin runs in its own process
+        self.addCleanup(fake.stop)
+        proxy = FakeProxy(user="robot", password="s3cr#t").start()
+        self.addCleanup(proxy.stop)
+        proxy_url = proxy.url.replace("http://", "http://robot:s3cr#t@")
+        process = self.start("--port", "0", "--api-base", fake.base_url, "--ca-file", fake.cert_path,
+                             "--proxy", proxy_url, "--no-stream", env=without_proxy_variables())
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        self.assertEqual(docker.call("ticker", {"symbol": "BTC_USDT"}).get("data", {}).get("symbol"), "BTC_USDT")
+        self.assertEqual(proxy.tunnels, 1)
+        self.assertEqual(proxy.auth_seen, ["Basic " + base64.b64encode(b"robot:s3cr#t").decode()])
         process.stop()
-        process = self.start("--address", "127.0.0.1", "--port", "0", *self.nowhere())
-        process.port()
+        for piece in secret_pieces("s3cr#t"):
+            self.assertNotIn(piece, process.stderr)
+
+    def test_no_part_of_a_proxy_password_is_ever_shown(self):
+        cases = []
+        for url, password in self.MALFORMED_PROXIES:
+            cases += [((["--proxy", url], without_proxy_variables()), password),
+                      (([], without_proxy_variables(HTTPS_PROXY=url)), password)]
+        printed = self.assert_refused(*[flags for flags, _ in cases], status=2)
+        for text, (flags, password) in zip(printed, cases):
+            pieces = secret_pieces(password)
+            self.assertTrue(pieces, password)
+            for piece in pieces:
+                self.assertNotIn(piece, text, flags)
+        # a proxy URL that is fine but leads nowhere: the plugin starts, and its answers and lines hide it
+        process = self.start("--port", "0", "--api-base", "https://127.0.0.1:%d" % free_port(), "--no-stream",
+                             "--proxy", "http://robot:s3cr#t@127.0.0.1:%d" % free_port(), "--timeout", "2",
+                             env=without_proxy_variables())
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        answers = [json.dumps(docker.call(method, params)) for method, params in
+                   (("ticker", {"symbol": "BTC_USDT"}), ("accounts", {}), ("trade", ORDER))]
+        self.assertIn("cannot reach proxy", answers[0])
         process.stop()
-        self.assertNotIn("WARNING", process.stderr)
+        for piece in secret_pieces("s3cr#t"):
+            for text in answers + process.lines:
+                self.assertNotIn(piece, text)
 
 
 class ReviewFindingsTest(PluginTestCase):
@@ -6723,26 +7521,28 @@ class RateLimitTest(PluginTestCase):
     """OKX's limits kept on our side: robots sharing a key never see 50011, and wait only for their own bucket."""
 
     def test_limiter_waits_for_a_place_in_the_window(self):
-        limiter = plugin.RateLimiter(plugin.Clock(), {("GET", "/x"): (3, 1, "ip")})
+        limiter = plugin.RateLimiter(self.clock, {("GET", "/x"): (3, 1, "ip")})
         bucket = limiter.bucket("GET", "/x", None, {})
-        started = time.monotonic()
-        for _ in range(4):
+        started = self.clock.monotonic()
+        for _ in range(3):
             limiter.acquire(bucket, started + 5)
-        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        self.assertEqual(self.clock.monotonic(), started)          # room for three at once
+        limiter.acquire(bucket, started + 5)
+        self.assertAlmostEqual(self.clock.monotonic() - started, 1 + plugin.RATE_WINDOW_MARGIN, places=6)
 
     def test_limiter_refuses_at_once_when_the_wait_exceeds_the_deadline(self):
-        limiter = plugin.RateLimiter(plugin.Clock(), {("GET", "/x"): (2, 10, "ip")})
+        limiter = plugin.RateLimiter(self.clock, {("GET", "/x"): (2, 10, "ip")})
         bucket = limiter.bucket("GET", "/x", None, {})
-        limiter.acquire(bucket, time.monotonic() + 1)
-        limiter.acquire(bucket, time.monotonic() + 1)
-        started = time.monotonic()
+        started = self.clock.monotonic()
+        limiter.acquire(bucket, started + 1)
+        limiter.acquire(bucket, started + 1)
         with self.assertRaises(plugin.RateLimited) as caught:
-            limiter.acquire(bucket, time.monotonic() + 1)
-        self.assertLess(time.monotonic() - started, 0.1)
+            limiter.acquire(bucket, started + 1)
+        self.assertEqual(self.clock.monotonic(), started)          # no time was spent waiting
         self.assertIn("2 requests per 10 s", str(caught.exception))
 
     def test_buckets_are_keyed_as_okx_counts(self):
-        limiter = plugin.RateLimiter(plugin.Clock())
+        limiter = plugin.RateLimiter(self.clock)
         order = limiter.bucket("POST", "/api/v5/trade/order", "key1", {"instId": "BTC-USDT"})
         self.assertEqual(order, ("POST", "/api/v5/trade/order", "key1", "BTC-USDT"))
         self.assertNotEqual(order, limiter.bucket("POST", "/api/v5/trade/order", "key1", {"instId": "ETH-USDT"}))
@@ -6765,38 +7565,49 @@ class RateLimitTest(PluginTestCase):
         self.assertEqual(self.okx_calls("/api/v5/account/balance"), [])
 
     def test_many_robots_on_one_key_never_see_50011(self):
+        # OKX (the fake) counts each request in its windows when it arrives, on the same clock as the
+        # plugin; the lockstep clock lets time pass only while every robot waits, never while a request
+        # is on its way, so 2.5 s of OKX's windows pass in a fraction of a second.
+        self.clock = LockstepClock()
+        self.fake = FakeOKX(clock=self.clock).start()
+        self.addCleanup(self.fake.stop)
         self.fake.enforce_rate_limits = True
         self.fake.set_balance("USDT", "100000")
         port = self.start_plugin(timeout=6.0).server_address[1]
-        answers, slow = [], []
-        stop_at = time.monotonic() + 2.5
+        answers, durations = [], []
+        started = self.clock.monotonic()
+
+        def call(docker, method, params):
+            with self.clock.busy():
+                began = self.clock.monotonic()
+                answer = docker.call(method, params)
+                return answer, self.clock.monotonic() - began
 
         def robot(n):
             docker = Docker(port)
             calls = [("ticker", {"symbol": "BTC_USDT"}), ("accounts", {}),
                      ("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "20000", "amount": "0.00001"})]
-            while time.monotonic() < stop_at:
-                method, params = calls[n % 3]
-                started = time.monotonic()
-                answers.append(docker.call(method, params))
-                slow.append(time.monotonic() - started)
+            while self.clock.monotonic() < started + 2.5:
+                answer, took = call(docker, *calls[n % 3])
+                answers.append(answer)
+                durations.append(took)
             docker.close()
         robots = [threading.Thread(target=robot, args=(n,)) for n in range(8)]
         for thread in robots:
             thread.start()
-        time.sleep(1.0)
+        self.assertTrue(wait_for(lambda: self.clock.monotonic() >= started + 1.0, timeout=10))
         other = Docker(port)                      # a robot on an endpoint nobody else uses
-        started = time.monotonic()
-        self.assertIn("data", other.call("depth", {"symbol": "ETH_USDT", "limit": 5}))
-        other_latency = time.monotonic() - started
+        self.assertIn("data", call(other, "depth", {"symbol": "ETH_USDT", "limit": 5})[0])
+        other_latency = call(other, "depth", {"symbol": "ETH_USDT", "limit": 5})[1]
         other.close()
         for thread in robots:
             thread.join()
         errors = [answer["error"] for answer in answers if "error" in answer]
         self.assertEqual(errors, [])
         self.assertEqual(self.fake.rate_limited, 0)
-        self.assertLess(max(slow), 6.0)
-        self.assertLess(other_latency, 0.5)
+        self.assertLess(max(durations), 6.0)
+        self.assertGreater(max(durations), 0.1)   # the busy buckets did make robots wait
+        self.assertLess(other_latency, 0.1)       # but never one whose bucket has room
         self.assertGreater(len(answers), 40)
 
     def test_okx_50011_backs_off_and_retries_once(self):
@@ -6900,7 +7711,8 @@ class FakeStreamSelfTest(unittest.TestCase):
     """The fake speaks RFC 6455 and OKX's public-stream rules (OKX.md section 11)."""
 
     def setUp(self):
-        self.okx = FakeOKXStream().start()
+        self.clock = VirtualClock()
+        self.okx = FakeOKXStream(clock=self.clock).start()
         self.clients = []
 
     def tearDown(self):
@@ -7026,8 +7838,9 @@ class FakeStreamSelfTest(unittest.TestCase):
         third = self.connect()
         self.okx.close_connections(4004)
         self.assertEqual(third.recv_frame(), (OP_CLOSE, struct.pack("!H", 4004)))
-        self.okx.idle_close_s = 0.2
+        self.okx.idle_close_s = 30
         fourth = self.connect()
+        self.clock.advance(30.5)
         self.assertEqual(fourth.recv_frame(),
                          (OP_CLOSE, struct.pack("!H", 4004) + b"No data received in 30s"))
 
@@ -7069,7 +7882,7 @@ class VirtualClockSelfTest(unittest.TestCase):
         self.assertLess(abs(true_start - time.time()), 5)
         began = time.monotonic()
         clock.sleep(3600)
-        self.assertLess(time.monotonic() - began, 0.5)
+        self.assertLess(time.monotonic() - began, 1.0)
         self.assertEqual(clock.monotonic(), start + 3600)
         self.assertAlmostEqual(clock.true_time(), true_start + 3600, places=5)
         self.assertAlmostEqual(clock.time(), wall_start + 3600, places=5)
@@ -7082,7 +7895,7 @@ class VirtualClockSelfTest(unittest.TestCase):
     def test_wait_returns_when_the_event_is_set_without_moving_time(self):
         clock, event = VirtualClock(), threading.Event()
         thread, result = self.start_waiter(clock, event, 30)
-        time.sleep(0.05)
+        self.assertTrue(wait_for(lambda: clock.waiting() == [10030.0]))    # parked until its deadline
         self.assertEqual(result, [])
         event.set()
         thread.join(1)
@@ -7093,15 +7906,16 @@ class VirtualClockSelfTest(unittest.TestCase):
     def test_wait_times_out_only_when_virtual_time_reaches_its_deadline(self):
         clock, event = VirtualClock(), threading.Event()
         thread, result = self.start_waiter(clock, event, 5)
-        time.sleep(0.1)                                   # far longer than its poll slice: still waiting
+        self.assertTrue(wait_for(lambda: clock.waiting() == [10005.0]))
+        time.sleep(0.05)                                  # far longer than its poll slice: still waiting
         clock.advance(4)
         time.sleep(0.05)
-        self.assertEqual((result, clock.monotonic()), ([], 10004.0))
+        self.assertEqual((result, clock.monotonic(), clock.waiting()), ([], 10004.0, [10005.0]))
         clock.advance(1)
         thread.join(1)
         self.assertEqual(result, [False])
         thread, result = self.start_waiter(clock, event, 3)    # another thread's sleep ends it too
-        time.sleep(0.02)
+        self.assertTrue(wait_for(lambda: clock.waiting() == [10008.0]))
         clock.sleep(3)
         thread.join(1)
         self.assertEqual((result, clock.monotonic()), ([False], 10008.0))
@@ -7236,6 +8050,20 @@ class FakePrivateStreamSelfTest(unittest.TestCase):
         return client
 
     def assert_quiet(self, client, seconds=0.2):
+        """Nothing more comes to ``client`` now: every push that is due has left the fake's outbox, and a
+        ping sent after that is answered before anything else. (A silent fake answers no ping: then
+        nothing may come for ``seconds``.)"""
+        if self.okx.answer_pings:
+            def all_due_sent():
+                with self.okx._lock:
+                    now = self.okx.clock.monotonic()
+                    return not any(entry[0] is None or entry[0] <= now for entry in self.okx._outbox)
+            self.assertTrue(wait_for(all_due_sent))
+            with self.okx._deliver_lock:              # a delivery under way has been written
+                pass
+            client.send_frame(OP_TEXT, b"ping")
+            self.assertEqual(client.recv_frame(), (OP_TEXT, b"pong"))
+            return
         client.sock.settimeout(seconds)
         with self.assertRaises(socket.timeout):
             client.recv_frame()
@@ -7511,20 +8339,39 @@ def wait_for(probe, timeout=2.0, interval=0.01):
         time.sleep(interval)
 
 
+def quick_stream_threads(test):
+    """Let the plugin's stream threads look at their sockets and stop flag every 10 ms instead of every
+    STREAM_POLL (50 ms) for the rest of ``test``: a stream then closes in milliseconds. Real time only;
+    every rule of the stream still follows its clock."""
+    patcher = mock.patch.object(plugin, "STREAM_POLL", 0.01)
+    patcher.start()
+    test.addCleanup(patcher.stop)
+
+
 class StreamTestCase(unittest.TestCase):
-    """A fresh fake OKX stream and MarketStream per test; both closed afterwards."""
+    """A fresh fake OKX stream and MarketStream per test, both on one VirtualClock (``self.clock``);
+    both closed afterwards.
+
+    The stream's thread turns in real time (its socket reads wait STREAM_POLL), but every rule it keeps
+    (pings, freshness, giving up a silent connection, backoff, connections per second, idle
+    subscriptions) reads the virtual clock: a test moves the clock to the moment it wants to see, and
+    waits (in real time, briefly) for the thread to act on it. ``self.clock.waiting()`` shows where the
+    thread is parked (a backoff, the connection limit).
+    """
 
     idle_seconds = 300.0
 
     def setUp(self):
         plugin.LiveConnection._connect_times.clear()      # OKX's per-IP connection rate is not the fake's
-        self.okx = FakeOKXStream().start()
+        quick_stream_threads(self)
+        self.clock = VirtualClock()
+        self.okx = FakeOKXStream(clock=self.clock).start()
         self.addCleanup(self.okx.stop)
         self.market = self.make_stream()
 
     def make_stream(self, **options):
         options.setdefault("idle_seconds", self.idle_seconds)
-        market = plugin.MarketStream(self.okx.url, plugin.Clock(), **options)
+        market = plugin.MarketStream(self.okx.url, self.clock, **options)
         self.addCleanup(market.close)
         return market
 
@@ -7569,14 +8416,14 @@ class AnswersFromMemoryTest(StreamTestCase):
         wait_for(lambda: self.market.ticker(BTC))["last"] = "1"
         self.assertEqual(self.market.ticker(BTC)["last"], "43000")
 
-    def test_ticker_change_reaches_the_answer_within_200_ms(self):
+    def test_ticker_change_reaches_the_answer_as_it_is_pushed(self):
         wait_for(lambda: self.market.ticker(BTC))
         self.okx.set_ticker(BTC, last="43123.4", bidPx="43123.3")
-        started = time.monotonic()
-        changed = wait_for(lambda: (self.market.ticker(BTC) or {}).get("last") == "43123.4", timeout=0.2,
-                           interval=0.002)
-        self.assertTrue(changed, "the new ticker did not reach memory within 200 ms")
-        self.assertLess(time.monotonic() - started, 0.2)
+        pushed_at = self.clock.monotonic()
+        changed = wait_for(lambda: (self.market.ticker(BTC) or {}).get("last") == "43123.4", interval=0.002)
+        self.assertTrue(changed, "the new ticker did not reach memory")
+        self.assertEqual(self.clock.monotonic(), pushed_at)     # no timer had to run: the push itself did it
+        self.assertEqual(self.market.ticker(BTC)["bidPx"], "43123.3")
 
     def test_books_snapshot_and_updates_follow_the_fake(self):
         self.synced_depth(BTC)
@@ -7724,7 +8571,7 @@ class ConnectionLossTest(StreamTestCase):
         self.okx.kill_connections()
         self.okx.set_ticker(BTC, last="44000")                   # while the stream is down
         self.assertTrue(wait_for(lambda: self.market.stats()["connected"] is False
-                                 or self.okx.connections_total > 1, timeout=0.3))
+                                 or self.okx.connections_total > 1))
         # never the old connection's ticker: either nothing or the new connection's
         self.assertIn((self.market.ticker(BTC) or {}).get("last"), (None, "44000"))
         self.assertEqual(wait_for(lambda: (self.market.ticker(BTC) or {}).get("last")), "44000")
@@ -7745,60 +8592,75 @@ class ConnectionLossTest(StreamTestCase):
         self.assertTrue(wait_for(lambda: self.okx.connections_total == 2 and self.market.ticker(BTC)))
         self.assertEqual(self.market.stats()["reconnects"], 1)
 
-    @mock.patch.object(plugin, "STREAM_FRESH_SECONDS", 0.8)
-    @mock.patch.object(plugin, "STREAM_PING_AFTER", 0.25)
     def test_quiet_connection_is_kept_alive_by_pongs(self):
         wait_for(lambda: self.market.ticker(BTC))
-        time.sleep(1.5)                                      # no push at all: pongs prove the connection
+        for pings in range(1, 5):                            # no push at all: pongs prove the connection
+            self.clock.advance(plugin.STREAM_PING_AFTER)
+            self.assertTrue(wait_for(lambda: self.okx.pings_received == pings), pings)
+            self.assertTrue(wait_for(lambda: self.market.heard_ago() == 0), pings)   # the pong arrived
+        self.assertGreater(4 * plugin.STREAM_PING_AFTER, plugin.STREAM_FRESH_SECONDS)
         self.assertIsNotNone(self.market.ticker(BTC))
-        self.assertGreaterEqual(self.okx.pings_received, 3)
         self.assertEqual(self.okx.connections_total, 1)
 
     def test_silent_server_goes_to_rest_within_fresh_seconds(self):
         wait_for(lambda: self.market.ticker(BTC))
         self.okx.answer_pings = False
-        silenced = time.monotonic()
-        self.assertTrue(wait_for(lambda: self.market.ticker(BTC) is None, timeout=plugin.STREAM_FRESH_SECONDS + 0.5))
-        self.assertLess(time.monotonic() - silenced, plugin.STREAM_FRESH_SECONDS + 0.5)
+        self.clock.advance(plugin.STREAM_FRESH_SECONDS - 0.1)
+        self.assertTrue(wait_for(lambda: self.okx.pings_received == 1))      # asked, never answered
+        self.assertIsNotNone(self.market.ticker(BTC))
+        self.clock.advance(0.2)
+        self.assertIsNone(self.market.ticker(BTC))
         self.assertIsNone(self.market.depth(BTC, 5))
+        self.assertEqual(self.okx.connections_total, 1)       # not given up yet: it may come back
+        self.clock.advance(plugin.STREAM_DEAD_AFTER - plugin.STREAM_FRESH_SECONDS + 0.1)
+        self.assertTrue(wait_for(lambda: self.okx.connections_total == 2))   # given up, and opened anew
+        self.assertEqual(self.market.stats()["reconnects"], 1)
 
     def test_bad_accept_is_rejected(self):
         self.okx.bad_accept = True
         self.assertIsNone(self.market.ticker(BTC))
-        time.sleep(0.5)
+        self.assertTrue(wait_for(lambda: self.clock.waiting()))   # two attempts failed: backing off
         self.assertIsNone(self.market.ticker(BTC))
         self.assertEqual(self.market.stats()["connected"], False)
-        self.assertGreaterEqual(self.okx.connections_total, 1)
+        self.assertEqual(self.okx.connections_total, 2)
         self.assertEqual(self.subscribe_requests(), [])
         self.okx.bad_accept = False                          # the backoff retries, then it works
-        self.assertTrue(wait_for(lambda: self.market.ticker(BTC), timeout=3.0))
+        self.clock.advance(plugin.STREAM_BACKOFF_FIRST)
+        self.assertTrue(wait_for(lambda: self.market.ticker(BTC)))
+        self.assertEqual(self.okx.connections_total, 3)
 
     @mock.patch.object(plugin, "STREAM_BACKOFF_FIRST", 0.01)
     def test_failing_connections_keep_to_3_per_second(self):
         self.okx.bad_accept = True
+        started = self.clock.monotonic()
         self.market.ticker(BTC)
-        time.sleep(0.8)
-        self.assertEqual(self.okx.connections_total, 3)     # the backoff alone would allow more
-        self.assertTrue(wait_for(lambda: self.okx.connections_total >= 4, timeout=1.0))
+        self.assertTrue(wait_for(lambda: self.okx.connections_total == 2 and self.clock.waiting()))
+        self.clock.advance(0.01)                             # the first backoff: the 3rd attempt
+        self.assertTrue(wait_for(lambda: self.okx.connections_total == 3))
+        self.clock.advance(0.5)                              # the backoff alone would allow a 4th now
+        self.assertTrue(wait_for(lambda: [round(t - started, 6) for t in self.clock.waiting()] == [1.0]))
+        self.assertEqual(self.okx.connections_total, 3)      # parked until the first attempt is 1 s old
+        self.clock.advance(self.clock.waiting()[0] - self.clock.monotonic() + 1e-6)
+        self.assertTrue(wait_for(lambda: self.okx.connections_total == 4))
 
     def test_unreachable_host_and_close_is_quick(self):
         port = socket.socket()
         port.bind(("127.0.0.1", 0))
         address = port.getsockname()
         port.close()                                         # nothing listens there
-        market = plugin.MarketStream("ws://%s:%d" % address, plugin.Clock())
+        market = plugin.MarketStream("ws://%s:%d" % address, self.clock)
         self.assertIsNone(market.ticker(BTC))
-        time.sleep(0.2)
+        self.assertTrue(wait_for(lambda: self.clock.waiting()))   # failed twice, backing off
         started = time.monotonic()
         market.close()
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertLess(time.monotonic() - started, 1.0)
         self.assertFalse(market._thread.is_alive())
 
     def test_close_is_quick_and_stops_everything(self):
         wait_for(lambda: self.market.ticker(BTC))
         started = time.monotonic()
         self.market.close()
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertLess(time.monotonic() - started, 1.0)
         self.assertFalse(self.market._thread.is_alive())
         self.assertIsNone(self.market.ticker(BTC))
         self.assertTrue(wait_for(lambda: self.okx.open_connections == 0))
@@ -7810,22 +8672,26 @@ class SubscriptionTest(StreamTestCase):
 
     def test_idle_subscription_is_unsubscribed(self):
         wait_for(lambda: self.market.ticker(BTC) and self.market.ticker(ETH))
-        for _ in range(8):                                   # ETH is asked for, BTC is not
+        for _ in range(4):                                   # ETH is asked for, BTC is not
             self.market.ticker(ETH)
-            time.sleep(0.1)
-        self.assertEqual(self.okx.subscriptions(), {("tickers", ETH)})
+            self.clock.advance(0.15)
+        self.assertTrue(wait_for(lambda: self.okx.subscriptions() == {("tickers", ETH)}))
         unsubscribes = [r for r in self.okx.received if isinstance(r, dict) and r.get("op") == "unsubscribe"]
         self.assertEqual(unsubscribes[0]["args"], [{"channel": "tickers", "instId": BTC}])
         self.assertIsNone(self.market.ticker(BTC))           # asked again: subscribed again
         self.assertTrue(wait_for(lambda: self.market.ticker(BTC)))
-        self.assertTrue(wait_for(lambda: self.okx.open_connections == 0, timeout=2.0))  # nothing asked: closed
-        self.assertTrue(wait_for(lambda: self.market.ticker(ETH), timeout=2.0))        # and opened on demand
+        self.clock.advance(self.idle_seconds + 0.1)
+        self.assertTrue(wait_for(lambda: self.okx.open_connections == 0))    # nothing asked: closed
+        self.assertTrue(wait_for(lambda: self.market.ticker(ETH)))          # and opened on demand
+        self.assertEqual(self.okx.connections_total, 2)
 
     def test_unknown_instrument_is_not_asked_again_at_once(self):
         self.assertIsNone(self.market.ticker("NOPE-USDT"))
-        wait_for(lambda: self.market.ticker(BTC))
-        time.sleep(0.2)
+        wait_for(lambda: self.market.ticker(BTC))            # OKX's refusal came before BTC's answer
+        self.clock.advance(1.0)
         self.market.ticker("NOPE-USDT")
+        self.market.ticker(ETH)                              # a request the stream sends after any for NOPE
+        self.assertTrue(wait_for(lambda: self.market.ticker(ETH)))
         requested = [arg for r in self.subscribe_requests() for arg in r["args"] if arg["instId"] == "NOPE-USDT"]
         self.assertEqual(len(requested), 1)
         self.assertIsNone(self.market.ticker("NOPE-USDT"))
@@ -7834,10 +8700,14 @@ class SubscriptionTest(StreamTestCase):
 class TransportTest(unittest.TestCase):
     """The WebSocket client itself: frames, proxy tunnel, TLS."""
 
+    def setUp(self):
+        plugin.LiveConnection._connect_times.clear()      # every VirtualClock starts at the same moment
+        quick_stream_threads(self)
+
     def client_with_peer(self):
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
-        client = plugin.WebSocketClient("ws://127.0.0.1:1/ws/v5/public", plugin.Clock())
+        client = plugin.WebSocketClient("ws://127.0.0.1:1/ws/v5/public", VirtualClock())
         client.sock, client._upgraded = ours, True
         ours.settimeout(plugin.STREAM_POLL)
         self.addCleanup(client.close)
@@ -7891,41 +8761,40 @@ class TransportTest(unittest.TestCase):
         self.assertEqual(plugin.websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
 
     def test_through_an_authenticating_connect_proxy(self):
-        with FakeOKXStream() as okx:
+        clock = VirtualClock()
+        with FakeOKXStream(clock=clock) as okx:
             proxy = _ConnectProxy("user", "secret")
             self.addCleanup(proxy.stop)
-            market = plugin.MarketStream(okx.url, plugin.Clock(), proxy=proxy.as_product_proxy("user", "secret"))
+            market = plugin.MarketStream(okx.url, clock, proxy=proxy.as_product_proxy("user", "secret"))
             self.addCleanup(market.close)
             self.assertTrue(wait_for(lambda: market.ticker(BTC)))
             self.assertEqual(proxy.tunnels, ["127.0.0.1:%d" % okx.port])
             market.close()
-            refused = plugin.MarketStream(okx.url, plugin.Clock(), proxy=proxy.as_product_proxy("user", "wrong"))
+            refused = plugin.MarketStream(okx.url, clock, proxy=proxy.as_product_proxy("user", "wrong"))
             self.addCleanup(refused.close)
             refused.ticker(BTC)
-            time.sleep(0.3)
+            self.assertTrue(wait_for(lambda: clock.waiting()))     # refused twice, backing off
             self.assertIsNone(refused.ticker(BTC))
             self.assertEqual(len(proxy.tunnels), 1)
 
-    @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a test certificate")
     def test_tls_is_verified_with_the_given_context(self):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
-        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cert, key = write_test_cert(folder)
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(cert, key)
-        with FakeOKXStream(ssl_context=server_context) as okx:
-            trusting = plugin.MarketStream(okx.url, plugin.Clock(), ssl_context=ssl.create_default_context(cafile=cert))
+        clock = VirtualClock()
+        with FakeOKXStream(ssl_context=server_context, clock=clock) as okx:
+            trusting = plugin.MarketStream(okx.url, clock, ssl_context=ssl.create_default_context(cafile=cert))
             self.addCleanup(trusting.close)
             self.assertTrue(wait_for(lambda: trusting.depth(BTC, 400)))
             bids, asks = okx.book(BTC)
             self.assertEqual([level[:2] for level in trusting.depth(BTC, 400)["bids"]], bids)
-            distrusting = plugin.MarketStream(okx.url, plugin.Clock(), ssl_context=ssl.create_default_context())
+            trusting.close()
+            distrusting = plugin.MarketStream(okx.url, clock, ssl_context=ssl.create_default_context())
             self.addCleanup(distrusting.close)
             distrusting.ticker(BTC)
-            time.sleep(0.3)
+            self.assertTrue(wait_for(lambda: clock.waiting()))     # refused twice, backing off
             self.assertIsNone(distrusting.ticker(BTC))
             self.assertEqual(distrusting.stats()["connected"], False)
 
@@ -8018,7 +8887,8 @@ class StreamPluginTest(PluginTestCase):
     def setUp(self):
         super().setUp()
         plugin.LiveConnection._connect_times.clear()
-        self.okx_stream = FakeOKXStream().start()
+        quick_stream_threads(self)
+        self.okx_stream = FakeOKXStream(clock=self.clock).start()
         self.addCleanup(self.okx_stream.stop)
         self.server = self.start_plugin(stream=True, ws_base=self.okx_stream.url)
         self.docker = Docker(self.server.server_address[1])
@@ -8028,10 +8898,15 @@ class StreamPluginTest(PluginTestCase):
         return [r for r in self.fake.requests if r["path"].startswith("/api/v5/market/")]
 
     def until_from_memory(self, method, params):
-        """Call until an answer costs no REST request; returns that answer."""
+        """Call until an answer costs no REST request; returns that answer's data."""
+        return self.answer_from_memory(method, params)["data"]
+
+    def answer_from_memory(self, method, params):
+        """Call until an answer costs no REST request; returns that answer (data and raw)."""
         def from_memory():
             before = len(self.market_requests())
-            answer = self.data(method, params)
+            answer = self.docker.call(method, params)
+            self.assertIn("data", answer, answer)
             return answer if len(self.market_requests()) == before else None
         answer = wait_for(from_memory, timeout=3)
         self.assertIsNotNone(answer, "%s never came from the stream" % method)
@@ -8055,13 +8930,13 @@ class StreamPluginTest(PluginTestCase):
         self.assertEqual((depth["bids"], depth["asks"]), (bids[:50], asks[:50]))
         self.assertEqual(set(ticker), {"symbol", "buy", "sell", "high", "low", "open", "last", "vol", "time"})
 
-    def test_a_price_change_reaches_the_answer_within_200_ms(self):
+    def test_a_price_change_reaches_the_answer_as_it_is_pushed(self):
         self.until_from_memory("ticker", {"symbol": "BTC_USDT"})
         self.okx_stream.set_ticker("BTC-USDT", last="51234.5", bidPx="51234.4", askPx="51234.6")
-        changed_at = time.monotonic()
-        ticker = wait_for(lambda: self.data("ticker", {"symbol": "BTC_USDT"})["last"] == "51234.5", timeout=1)
+        changed_at = self.clock.monotonic()
+        ticker = wait_for(lambda: self.data("ticker", {"symbol": "BTC_USDT"})["last"] == "51234.5")
         self.assertTrue(ticker)
-        self.assertLess(time.monotonic() - changed_at, 0.2)
+        self.assertEqual(self.clock.monotonic(), changed_at)     # no timer had to run: the push did it
         self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["buy"], "51234.4")
 
     def test_a_killed_stream_gives_rest_answers_then_comes_back(self):
@@ -8069,25 +8944,45 @@ class StreamPluginTest(PluginTestCase):
         self.fake.set_price("ETH-USDT", "3100.01", "3100.02")
         self.okx_stream.bad_accept = True          # reconnecting fails until the stream is back
         self.okx_stream.kill_connections()
-        time.sleep(0.05)
+        stream = self.server.exchanges["okx"].streams()[0]
+        self.assertTrue(wait_for(lambda: self.clock.waiting()))    # reconnecting failed: backing off
+        self.assertFalse(stream.stats()["connected"])
         self.fake.clear_requests()
         for _ in range(3):
             self.assertEqual(self.data("ticker", {"symbol": "ETH_USDT"})["buy"], "3100.01")   # REST, not memory
         self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 3)
         self.okx_stream.bad_accept = False
+        self.clock.advance(plugin.STREAM_BACKOFF_FIRST)
         self.assertEqual(self.until_from_memory("ticker", {"symbol": "ETH_USDT"})["buy"], "2922")
         self.assertGreaterEqual(self.okx_stream.connections_total, 2)
 
-    @mock.patch.object(plugin, "STREAM_FRESH_SECONDS", 0.8)
-    @mock.patch.object(plugin, "STREAM_PING_AFTER", 0.25)
     def test_a_silent_stream_is_never_trusted(self):
         self.until_from_memory("ticker", {"symbol": "BTC_USDT"})
         self.okx_stream.answer_pings = False
-        time.sleep(1.0)
+        self.clock.advance(plugin.STREAM_FRESH_SECONDS + 0.1)
         self.fake.clear_requests()
         self.fake.set_price("BTC-USDT", "40000.1", "40000.2")
         self.assertEqual(self.data("ticker", {"symbol": "BTC_USDT"})["buy"], "40000.1")
         self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 1)
+
+    def test_depth_raw_has_okx_rows_from_the_stream_as_from_rest(self):
+        for limit in (5, 50):                             # books5, and books
+            with self.subTest(limit=limit):
+                params = {"symbol": "BTC_USDT", "limit": limit}
+                self.fake.clear_requests()
+                from_rest = self.docker.call("depth", params)
+                self.assertEqual(len(self.okx_calls("/api/v5/market/books")), 1)
+                from_stream = self.answer_from_memory("depth", params)
+                for answer in (from_rest, from_stream):
+                    for side in ("asks", "bids"):
+                        self.assertEqual(len(answer["raw"][side]), limit)
+                        for level in answer["raw"][side]:           # [px, sz, "0", orders], as OKX sends
+                            self.assertEqual(len(level), 4, (side, level))
+                            self.assertEqual(level[2], "0")
+                            self.assertTrue(level[3].isdigit(), level)
+                        self.assertEqual(answer["data"][side], [level[:2] for level in answer["raw"][side]])
+                bids, asks = self.okx_stream.book("BTC-USDT")
+                self.assertEqual(from_stream["data"]["asks"], asks[:limit])
 
     def test_many_robots_on_many_instruments_share_one_connection(self):
         symbols = ["BTC_USDT", "ETH_USDT", "LTC_USDT", "BTC_USDT.swap"]
@@ -8114,7 +9009,6 @@ class StreamPluginTest(PluginTestCase):
         self.addCleanup(docker.close)
         for _ in range(5):
             docker.call("ticker", {"symbol": "BTC_USDT"})
-            time.sleep(0.05)
         self.assertEqual(len(self.okx_calls("/api/v5/market/ticker")), 5)
         self.assertEqual(self.okx_stream.connections_total, 0)
 
@@ -8357,8 +9251,46 @@ def bench(argv):
             print(json.dumps(bench_stream(fake, options)), flush=True)
 
 
+# ---- Durations: python3 test_protocol.py durations [--top N] [TEST ...] ----
+
+def durations(argv):
+    """Run the suite (or the named tests, e.g. LostOrderTest) and print the slowest tests and classes:
+    a test that waits for real time shows up here first."""
+    top = 15
+    if argv[:1] == ["--top"]:
+        top, argv = int(argv[1]), argv[2:]
+    times = []
+
+    class TimedResult(unittest.TextTestResult):
+        def startTest(self, test):
+            self._started = time.monotonic()
+            super().startTest(test)
+
+        def stopTest(self, test):
+            super().stopTest(test)
+            times.append((time.monotonic() - self._started, test.id().split(".", 1)[1]))
+    loader = unittest.defaultTestLoader
+    suite = loader.loadTestsFromNames(argv, sys.modules[__name__]) if argv else loader.loadTestsFromModule(
+        sys.modules[__name__])
+    started = time.monotonic()
+    result = unittest.TextTestRunner(resultclass=TimedResult, verbosity=0).run(suite)
+    classes = collections.Counter()
+    for seconds, name in times:
+        classes[name.split(".")[0]] += seconds
+    print("slowest tests:")
+    for seconds, name in sorted(times, reverse=True)[:top]:
+        print("%8.3f s  %s" % (seconds, name))
+    print("slowest classes:")
+    for name, seconds in classes.most_common(top):
+        print("%8.3f s  %s" % (seconds, name))
+    print("%d tests in %.1f s" % (len(times), time.monotonic() - started))
+    return 0 if result.wasSuccessful() else 1
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         bench(sys.argv[2:])
+    elif sys.argv[1:2] == ["durations"]:
+        sys.exit(durations(sys.argv[2:]))
     else:
         unittest.main()
