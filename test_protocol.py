@@ -7301,11 +7301,6 @@ class FlagCheckTest(PluginProcessTestCase):
         for text in printed:
             self.assertIn("--ws-base", text)
 
-    # PLUGIN BUG: service_url() takes port 0 for a port (urlsplit's port is 0, not None), so the plugin
-    # starts with --ws-base wss://ws.okx.com:0 (the stream then refuses that base at first use and only
-    # logs it) or --api-base https://www.okx.com:0 (every call then fails to connect): the check at start
-    # is not the one the base meets later.
-    @unittest.expectedFailure
     def test_port_0_is_refused_at_start(self):
         self.assert_refused(["--ws-base", "wss://ws.okx.com:0"], ["--api-base", "https://www.okx.com:0"], status=2)
 
