@@ -2728,7 +2728,8 @@ class AccountStream(LiveConnection):
             if not self._trusted("account", now) or self._settling(self._account_heard, self._write_at, now):
                 return None
             self._served += 1
-            return [dict(self._account, details=[dict(row) for row in self._details.values()])]
+            details = sorted(self._details.values(), key=lambda row: row.get("ccy", ""))
+            return [dict(self._account, details=[dict(row) for row in details])]
 
     def positions(self, inst_id=None):
         """REST ``/account/positions`` rows (of one instId when given)."""
@@ -2738,7 +2739,8 @@ class AccountStream(LiveConnection):
                     or self._settling(self._positions_heard, self._fill_at, now)):
                 return None
             self._served += 1
-            return [dict(row) for row in self._positions.values() if inst_id in (None, row.get("instId"))]
+            rows = [dict(row) for row in self._positions.values() if inst_id in (None, row.get("instId"))]
+            return sorted(rows, key=lambda row: _ms(row.get("cTime")), reverse=True)     # as REST: newest first
 
     def open_orders(self, inst_id=None):
         """REST ``/trade/orders-pending`` rows (of one instId when given), newest first."""
