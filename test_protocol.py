@@ -7359,8 +7359,8 @@ class FlagCheckTest(PluginProcessTestCase):
                 self.assertNotIn(piece, text)
 
 
-class ReviewFindingsTest(PluginTestCase):
-    """Cases found in review: truncated answers, pasted line breaks, archive paging, paths, aggregates."""
+class TruncatedAnswerTest(PluginTestCase):
+    """OKX's answer breaks off after the request was carried out: an order is found again, not resent."""
 
     def test_truncated_order_answer_is_recovered_by_clordid(self):
         self.fake.fault("/api/v5/trade/order", "truncated_after_process")
@@ -7376,6 +7376,10 @@ class ReviewFindingsTest(PluginTestCase):
         self.assertNotIn("internal error", error)
         self.assertIn("BTC_USDT", self.data("ticker", {"symbol": "BTC_USDT"})["symbol"])
 
+
+class KeyFieldTest(PluginTestCase):
+    """What the docker sends as keys is checked before it goes into a request header, and never logged."""
+
     def test_line_break_in_a_key_is_refused_and_never_logged(self):
         error = self.error("accounts", secret_key=SECRET + ",pass\nphrase")
         self.assertIn("printable", error)
@@ -7386,11 +7390,19 @@ class ReviewFindingsTest(PluginTestCase):
         self.assertEqual(self.okx_calls("/api/v5/account/balance"), [])
         self.assertIn("data", self.docker.call("accounts", access_key=KEY + "\n"))      # surrounding space stripped
 
+
+class HistoryPagingTest(PluginTestCase):
+    """historyorders reads the recent history, then the archive from where the recent one ends."""
+
     def test_archive_continues_where_the_recent_history_ends(self):
         recent = [self.fake.add_history_order("BTC-USDT", age_days=day) for day in (1, 2, 3)]
         old = [self.fake.add_history_order("BTC-USDT", age_days=day) for day in (20, 21, 22, 23, 24)]
         orders = self.data("historyorders", {"symbol": "BTC_USDT", "since": 0, "limit": 5})
         self.assertEqual([order["id"].split(",")[1] for order in orders], recent + old[:2])
+
+
+class ServicePathTest(PluginTestCase):
+    """The exchange is the service address's last path segment; exchange.IO paths are plain OKX paths."""
 
     def test_passthrough_path_must_be_a_plain_api_path(self):
         for path in ("/api/v5/market/ticker x", "/api/v5/market/ticker?instId=BTC-USDT", "/v5/market/ticker"):
@@ -7402,6 +7414,10 @@ class ReviewFindingsTest(PluginTestCase):
         body = json.dumps({"method": "ticker", "params": {"symbol": "BTC_USDT"}}).encode()
         self.assertEqual(self.docker.send(body, path="/fmz/OKX")[1]["data"]["symbol"], "BTC_USDT")
 
+
+class TradeTapeTest(unittest.TestCase):
+    """The stream's trade tape: a pushed aggregate of matches replaces the single matches REST listed."""
+
     def test_pushed_aggregate_replaces_the_single_matches(self):
         tape = plugin.TradeTape()
         tape.merge([{"instId": "BTC-USDT", "tradeId": "123", "px": "1", "sz": "3", "side": "buy", "ts": "5",
@@ -7410,6 +7426,11 @@ class ReviewFindingsTest(PluginTestCase):
                     for n in (123, 122, 121, 120)])
         self.assertEqual([(row["tradeId"], row["sz"]) for row in tape.rows], [("123", "3"), ("120", "1")])
         self.assertNotIn("count", tape.rows[0])
+
+
+class ContractKindTest(PluginTestCase):
+    """A contract's symbol picks the kind of instruments markets and tickers list; the position mode and
+    the leverage are kept per account and per underlying as OKX applies them."""
 
     def test_contract_symbol_picks_the_kind_of_markets_and_tickers(self):
         self.assertTrue(all(key.endswith(".swap") for key in self.data("markets", {"symbol": "BTC_USDT.swap"})))
