@@ -5687,6 +5687,293 @@ class SwapLifecycleTest(FuturesTestCase):
 FUTURES_TESTS = (FuturesMarketDataTest, PositionTest, FuturesOrderTest, LeverageTest, FundingTest, SwapLifecycleTest)
 
 
+# ---- FMZ parity: ModifyOrder, condition orders, options ----
+# PROTOCOL.md §4a and the README's "modifyorder", "Condition orders", "Options", "The older io form" and
+# "The exchange.IO passthrough", through the plugin over HTTP, on virtual time.
+
+PARITY_OCO = {"ConditionType": 0, "TpTriggerPrice": "45000", "TpOrderPrice": "-1",    # BTC-USDT last: 43000.1
+              "SlTriggerPrice": "41000", "SlOrderPrice": "40900"}
+PARITY_TP = {"ConditionType": 1, "TpTriggerPrice": "45000", "TpOrderPrice": "-1"}
+NO_LEGS = {"TpTriggerPrice": 0, "TpOrderPrice": 0, "SlTriggerPrice": 0, "SlOrderPrice": 0}   # FMZ's typed languages
+
+
+class ParityTestCase(FuturesTestCase):
+    """FuturesTestCase with helpers for condition orders (OKX's algo orders), amendments and options."""
+
+    def algo_posts(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order-algo") if r["method"] == "POST"]
+
+    def algo_bodies(self):
+        return [json.loads(r["body"]) for r in self.algo_posts()]
+
+    def trade_requests(self):
+        """Every request the fake received for a /api/v5/trade/ endpoint."""
+        return [r for r in self.fake.requests if r["path"].startswith("/api/v5/trade/")]
+
+    def condition_order(self, condition, symbol="BTC_USDT", type="sell", amount="0.01", **params):
+        """A condition order placed through the plugin; its docker id."""
+        params.update(symbol=symbol, type=type, amount=amount, condition=condition)
+        return self.data("createconditionorder", params)["id"]
+
+    def algo(self, docker_id):
+        """The fake's row of a condition order, by its docker id INSTID,ALGOID."""
+        inst_id, _, algo_id = docker_id.partition(",")
+        rows = [row for row in self.fake.algo_orders() if row["algoId"] == algo_id]
+        self.assertEqual([row["instId"] for row in rows], [inst_id], docker_id)
+        return rows[0]
+
+    def set_algo(self, docker_id, **fields):
+        """Change a stored algo order as OKX would (pause it, say), which no request of the fake does."""
+        with self.fake._lock:
+            self.fake._algos(self.fake.accounts[KEY])[docker_id.partition(",")[2]].update(fields)
+
+    def store_algos(self, count, ord_type, state="live", inst_id="BTC-USDT"):
+        """`count` algo orders stored straight into the fake's account (as another program would place
+        them, without a request), in `state`; their docker ids, oldest first."""
+        if ord_type == "trigger":
+            body = {"ordType": "trigger", "side": "buy", "triggerPx": "30", "orderPx": "-1"}
+        else:
+            body = {"ordType": ord_type, "side": "sell", "slTriggerPx": "30", "slOrdPx": "-1"}
+            if ord_type == "oco":
+                body.update(tpTriggerPx="90000", tpOrdPx="-1")
+        body.update(instId=inst_id, tdMode="cash", sz="1")
+        with self.fake._lock:
+            account = self.fake.accounts[KEY]
+            algos = [self.fake._new_algo(account, dict(body)) for _ in range(count)]
+            for algo in algos:
+                algo["state"] = state
+        return ["%s,%s" % (inst_id, algo["algoId"]) for algo in algos]
+
+    def envelope(self, **body):
+        """One docker call with fields of the body's top level set by the test (the older io form)."""
+        body.setdefault("access_key", KEY)
+        body.setdefault("secret_key", SECRET_FIELD)
+        body.setdefault("nonce", 1)
+        status, answer = self.docker.send(json.dumps(body).encode("utf-8"))
+        self.assertEqual(status, 200, answer)
+        return answer
+
+
+class ConditionRequestTest(ParityTestCase):
+    """What createconditionorder, modifyconditionorder, cancelconditionorder and conditionorder send to
+    OKX: only the legs that are set, the contract's posSide or reduceOnly, exact decimals, algoClOrdId from
+    the nonce, tgtCcy for a spot buy with a market leg, and cancel-algos' array body."""
+
+    def test_each_condition_type_is_its_ord_type_with_only_the_legs_that_are_set(self):
+        nonce = 1796186655497236900
+        base = {"instId": "BTC-USDT", "sz": "0.01", "tdMode": "cash"}
+        cases = [
+            ("sell", PARITY_OCO, {"ordType": "oco", "tpTriggerPx": "45000", "tpOrdPx": "-1", "slTriggerPx": "41000",
+                                  "slOrdPx": "40900"}),
+            ("sell", dict(NO_LEGS, ConditionType=1, TpTriggerPrice="45000", TpOrderPrice="-1"),
+             {"ordType": "conditional", "tpTriggerPx": "45000", "tpOrdPx": "-1"}),
+            ("sell", {"ConditionType": 2, "SlTriggerPrice": "41000", "SlOrderPrice": "40900", "TpTriggerPrice": "0",
+                      "TpOrderPrice": ""}, {"ordType": "conditional", "slTriggerPx": "41000", "slOrdPx": "40900"}),
+            ("buy", dict(NO_LEGS, ConditionType=3, TpTriggerPrice="42000", TpOrderPrice="41990"),
+             {"ordType": "trigger", "triggerPx": "42000", "orderPx": "41990"}),
+            ("buy", {"ConditionType": 3, "SlTriggerPrice": "44000", "SlOrderPrice": "44010"},
+             {"ordType": "trigger", "triggerPx": "44000", "orderPx": "44010"}),
+        ]
+        ids = []
+        for offset, (side, condition, legs) in enumerate(cases):
+            answer = self.docker.call("createconditionorder", {"symbol": "BTC_USDT", "type": side, "amount": "0.01",
+                                                               "condition": condition}, nonce=nonce + offset)
+            self.assertEqual(set(answer), {"data", "raw"}, answer)
+            ids.append(answer["data"]["id"])
+        client_ids = ["fmz%d" % (nonce + offset) for offset in range(4)] + ["fmzs" + str(nonce + 4)[-28:]]
+        self.assertEqual(self.algo_bodies(), [dict(base, algoClOrdId=client_id, side=side, **legs)
+                                              for client_id, (side, _, legs) in zip(client_ids, cases)])
+        self.assertEqual(ids, ["BTC-USDT," + row["algoId"] for row in reversed(self.fake.algo_orders())])
+        self.assertEqual([self.algo(docker_id)["algoClOrdId"] for docker_id in ids], client_ids)
+
+    def test_decimals_reach_okx_as_the_text_received(self):
+        condition = ('{"ConditionType": 0, "TpTriggerPrice": "45000.10", "TpOrderPrice": 4.50001E+4, '
+                     '"SlTriggerPrice": 41000.5, "SlOrderPrice": -1}')
+        self.condition_order(condition, amount="0.0100")
+        body = ('{"access_key": "%s", "secret_key": "%s", "nonce": 8, "method": "createconditionorder", '
+                '"params": {"symbol": "BTC_USDT", "type": "sell", "amount": 1E-2, "condition": %s}}'
+                % (KEY, SECRET_FIELD, json.dumps(condition)))
+        status, answer = self.docker.send(body.encode("utf-8"))
+        self.assertEqual(status, 200)
+        self.assertIn("data", answer, answer)
+        first, second = [request["body"] for request in self.algo_posts()]
+        for text in ('"tpTriggerPx":"45000.10"', '"tpOrdPx":"45000.1"', '"slTriggerPx":"41000.5"', '"slOrdPx":"-1"'):
+            self.assertIn(text, first)
+            self.assertIn(text, second)
+        self.assertIn('"sz":"0.0100"', first)
+        self.assertIn('"sz":"0.01"', second)
+
+    def test_contracts_carry_pos_side_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        buy_stop = {"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}     # swap last 43010.5
+        sell_stop = {"ConditionType": 2, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"}
+        for type, condition, direction in (("buy", buy_stop, None), ("sell", sell_stop, None),
+                                           ("closebuy", sell_stop, None), ("sell", sell_stop, "closebuy"),
+                                           ("closesell", buy_stop, None), ("buy", buy_stop, "closesell")):
+            params = {"direction": direction} if direction else {}
+            self.condition_order(condition, symbol="BTC_USDT.swap", type=type, amount="2", **params)
+        bodies = self.algo_bodies()
+        self.assertEqual([(b["side"], b["posSide"], b["tdMode"], b["sz"]) for b in bodies],
+                         [("buy", "long", "cross", "2"), ("sell", "short", "cross", "2"),
+                          ("sell", "long", "cross", "2"), ("sell", "long", "cross", "2"),
+                          ("buy", "short", "cross", "2"), ("buy", "short", "cross", "2")])
+        self.assertTrue(all("reduceOnly" not in b and "tgtCcy" not in b for b in bodies), bodies)
+        self.assertEqual([row["posSide"] for row in reversed(self.fake.algo_orders())],
+                         ["long", "short", "long", "long", "short", "short"])
+
+    def test_closing_in_net_mode_is_reduce_only(self):
+        buy_stop = {"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}
+        sell_stop = {"ConditionType": 2, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"}
+        for type, condition in (("buy", buy_stop), ("closebuy", sell_stop), ("closesell", buy_stop),
+                                ("sell", sell_stop)):
+            self.condition_order(condition, symbol="BTC_USDT.swap", type=type, amount="1")
+        bodies = self.algo_bodies()
+        self.assertEqual([(b["side"], b.get("reduceOnly")) for b in bodies],
+                         [("buy", None), ("sell", True), ("buy", True), ("sell", None)])
+        self.assertTrue(all("posSide" not in b for b in bodies), bodies)
+        self.assertEqual([row["reduceOnly"] for row in reversed(self.fake.algo_orders())],
+                         ["false", "true", "true", "false"])
+
+    def test_a_spot_buy_with_a_market_leg_counts_its_amount_in_the_base_currency(self):
+        self.condition_order({"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}, type="buy")
+        self.condition_order({"ConditionType": 0, "TpTriggerPrice": "42000", "TpOrderPrice": "41990",
+                              "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}, type="buy")
+        self.condition_order({"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "44010"}, type="buy")
+        self.condition_order(PARITY_OCO)                                          # a sell: base already
+        self.assertEqual([b.get("tgtCcy") for b in self.algo_bodies()], ["base_ccy", "base_ccy", None, None])
+        self.fake.set_price("BTC-USDT", "44000", "44000.1")                       # the stops buy
+        bought = [o for o in self.fake.orders() if o["side"] == "buy"]
+        self.assertEqual(sorted((o["ordType"], o["accFillSz"]) for o in bought),
+                         [("limit", "0.01"), ("market", "0.01"), ("market", "0.01")])
+
+    # PLUGIN BUG: createconditionorder (fmz_custom_protocol.py, build_body) adds tgtCcy=base_ccy to a spot
+    # buy whose order price is -1 also for a generic condition (ordType trigger), and OKX refuses tgtCcy on
+    # trigger orders: "OKX 51281: Trigger order do not support the tgtCcy parameter." Expected: tgtCcy only
+    # for conditional and oco; a trigger order's sz is in the base currency already.
+    @unittest.expectedFailure
+    def test_a_generic_spot_buy_at_market_is_placed_without_tgt_ccy(self):
+        answer = self.docker.call("createconditionorder", {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01",
+                                                           "condition": {"ConditionType": 3, "TpTriggerPrice": "44000",
+                                                                         "TpOrderPrice": "-1"}})
+        self.assertIn("data", answer, answer)
+        self.assertNotIn("tgtCcy", self.algo_bodies()[0])
+
+    def test_modifyconditionorder_sends_only_the_legs_it_sets(self):
+        oco = self.condition_order(PARITY_OCO)
+        algo_id = oco.partition(",")[2]
+        self.fake.clear_requests()
+        change = dict(NO_LEGS, ConditionType=0, SlTriggerPrice=40500, SlOrderPrice=-1)
+        answer = self.docker.call("modifyconditionorder", {"id": oco, "amount": "-1", "condition": change})
+        self.assertEqual(answer["data"], {"id": oco})
+        self.assertEqual(answer["raw"][0]["sCode"], "0")
+        self.assertEqual([(r["method"], r["path"], r["query"]) for r in self.trade_requests()],
+                         [("GET", "/api/v5/trade/order-algo", "algoId=" + algo_id),
+                          ("POST", "/api/v5/trade/amend-algos", "")])
+        amend = self.okx_calls("/api/v5/trade/amend-algos")
+        self.assertEqual(json.loads(amend[-1]["body"]),
+                         {"instId": "BTC-USDT", "algoId": algo_id, "newSlTriggerPx": "40500", "newSlOrdPx": "-1"})
+        self.assertEqual(self.data("modifyconditionorder", {"id": oco, "amount": "0.02"}), {"id": oco})
+        self.assertEqual(json.loads(self.okx_calls("/api/v5/trade/amend-algos")[-1]["body"]),
+                         {"instId": "BTC-USDT", "algoId": algo_id, "newSz": "0.02"})
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/order-algo")), 1)      # an amount needs no read
+        shown = self.data("conditionorder", {"id": oco})
+        self.assertEqual((shown["amount"], shown["condition"]),
+                         ("0.02", {"ConditionType": "0", "TpTriggerPrice": "45000", "TpOrderPrice": "-1",
+                                   "SlTriggerPrice": "40500", "SlOrderPrice": "-1"}))
+
+        generic = self.condition_order({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"},
+                                       type="buy")
+        self.data("modifyconditionorder", {"id": generic, "condition": {"conditiontype": 3, "tptriggerprice": "42100",
+                                                                        "tporderprice": "42090"}})
+        self.assertEqual(json.loads(self.okx_calls("/api/v5/trade/amend-algos")[-1]["body"]),
+                         {"instId": "BTC-USDT", "algoId": generic.partition(",")[2], "newTriggerPx": "42100",
+                          "newOrdPx": "42090"})
+        self.assertEqual((self.algo(generic)["triggerPx"], self.algo(generic)["ordPx"]), ("42100", "42090"))
+        amends = len(self.okx_calls("/api/v5/trade/amend-algos"))
+        two_legs = {"ConditionType": 3, "TpTriggerPrice": "1", "TpOrderPrice": "1", "SlTriggerPrice": "2",
+                    "SlOrderPrice": "2"}
+        self.assertEqual(self.error("modifyconditionorder", {"id": generic, "condition": two_legs}),
+                         "condition: a generic condition has one leg, got two")
+        self.assertEqual(self.error("modifyconditionorder", {"id": generic, "amount": "-1"}),
+                         "modifyconditionorder changes nothing: amount is -1 (keep) and no condition is set")
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/amend-algos")), amends)
+
+    def test_cancelconditionorder_sends_an_array_and_answers_true(self):
+        docker_id = self.condition_order(PARITY_TP)
+        answer = self.docker.call("cancelconditionorder", {"id": docker_id})
+        self.assertIs(answer["data"], True)
+        self.assertEqual(answer["raw"][0]["algoId"], docker_id.partition(",")[2])
+        cancels = self.okx_calls("/api/v5/trade/cancel-algos")
+        self.assertEqual([r["body"] for r in cancels],
+                         ['[{"instId":"BTC-USDT","algoId":"%s"}]' % docker_id.partition(",")[2]])
+        self.assertEqual(self.algo(docker_id)["state"], "canceled")
+        self.assertEqual(self.data("conditionorder", {"id": docker_id})["status"], "canceled")
+
+    def test_conditionorder_reads_by_algo_id_and_checks_the_instrument(self):
+        docker_id = self.condition_order(PARITY_TP)
+        self.fake.clear_requests()
+        self.assertEqual(self.data("conditionorder", {"id": docker_id})["id"], docker_id)
+        self.assertEqual([(r["method"], r["query"]) for r in self.trade_requests()],
+                         [("GET", "algoId=" + docker_id.partition(",")[2])])
+        wrong = "ETH-USDT," + docker_id.partition(",")[2]
+        self.assertIn("OKX 51603: Order does not exist.", self.error("conditionorder", {"id": wrong}))
+
+
+class ConditionInputTest(ParityTestCase):
+    """The condition object: an object or its JSON text, FMZ's names in any letter case; a malformed one
+    gets a clear error before anything reaches OKX."""
+
+    def test_an_object_or_its_json_text_in_any_letter_case(self):
+        text = json.dumps(PARITY_OCO)
+        forms = [PARITY_OCO, text, {name.lower(): value for name, value in PARITY_OCO.items()},
+                 {name.upper(): value for name, value in PARITY_OCO.items()}, json.dumps({"conditionType": "0",
+                 "tpTriggerPrice": 45000, "tpOrderPrice": -1, "slTriggerPrice": 41000, "slOrderPrice": 40900}),
+                 dict(PARITY_OCO, ConditionType="0")]
+        for form in forms:
+            self.condition_order(form)
+        bodies = self.algo_bodies()
+        self.assertEqual(len(bodies), len(forms))
+        for body in bodies:
+            self.assertEqual({name: body[name]
+                              for name in ("ordType", "tpTriggerPx", "tpOrdPx", "slTriggerPx", "slOrdPx")},
+                             {"ordType": "oco", "tpTriggerPx": "45000", "tpOrdPx": "-1", "slTriggerPx": "41000",
+                              "slOrdPx": "40900"})
+
+    def test_a_malformed_condition_gets_a_clear_error_and_never_reaches_okx(self):
+        cases = [
+            (None, "params.condition is required"),
+            ({"TpTriggerPrice": "45000", "TpOrderPrice": "-1"},
+             "condition.ConditionType is required: 0 OCO, 1 take-profit, 2 stop-loss, 3 generic"),
+            (dict(PARITY_OCO, ConditionType=5), "condition.ConditionType must be at most 3, got 5"),
+            (dict(PARITY_OCO, ConditionType="x"), "condition.ConditionType must be a whole number, got 'x'"),
+            (dict(PARITY_TP, ConditionType=0),
+             "condition: an OCO condition needs both a take-profit and a stop-loss leg"),
+            (dict(PARITY_OCO, ConditionType=1), "condition: a take-profit condition needs the take-profit leg only"),
+            (dict(PARITY_TP, ConditionType=2), "condition: a stop-loss condition needs the stop-loss leg only"),
+            ({"ConditionType": 1, "TpTriggerPrice": "45000"},
+             "condition: the take-profit leg needs both TpTriggerPrice and TpOrderPrice (-1: market)"),
+            ({"ConditionType": 2, "SlOrderPrice": "-1", "SlTriggerPrice": 0},
+             "condition: the stop-loss leg needs both SlTriggerPrice and SlOrderPrice (-1: market)"),
+            (dict(PARITY_OCO, ConditionType=3), "condition: a generic condition needs one leg (TpTriggerPrice/"
+                                                "TpOrderPrice or SlTriggerPrice/SlOrderPrice), got 2"),
+            (dict(NO_LEGS, ConditionType=3), "condition: a generic condition needs one leg (TpTriggerPrice/"
+                                             "TpOrderPrice or SlTriggerPrice/SlOrderPrice), got 0"),
+            (dict(PARITY_TP, TpOrderPrice="-2"), "condition.TpOrderPrice must be greater than 0, got -2"),
+            (dict(PARITY_TP, TpTriggerPrice="-1"), "condition.TpTriggerPrice must be greater than 0, got -1"),
+            (dict(PARITY_TP, TpTriggerPrice="abc"), "condition.TpTriggerPrice must be a decimal number, got 'abc'"),
+            ("{not json", "condition must be an object or its JSON text, got '{not json'"),
+            ([1, 2], 'condition must be an object like {"ConditionType": 0, ...}, got [1, 2]'),
+        ]
+        self.fake.clear_requests()
+        for condition, text in cases:
+            params = {"symbol": "BTC_USDT.swap", "type": "sell", "amount": "1"}
+            if condition is not None:
+                params["condition"] = condition
+            with self.subTest(condition=condition):
+                self.assertEqual(self.error("createconditionorder", params), text)
+        self.assertEqual(self.fake.requests, [])
+
+
 # ---- Hardening: helpers ----
 
 PLUGIN_PATH = os.path.abspath(plugin.__file__)
