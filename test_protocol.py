@@ -5974,6 +5974,260 @@ class ConditionInputTest(ParityTestCase):
         self.assertEqual(self.fake.requests, [])
 
 
+class ConditionAnswerTest(ParityTestCase):
+    """The condition order shape (the order shape plus condition, every field as text), FMZ statuses, an
+    OCO that fired, and the lists: every page of both algo groups, history oldest first with since/limit."""
+
+    def test_the_answer_is_the_order_shape_plus_the_condition_as_text(self):
+        oco = self.condition_order(dict(PARITY_OCO, TpTriggerPrice=45000, SlOrderPrice=40900))
+        self.assertEqual(oco, "BTC-USDT," + self.fake.algo_orders()[0]["algoId"])
+        answer = self.docker.call("conditionorder", {"id": oco})
+        self.assertEqual(answer["data"], {
+            "id": oco, "symbol": "BTC_USDT", "amount": "0.01", "price": "40900", "deal_amount": "0", "avg_price": "0",
+            "type": "sell", "status": "pending",
+            "condition": {"ConditionType": "0", "TpTriggerPrice": "45000", "TpOrderPrice": "-1",
+                          "SlTriggerPrice": "41000", "SlOrderPrice": "40900"}})
+        self.assertEqual((answer["raw"]["algoId"], answer["raw"]["ordType"]), (oco.partition(",")[2], "oco"))
+        shapes = [(PARITY_TP, "sell", "-1", ("1", "45000", "-1", "0", "0")),
+                  ({"ConditionType": 2, "SlTriggerPrice": "41000", "SlOrderPrice": "40990"}, "sell", "40990",
+                   ("2", "0", "0", "41000", "40990")),
+                  ({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"}, "buy", "41990",
+                   ("3", "42000", "41990", "0", "0")),
+                  ({"ConditionType": 3, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"}, "sell", "-1",
+                   ("3", "0", "0", "42000", "-1"))]
+        for condition, side, price, fields in shapes:
+            shown = self.data("conditionorder", {"id": self.condition_order(condition, type=side)})
+            self.assertEqual((shown["price"], tuple(shown["condition"][name] for name in plugin.CONDITION_FIELDS)),
+                             (price, fields), condition)
+        swap = self.condition_order({"ConditionType": 2, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"},
+                                    symbol="BTC_USDT.swap", type="closebuy", amount="2")
+        shown = self.data("GetConditionOrder", {"id": swap})
+        self.assertEqual((shown["symbol"], shown["offset"], shown["type"], shown["amount"]),
+                         ("BTC_USDT.swap", "close", "sell", "2"))
+        self.assertNotIn("condition", self.data("order", {"id": self.place()}))     # plain orders have none
+
+    def test_statuses_map_to_pending_filled_and_canceled(self):
+        docker_id = self.condition_order(PARITY_TP)
+        for state, status in (("live", "pending"), ("pause", "pending"), ("partially_effective", "pending"),
+                              ("effective", "filled"), ("canceled", "canceled"), ("order_failed", "canceled"),
+                              ("partially_failed", "canceled")):
+            self.set_algo(docker_id, state=state)
+            self.assertEqual(self.data("conditionorder", {"id": docker_id})["status"], status, state)
+
+    def test_an_oco_that_triggers_its_take_profit_is_filled_with_its_deal(self):
+        oco = self.condition_order({"ConditionType": 0, "TpTriggerPrice": "44000", "TpOrderPrice": "-1",
+                                    "SlTriggerPrice": "42000", "SlOrderPrice": "-1"})
+        self.fake.set_price("BTC-USDT", "43999.9", "44000")
+        self.assertEqual(self.data("conditionorder", {"id": oco})["status"], "pending")
+        self.fake.set_price("BTC-USDT", "44000.5", "44000.6")                 # across the take-profit
+        shown = self.data("conditionorder", {"id": oco})
+        self.assertEqual({name: shown[name] for name in ("status", "deal_amount", "avg_price", "price", "amount")},
+                         {"status": "filled", "deal_amount": "0.01", "avg_price": "44000.5", "price": "-1",
+                          "amount": "0.01"})
+        self.assertEqual(shown["condition"]["TpTriggerPrice"], "44000")
+        child, = self.fake.orders()
+        self.assertEqual((child["side"], child["state"], child["avgPx"], child["algoId"]),
+                         ("sell", "filled", "44000.5", oco.partition(",")[2]))
+        self.assertEqual(self.data("conditionorders", {"symbol": "BTC_USDT"}), [])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"symbol": "BTC_USDT"})], [oco])
+
+    def test_conditionorders_covers_every_page_of_both_groups_newest_first(self):
+        conditional = self.store_algos(120, "conditional")
+        self.clock.advance(1)
+        trigger = self.store_algos(110, "trigger")
+        self.clock.advance(1)
+        oco = self.store_algos(5, "oco") + self.store_algos(1, "oco", "pause")
+        self.clock.advance(1)
+        other = self.store_algos(1, "conditional", inst_id="ETH-USDT")
+        self.store_algos(3, "conditional", state="canceled")
+        self.fake.clear_requests()
+        listed = [o["id"] for o in self.data("GetConditionOrders")]
+        self.assertEqual(listed, list(reversed(conditional + trigger + oco + other)))
+        queries = [urllib.parse.parse_qs(r["query"]) for r in self.okx_calls("/api/v5/trade/orders-algo-pending")]
+        self.assertEqual([(q["ordType"][0], q.get("after", [""])[0]) for q in queries],
+                         [("conditional,oco", ""), ("conditional,oco", conditional[27].partition(",")[2]),
+                          ("trigger", ""), ("trigger", trigger[10].partition(",")[2])])
+        self.fake.clear_requests()
+        btc = [o["id"] for o in self.data("conditionorders", {"symbol": "BTC_USDT"})]
+        self.assertEqual(btc, list(reversed(conditional + trigger + oco)))
+        query = urllib.parse.parse_qs(self.okx_calls("/api/v5/trade/orders-algo-pending")[0]["query"])
+        self.assertEqual((query["instType"], query["instId"]), (["SPOT"], ["BTC-USDT"]))
+
+    # PLUGIN BUG: conditionorders (fmz_custom_protocol.py, OKX.conditionorders) sorts by cTime alone, so
+    # orders placed within one millisecond keep the order of the requests (conditional,oco first, then
+    # trigger) instead of newest first. Expected: ties broken by algoId, as historyconditionorders does.
+    @unittest.expectedFailure
+    def test_conditionorders_is_newest_first_within_one_millisecond(self):
+        oco = self.condition_order(PARITY_OCO)
+        generic = self.condition_order({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"},
+                                       type="buy")
+        self.assertEqual([o["id"] for o in self.data("conditionorders")], [generic, oco])
+
+    def test_historyconditionorders_is_oldest_first_and_honours_since_and_limit(self):
+        fired = self.condition_order({"ConditionType": 0, "TpTriggerPrice": "44000", "TpOrderPrice": "-1",
+                                      "SlTriggerPrice": "42000", "SlOrderPrice": "-1"})
+        self.clock.advance(1)
+        canceled = self.condition_order({"ConditionType": 1, "TpTriggerPrice": "46000", "TpOrderPrice": "-1"})
+        self.assertIs(self.data("cancelconditionorder", {"id": canceled}), True)
+        self.clock.advance(1)
+        failed = self.condition_order(dict(PARITY_TP, TpTriggerPrice="44000"), amount="1")     # holds 0.5 BTC
+        self.clock.advance(1)
+        self.condition_order(dict(PARITY_TP, TpTriggerPrice="47000"))                          # still pending
+        self.fake.set_price("BTC-USDT", "44000.5", "44000.6")
+        self.assertEqual((self.algo(fired)["state"], self.algo(failed)["state"]), ("effective", "order_failed"))
+        history = self.data("historyconditionorders", {"symbol": "BTC_USDT"})
+        self.assertEqual([(o["id"], o["status"], o["deal_amount"]) for o in history],
+                         [(fired, "filled", "0.01"), (canceled, "canceled", "0"), (failed, "canceled", "0")])
+        since = int(self.algo(canceled)["cTime"])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": since})], [canceled, failed])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": str(since), "limit": "1"})],
+                         [canceled])
+        self.assertEqual([o["id"] for o in self.data("GetHistoryConditionOrders", {"limit": 2})], [canceled, failed])
+        self.assertEqual(self.data("historyconditionorders", {"symbol": "ETH_USDT"}), [])
+        states = {urllib.parse.parse_qs(r["query"])["state"][0]
+                  for r in self.okx_calls("/api/v5/trade/orders-algo-history")}
+        self.assertEqual(states, {"effective", "canceled", "order_failed"})
+
+    def test_historyconditionorders_pages_back_to_since(self):
+        old = self.store_algos(150, "conditional", state="canceled")
+        self.clock.advance(1)
+        new = self.store_algos(130, "conditional", state="canceled")
+        since = int(self.algo(new[0])["cTime"])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": since, "limit": 1000})], new)
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"limit": 1000})], old + new)
+
+    # PLUGIN BUG: historyconditionorders (fmz_custom_protocol.py, OKX.historyconditionorders) stops paging a
+    # group once the rows of all groups read so far reach `limit` (`not since and len(rows) >= limit`), so a
+    # later group gives only its first page: with 150 older conditional and 150 newer trigger orders, limit
+    # 150 answers the 100 newest trigger orders and 50 conditional ones. Expected: the 150 newest, all trigger.
+    @unittest.expectedFailure
+    def test_historyconditionorders_limit_takes_the_newest_of_both_groups(self):
+        self.store_algos(150, "conditional", state="canceled")
+        self.clock.advance(1)
+        newer = self.store_algos(150, "trigger", state="canceled")
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"limit": 150})], newer)
+
+
+class LostConditionOrderTest(ParityTestCase):
+    """A createconditionorder whose answer is lost is found by its algoClOrdId, never placed twice; a
+    repeated nonce answers the same id; one OKX never processed is said not to be placed."""
+
+    def test_an_answer_lost_after_okx_placed_it_is_recovered_by_algo_client_id(self):
+        self.fake.fault("/api/v5/trade/order-algo", "reset_after_process")
+        params = {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01", "condition": PARITY_OCO}
+        first = self.docker.call("createconditionorder", params, nonce=1101)
+        algo, = self.fake.algo_orders()
+        self.assertEqual(first.get("data"), {"id": "BTC-USDT," + algo["algoId"]}, first)
+        self.assertEqual(algo["algoClOrdId"], "fmz1101")
+        lookups = [r for r in self.okx_calls("/api/v5/trade/order-algo") if r["method"] == "GET"]
+        self.assertEqual([urllib.parse.parse_qs(r["query"]) for r in lookups], [{"algoClOrdId": ["fmz1101"]}])
+        again = self.docker.call("createconditionorder", params, nonce=1101)
+        self.assertEqual(again.get("data"), first["data"])
+        self.assertEqual((len(self.algo_posts()), len(self.fake.algo_orders())), (1, 1))
+
+    def test_an_answer_replaced_by_okx_timeout_is_recovered(self):
+        relay = self.relay()
+        relay.answer("POST", "/api/v5/trade/order-algo", {"code": "50004", "msg": "Endpoint request timeout. ",
+                                                          "data": []}, status=400, process=True)
+        docker = Docker(self.start_plugin(api_base=relay.base_url).server_address[1])
+        self.addCleanup(docker.close)
+        answer = docker.call("trade", {"symbol": "BTC_USDT.swap", "type": "closebuy", "price": "-1", "amount": "1",
+                                       "condition": {"ConditionType": 2, "SlTriggerPrice": "42000",
+                                                     "SlOrderPrice": "-1"}}, nonce=1201)
+        algo, = self.fake.algo_orders()
+        self.assertEqual(answer.get("data"), {"id": "BTC-USDT-SWAP," + algo["algoId"]}, answer)
+        self.assertEqual([(method, path) for method, path, _ in relay.seen if "algo" in path],
+                         [("POST", "/api/v5/trade/order-algo"), ("GET", "/api/v5/trade/order-algo")])
+
+    def test_another_plugin_with_the_same_nonce_gets_51065_and_answers_the_same_id(self):
+        params = {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01",
+                  "condition": {"ConditionType": 3, "SlTriggerPrice": "44000", "SlOrderPrice": "44010"}}
+        first = self.docker.call("createconditionorder", params, nonce=1796186655497236999)
+        docker = Docker(self.start_plugin().server_address[1])        # a restarted plugin: no memory of it
+        self.addCleanup(docker.close)
+        second = docker.call("createconditionorder", params, nonce=1796186655497236999)
+        self.assertEqual(second.get("data"), first["data"], second)
+        self.assertEqual((len(self.algo_posts()), len(self.fake.algo_orders())), (2, 1))
+        self.assertEqual(self.fake.algo_orders()[0]["algoClOrdId"], "fmzs" + "1796186655497236999"[-28:])
+
+    def test_a_condition_order_okx_never_got_is_not_placed_and_the_nonce_is_safe_again(self):
+        self.fake.fault("/api/v5/trade/order-algo", "reset")
+        params = {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01", "condition": PARITY_TP}
+        error = self.docker.call("createconditionorder", params, nonce=1301).get("error", "")
+        self.assertIn("the condition order was not placed", error)
+        self.assertIn("fmz1301", error)
+        self.assertEqual(self.fake.algo_orders(), [])
+        answer = self.docker.call("createconditionorder", params, nonce=1301)
+        self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + self.fake.algo_orders()[0]["algoId"]}, answer)
+        self.assertEqual(len(self.algo_posts()), 2)
+
+
+class ConditionCodeTest(ParityTestCase):
+    """OKX's refusals of condition orders reach the strategy with OKX's code and text."""
+
+    def test_okx_codes_surface_with_their_text(self):
+        self.assertIn("OKX 51298: Trigger orders are not available in the net mode of Expiry Futures and Perpetual "
+                      "Futures", self.error("createconditionorder", {
+                          "symbol": "BTC_USDT.swap", "type": "buy", "amount": "1",
+                          "condition": {"ConditionType": 3, "TpTriggerPrice": "44000", "TpOrderPrice": "-1"}}))
+        for side, leg, price, code in (("buy", "Tp", "44000", "51277"), ("buy", "Sl", "42000", "51278"),
+                                       ("sell", "Tp", "42000", "51279"), ("sell", "Sl", "44000", "51280")):
+            condition = {"ConditionType": 1 if leg == "Tp" else 2, leg + "TriggerPrice": price,
+                         leg + "OrderPrice": "-1"}
+            text = self.error("createconditionorder", {"symbol": "BTC_USDT", "type": side, "amount": "0.01",
+                                                       "condition": condition})
+            self.assertIn("OKX %s: %s" % (code, WRONG_SIDE[(side, leg.lower())][1]), text)
+        docker_id = self.condition_order(PARITY_TP)
+        self.data("cancelconditionorder", {"id": docker_id})
+        self.assertIn("OKX 51400: " + ALGO_CANCEL_GONE[1], self.error("cancelconditionorder", {"id": docker_id}))
+        self.assertIn("OKX 51503: " + ALGO_AMEND_GONE[1],
+                      self.error("modifyconditionorder", {"id": docker_id, "amount": "0.02"}))
+        self.assertEqual(self.fake.algo_orders()[0]["sz"], "0.01")
+        taken = dict(SPOT_SELL_OCO, algoClOrdId=self.fake.algo_orders()[0]["algoClOrdId"])
+        self.assertIn("OKX 51065: algoClOrdId already exists.",
+                      self.error("__api_/api/v5/trade/order-algo", taken, headers={"Http-Method": "POST"}))
+        self.assertEqual(len(self.fake.algo_orders()), 1)
+
+
+class ProtectedSwapLifeTest(ParityTestCase):
+    """A swap strategy's protected life: open a position, attach an OCO, move its stop with
+    modifyconditionorder, the stop fires, the position is flat; once for each position mode."""
+
+    def live_a_protected_life(self):
+        symbol = "BTC_USDT.swap"
+        self.market(symbol, "buy", "2")
+        self.assertEqual([(p["type"], p["amount"]) for p in self.data("positions", {"symbol": symbol})], [(0, "2")])
+        oco = self.condition_order({"ConditionType": 0, "TpTriggerPrice": "44000", "TpOrderPrice": "-1",
+                                    "SlTriggerPrice": "41000", "SlOrderPrice": "-1"},
+                                   symbol=symbol, type="sell", direction="closebuy", amount="2")
+        self.assertEqual(self.data("conditionorders", {"symbol": symbol})[0]["offset"], "close")
+        moved = {"ConditionType": 0, "SlTriggerPrice": "42500", "SlOrderPrice": "-1"}
+        self.assertEqual(self.data("modifyconditionorder", {"id": oco, "amount": "-1", "condition": moved}),
+                         {"id": oco})
+        self.fake.set_price("BTC-USDT-SWAP", "42600", "42600.1")               # above the moved stop
+        self.assertEqual([p["amount"] for p in self.data("positions", {"symbol": symbol})], ["2"])
+        self.fake.set_price("BTC-USDT-SWAP", "42499.9", "42500")               # the stop fires
+        shown = self.data("conditionorder", {"id": oco})
+        self.assertEqual((shown["status"], shown["deal_amount"], shown["avg_price"], shown["price"]),
+                         ("filled", "2", "42499.9", "-1"))
+        self.assertEqual(shown["condition"]["SlTriggerPrice"], "42500")
+        self.assertEqual(self.data("positions", {"symbol": symbol}), [])
+        self.assertEqual(self.fake.positions(), [])
+        self.assertEqual(self.data("conditionorders"), [])
+        return self.algo_bodies()[0], json.loads(self.okx_calls("/api/v5/trade/amend-algos")[0]["body"])
+
+    def test_in_net_mode(self):
+        placed, amended = self.live_a_protected_life()
+        self.assertEqual((placed["side"], placed.get("reduceOnly"), placed.get("posSide")), ("sell", True, None))
+        self.assertEqual(set(amended), {"instId", "algoId", "newSlTriggerPx", "newSlOrdPx"})
+
+    def test_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        placed, amended = self.live_a_protected_life()
+        self.assertEqual((placed["side"], placed.get("reduceOnly"), placed.get("posSide")), ("sell", None, "long"))
+        self.assertEqual(set(amended), {"instId", "algoId", "newSlTriggerPx", "newSlOrdPx"})
+
+
 # ---- Hardening: helpers ----
 
 PLUGIN_PATH = os.path.abspath(plugin.__file__)
