@@ -6228,6 +6228,111 @@ class ProtectedSwapLifeTest(ParityTestCase):
         self.assertEqual(set(amended), {"instId", "algoId", "newSlTriggerPx", "newSlOrdPx"})
 
 
+class ModifyOrderTest(ParityTestCase):
+    """modifyorder over REST: -1 keeps price or amount, the order read back shows the amendment (OKX's
+    "accepted" then a failure is an error), a finished order is OKX's 51503; spot and swap."""
+
+    def amend_bodies(self):
+        return [json.loads(r["body"]) for r in self.okx_calls("/api/v5/trade/amend-order")]
+
+    def test_minus_one_keeps_the_price_or_the_amount(self):
+        docker_id = self.place(price="30000", amount="0.01")
+        ord_id = docker_id.partition(",")[2]
+        answer = self.docker.call("ModifyOrder", {"id": docker_id, "price": "30000.5", "amount": "-1"}, nonce=2101)
+        self.assertEqual(answer["data"], {"id": docker_id})
+        self.assertEqual(answer["raw"]["data"][0]["sCode"], "0")
+        self.assertEqual(self.data("modify_order", {"id": docker_id, "amount": "0.02"}, nonce=2102), {"id": docker_id})
+        self.assertEqual(self.amend_bodies(), [
+            {"instId": "BTC-USDT", "ordId": ord_id, "reqId": "fmz2101", "newPx": "30000.5"},
+            {"instId": "BTC-USDT", "ordId": ord_id, "reqId": "fmz2102", "newSz": "0.02"}])
+        self.assertRegex(self.okx_calls("/api/v5/trade/amend-order")[0]["headers"].get("expTime", ""), r"^\d{13}$")
+        shown = self.data("order", {"id": docker_id})
+        self.assertEqual((shown["price"], shown["amount"], shown["status"]), ("30000.5", "0.02", "pending"))
+        self.assertEqual(self.error("modifyorder", {"id": docker_id, "price": "-1", "amount": -1}),
+                         "modifyorder changes nothing: price and amount are both -1 (keep)")
+        self.assertEqual(len(self.amend_bodies()), 2)
+
+    def test_a_swap_order_is_amended_in_contracts(self):
+        docker_id = self.place(symbol="BTC_USDT.swap", type="buy", price="40000", amount="1")
+        self.assertEqual(self.data("modifyorder", {"id": docker_id, "price": "40100.10", "amount": "3"}),
+                         {"id": docker_id})
+        self.assertEqual(self.amend_bodies()[0]["newPx"], "40100.10")
+        shown = self.data("order", {"id": docker_id})
+        self.assertEqual((shown["symbol"], shown["price"], shown["amount"], shown["offset"]),
+                         ("BTC_USDT.swap", "40100.1", "3", "open"))
+        self.fake.fill(docker_id.partition(",")[2])
+        self.assertIn("OKX 51503: Your order has already been filled or canceled.",
+                      self.error("modifyorder", {"id": docker_id, "price": "40200"}))
+
+    def test_accepted_then_failed_is_an_error_when_read_back(self):
+        docker_id = self.place(price="30000", amount="0.01")
+        self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+        started = self.clock.monotonic()
+        self.fake.clear_requests()
+        text = self.error("modifyorder", {"id": docker_id, "price": "30001"})
+        self.assertEqual(text, "OKX accepted the amendment, but order %s shows price 30000, amount 0.01, state live: "
+                               "not amended" % docker_id)
+        self.assertEqual(len(self.order_lookups()), plugin.AMEND_READ_BACKS)
+        self.assertAlmostEqual(self.clock.monotonic() - started,
+                               plugin.AMEND_READ_BACKS * plugin.AMEND_READ_BACK_WAIT, places=6)
+        self.assertEqual(self.fake.amend_state(docker_id.partition(",")[2])["amendResult"], "-1")
+        self.assertEqual(self.data("order", {"id": docker_id})["price"], "30000")
+
+    def test_a_finished_order_is_okx_51503(self):
+        canceled = self.place(price="30000", amount="0.01")
+        self.data("cancel", {"id": canceled})
+        self.assertIn("OKX 51503: Your order has already been filled or canceled.",
+                      self.error("modifyorder", {"id": canceled, "price": "30001"}))
+        self.assertEqual(len(self.order_lookups()), 0)                          # OKX's refusal: no read back
+
+    def test_a_lost_answer_is_settled_by_reading_the_order(self):
+        docker_id = self.place(price="30000", amount="0.01")
+        self.fake.fault("/api/v5/trade/amend-order", "reset_after_process")
+        answer = self.docker.call("modifyorder", {"id": docker_id, "price": "30002"})
+        self.assertEqual(answer, {"data": {"id": docker_id}})
+        self.assertEqual(self.data("order", {"id": docker_id})["price"], "30002")
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/amend-order")), 1)   # never sent twice
+
+
+class ModifyOrderStreamTest(ParityTestCase):
+    """modifyorder with the live account stream: the orders push's amendResult of its reqId decides,
+    without reading the order back."""
+
+    def setUp(self):
+        super().setUp()
+        plugin.LiveConnection._connect_times.clear()
+        quick_stream_threads(self)
+        self.okx_stream = FakeOKXStream(okx=self.fake, clock=self.clock).start()
+        self.addCleanup(self.okx_stream.stop)
+        server = self.start_plugin(stream=True, ws_base=self.okx_stream.url)
+        self.docker = Docker(server.server_address[1])
+        self.addCleanup(self.docker.close)
+        self.data("accounts")                          # a read starts the key's account stream
+        stream, = [s for s in server.exchanges["okx"].streams() if isinstance(s, plugin.AccountStream)]
+        self.assertTrue(wait_for(lambda: stream.status()["synced"]["orders"], timeout=5), stream.status())
+
+    def order_calls(self):
+        """The order and amendment requests (the stream's own reads of open orders left out)."""
+        return [(r["method"], r["path"]) for r in self.fake.requests
+                if r["path"] in ("/api/v5/trade/order", "/api/v5/trade/amend-order")]
+
+    def test_the_push_tells_success_and_failure(self):
+        spot = self.place(price="30000", amount="0.01")
+        swap = self.place(symbol="BTC_USDT.swap", type="sell", price="45000", amount="1")
+        self.fake.clear_requests()
+        self.assertEqual(self.data("modifyorder", {"id": spot, "price": "30001"}), {"id": spot})
+        self.assertEqual(self.order_calls(), [("POST", "/api/v5/trade/amend-order")])    # no read back
+        self.assertEqual(self.data("order", {"id": spot})["price"], "30001")
+        for docker_id, price in ((spot, "30002"), (swap, "44000")):
+            self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+            self.fake.clear_requests()
+            self.assertEqual(self.error("modifyorder", {"id": docker_id, "price": price}),
+                             "OKX 51008: Order failed. Insufficient USDT balance in account. (OKX accepted the "
+                             "amendment of %s, then it failed: amendResult -1)" % docker_id)
+            self.assertEqual(self.order_calls(), [("POST", "/api/v5/trade/amend-order")])
+        self.assertEqual((self.fake.orders()[1]["px"], self.fake.orders()[0]["px"]), ("30001", "45000"))
+
+
 # ---- Hardening: helpers ----
 
 PLUGIN_PATH = os.path.abspath(plugin.__file__)
