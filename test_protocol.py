@@ -6333,6 +6333,234 @@ class ModifyOrderStreamTest(ParityTestCase):
         self.assertEqual((self.fake.orders()[1]["px"], self.fake.orders()[0]["px"]), ("30001", "45000"))
 
 
+class OptionTradingTest(ParityTestCase):
+    """Options: markets and tickers of a family, a filled option order, its position, the order lists
+    and cancel; option symbols BTC_USD.<instId> round-trip in every answer."""
+
+    def test_from_markets_to_a_filled_option_order_and_its_position(self):
+        markets = self.data("markets", {"symbol": "BTC_USD", "contract_type": "option"})
+        self.assertEqual([r["query"] for r in self.okx_calls("/api/v5/public/instruments")][-1:],
+                         ["instType=OPTION&instFamily=BTC-USD"])
+        symbol = max(markets, key=lambda name: (name.split("-")[2], name))    # the latest expiry
+        inst_id = symbol.partition(".")[2]
+        self.assertRegex(symbol, r"^BTC_USD\.BTC-USD-\d{6}-\d+-[CP]$")
+        self.assertEqual({name: markets[symbol][name] for name in ("symbol", "baseAsset", "quoteAsset", "ctValCcy")},
+                         {"symbol": symbol, "baseAsset": "BTC", "quoteAsset": "USD", "ctValCcy": "BTC"})
+        tickers = {t["symbol"]: t for t in self.data("tickers", {"symbol": "BTC_USD.option"})}
+        self.assertEqual(set(tickers), set(markets))
+        self.assertEqual(self.data("GetTicker", {"symbol": symbol})["sell"], tickers[symbol]["sell"])
+
+        bought = self.place(symbol=symbol, type="buy", price=tickers[symbol]["sell"], amount="2")
+        self.assertTrue(bought.startswith(inst_id + ","), bought)
+        body = self.order_bodies()[-1]
+        self.assertEqual({name: body[name] for name in ("instId", "tdMode", "side", "sz", "ordType", "px")},
+                         {"instId": inst_id, "tdMode": "cross", "side": "buy", "sz": "2", "ordType": "limit",
+                          "px": tickers[symbol]["sell"]})
+        self.assertTrue("posSide" not in body and "reduceOnly" not in body, body)
+        order = self.data("order", {"id": bought})
+        self.assertEqual((order["symbol"], order["status"], order["deal_amount"], order["avg_price"]),
+                         (symbol, "filled", "2", tickers[symbol]["sell"]))
+        position, = self.data("positions")
+        self.assertEqual((position["symbol"], position["contract_type"], position["amount"], position["type"]),
+                         (symbol, inst_id, "2", 0))
+        self.assertEqual(self.data("GetPositions", {"symbol": symbol}), [position])
+
+        resting = self.place(symbol=symbol, type="sell", price="0.9", amount="1")
+        self.assertEqual([o["id"] for o in self.data("orders")], [resting])
+        self.assertEqual([(o["id"], o["symbol"]) for o in self.data("orders", {"symbol": symbol})], [(resting, symbol)])
+        self.assertIs(self.data("cancel", {"id": resting}), True)
+        history = self.data("historyorders")
+        self.assertEqual([(o["id"], o["symbol"], o["status"]) for o in history],
+                         [(resting, symbol, "canceled"), (bought, symbol, "filled")])
+        self.assertIn("instType=OPTION", [r["query"] for r in self.okx_calls("/api/v5/trade/orders-history")][-1])
+        self.assertEqual(self.error("SetMarginLevel", {"symbol": symbol, "marginLevel": "3"}),
+                         "leverage applies to swaps and futures, not to the option %s" % symbol)
+
+    # PLUGIN BUG: conditionorders and historyconditionorders (fmz_custom_protocol.py, OKX._algo_filter) send
+    # instType=OPTION for an option's symbol, and OKX's algo lists take only SPOT, MARGIN, SWAP and FUTURES
+    # there (as the fake has it; OKX.md §13 does not list them): "OKX 51000: Parameter instType error".
+    # createconditionorder places condition orders on options, so listing them by their symbol must work:
+    # expected instId alone (or instType only for the types the algo lists know).
+    @unittest.expectedFailure
+    def test_option_condition_orders_are_listed_by_their_symbol(self):
+        symbol = max(self.data("markets", {"symbol": "BTC_USD.option"}))
+        docker_id = self.condition_order({"ConditionType": 1, "TpTriggerPrice": "0.9", "TpOrderPrice": "0.9"},
+                                         symbol=symbol, amount="1")
+        self.assertEqual(self.data("conditionorder", {"id": docker_id})["symbol"], symbol)
+        self.assertEqual([o["id"] for o in self.data("conditionorders", {"symbol": symbol})], [docker_id])
+
+
+class OlderIoFormTest(ParityTestCase):
+    """The older io form: code and args at the top level of the body or inside params; codes 0-3."""
+
+    def test_each_code_at_the_top_level_or_inside_params(self):
+        answer = self.envelope(method="io", code=0, args=["3"], params={"symbol": "BTC_USDT.swap"})
+        self.assertIs(answer.get("data"), True, answer)
+        self.assertEqual(self.leverage_bodies(), [{"instId": "BTC-USDT-SWAP", "lever": "3", "mgnMode": "cross"}])
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "3"})
+        requests = len(self.fake.requests)
+        self.assertEqual(self.envelope(method="io", params={"code": 1, "args": ["closebuy"]}), {"data": True})
+        self.assertEqual(self.envelope(method="IO", code="1", args="buy"), {"data": True})
+        self.assertEqual(len(self.fake.requests), requests)                     # the direction goes with trade
+        self.assertEqual(self.envelope(method="io", params={"code": 2, "args": ["quarter"], "symbol": "BTC_USD"}),
+                         {"data": {"InstrumentID": self.futures_inst_id("BTC-USD", "quarter")}})
+        self.assertEqual(self.envelope(method="io", code=2, args=["swap"], params={"symbol": "BTC_USDT.swap"}),
+                         {"data": {"InstrumentID": "BTC-USDT-SWAP"}})
+        self.market("BTC_USDT.swap", "buy", "2")
+        positions = self.data("positions")
+        self.assertEqual(self.envelope(method="io", params={"code": 3, "symbol": "BTC_USDT.swap"})["data"], positions)
+        self.assertEqual(self.envelope(method="io", code=3)["data"], positions)
+        self.assertEqual([(p["symbol"], p["margin_level"], p["amount"]) for p in positions],
+                         [("BTC_USDT.swap", "3", "2")])
+
+    def test_an_unknown_code_or_missing_args_is_an_error(self):
+        known = "is not known: 0 SetMarginLevel, 1 SetDirection, 2 SetContractType, 3 GetPosition"
+        for body, text in (
+                ({"params": {"code": 7}}, "io code 7 " + known),
+                ({"code": 4, "params": {"symbol": "BTC_USDT.swap"}}, "io code 4 " + known),
+                ({"params": {}}, "params.code is required"),
+                ({"code": 0, "params": {"symbol": "BTC_USDT.swap"}}, "io code 0 needs args[0]"),
+                ({"code": 0, "args": ["3"]}, "io code 0 (SetMarginLevel) needs params.symbol"),
+                ({"code": 1, "args": ["up"]}, "io code 1 (SetDirection): args[0] must be buy, sell, closebuy or "
+                                              "closesell"),
+                ({"code": 2, "args": ["swap"]}, "io code 2 (SetContractType) needs params.symbol, the pair"),
+                ({"code": 2, "args": {"a": 1}}, 'args must be a list of the call\'s arguments, got {"a": 1}')):
+            with self.subTest(body=body):
+                self.assertEqual(self.envelope(method="io", **body), {"error": text})
+        self.assertEqual(self.okx_calls("/api/v5/account/set-leverage"), [])
+
+
+class UnknownMethodWarningTest(ParityTestCase):
+    """An unknown method is logged once per name at warning level, with its parameter names, never values."""
+
+    def test_logged_once_per_name_with_the_names_of_its_params_only(self):
+        patcher = mock.patch.object(plugin, "_unknown_methods", set())
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        params = {"symbol": "BTC_USD", "passphrase": "hunter2secret", "strike": "strike100000"}
+        for method in ("GetOptionChain", "getoptionchain", "GetOptionChain", "GetTrade", "GetOptionChain"):
+            self.assertIn("unknown method %r" % method, self.error(method, params))
+        warnings = [line for line in LOGS.lines if "which the plugin does not know" in line]
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn(" WARNING [GetOptionChain] the docker sent method 'GetOptionChain', which the plugin does not "
+                      "know (its params: passphrase, strike, symbol); if FMZ names a known method so, please report it",
+                      warnings[0])
+        self.assertIn("the docker sent method 'GetTrade'", warnings[1])
+        self.assertFalse([line for line in LOGS.lines if "hunter2secret" in line or "strike100000" in line
+                          or "BTC_USD" in line])
+        self.assertEqual(self.trade_requests(), [])
+
+
+class ArrayPassthroughTest(ParityTestCase):
+    """exchange.IO POST to OKX's array endpoints (cancel-algos, batch-orders): params that are an array,
+    its JSON text, or a one-key object whose key is that text; signed and sent exactly as given."""
+
+    def io_post(self, path, params):
+        answer = self.data("__api_" + path, params, headers={"Http-Method": "POST"})
+        self.assertEqual(answer["code"], "0", answer)          # the fake checks the signature of the exact body
+        return answer["data"], self.okx_calls(path)[-1]["body"]
+
+    def test_each_form_of_an_array_body(self):
+        ids = [self.condition_order(PARITY_TP).partition(",")[2] for _ in range(3)]
+        items = [{"instId": "BTC-USDT", "algoId": algo_id} for algo_id in ids]
+        spaced = '[ {"instId": "BTC-USDT", "algoId": "%s"} ]' % ids[1]
+        for params, sent in ((items[:1], json.dumps(items[:1], separators=(",", ":"))), (spaced, spaced),
+                             ({json.dumps(items[2:]): ""}, json.dumps(items[2:]))):
+            rows, body = self.io_post("/api/v5/trade/cancel-algos", params)
+            self.assertEqual(body, sent)
+            self.assertEqual([row["sCode"] for row in rows], ["0"])
+        self.assertEqual({row["state"] for row in self.fake.algo_orders()}, {"canceled"})
+
+        order = {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000.10",
+                 "sz": "0.0100", "clOrdId": "io1"}
+        batches = [[order], json.dumps([dict(order, clOrdId="io2"), dict(order, clOrdId="io3")]),
+                   {json.dumps([dict(order, clOrdId="io4")]): ""}]
+        sent_bodies = [json.dumps([order], separators=(",", ":")), batches[1], next(iter(batches[2]))]
+        for batch, sent in zip(batches, sent_bodies):
+            rows, body = self.io_post("/api/v5/trade/batch-orders", batch)
+            self.assertEqual(body, sent)
+            self.assertTrue(rows and all(row["sCode"] == "0" for row in rows), rows)
+        self.assertEqual(sorted((o["clOrdId"], o["px"], o["sz"]) for o in self.fake.orders()),
+                         [("io%d" % n, "30000.1", "0.01") for n in range(1, 5)])
+        self.assertEqual(self.error("__api_/api/v5/trade/cancel-algos", items, headers={"Http-Method": "GET"}),
+                         "exchange.IO GET sends its params as a query string: they must be an object, got list")
+        self.assertEqual(self.error("__api_/api/v5/trade/cancel-algos", "[not json", headers={"Http-Method": "POST"}),
+                         "exchange.IO POST params must be an object, an array or their JSON text, got '[not json'")
+
+
+class ParityMethodNameTest(ParityTestCase):
+    """The parity methods' names: any letter case, _ and - ignored, Get for reads only (a Get spelling
+    never acts); a trade or CreateOrder with a condition places a condition order, and so does a
+    conditionorder with an amount."""
+
+    def test_spellings_reach_the_methods(self):
+        first = self.data("CreateConditionOrder", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                   "condition": PARITY_TP})["id"]
+        second = self.data("create_condition_order", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                      "condition": PARITY_TP})["id"]
+        newest_first = [second, first]
+        for method in ("conditionorders", "GetConditionOrders", "get-condition-orders", "GET_CONDITION_ORDERS",
+                       " getConditionOrders "):
+            self.assertEqual([o["id"] for o in self.data(method)], newest_first, method)
+        for method in ("conditionorder", "GetConditionOrder", "get_condition_order"):
+            self.assertEqual(self.data(method, {"id": first})["id"], first, method)
+        self.assertEqual(len(self.data("GetHistoryConditionOrders")), 0)
+        for method in ("ModifyConditionOrder", "modify-condition-order"):
+            self.assertEqual(self.data(method, {"id": first, "amount": "0.02"}), {"id": first})
+        self.assertIs(self.data("CancelConditionOrder", {"id": first}), True)
+        self.assertIs(self.data("cancel_condition_order", {"id": second}), True)
+        order = self.place(price="30000")
+        for n, method in enumerate(("modifyorder", "ModifyOrder", "modify-order", "MODIFY_ORDER")):
+            self.assertEqual(self.data(method, {"id": order, "price": "2999%d" % n}), {"id": order})
+        self.assertEqual(self.data("order", {"id": order})["price"], "29993")
+
+    def test_a_get_spelling_never_acts(self):
+        order = self.place(price="30000")
+        docker_id = self.condition_order(PARITY_TP)
+        self.fake.clear_requests()
+        condition = {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01", "condition": PARITY_TP}
+        for method, params in (("GetCreateConditionOrder", condition), ("GetTrade", dict(condition, price="-1")),
+                               ("GetCreateOrder", dict(condition, price="-1")),
+                               ("GetModifyOrder", {"id": order, "price": "1"}),
+                               ("GetModifyConditionOrder", {"id": docker_id, "amount": "1"}),
+                               ("GetCancelConditionOrder", {"id": docker_id}), ("GetIO", {"code": 0, "args": ["3"]})):
+            self.assertIn("unknown method %r" % method, self.error(method, params))
+        self.assertEqual(self.error("GetConditionOrder", condition), "params.id is required")
+        self.assertEqual(self.trade_requests(), [])
+
+    def test_a_trade_with_a_condition_places_a_condition_order(self):
+        params = {"symbol": "BTC_USDT", "type": "buy", "price": "-1", "amount": "0.01",
+                  "condition": {"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}}
+        ids = [self.data("trade", params)["id"], self.data("CreateOrder", dict(params, price="30000"))["id"],
+               self.data("trade", dict(params, condition=json.dumps(params["condition"])))["id"],
+               self.data("conditionorder", {key: value for key, value in params.items() if key != "price"})["id"]]
+        self.assertEqual(ids, ["BTC-USDT," + row["algoId"] for row in reversed(self.fake.algo_orders())])
+        self.assertEqual(self.order_posts(), [])
+        self.assertEqual({(b["ordType"], b["sz"], b["side"]) for b in self.algo_bodies()},
+                         {("conditional", "0.01", "buy")})
+        for empty in ("", {}):
+            self.data("trade", dict(params, condition=empty, price="30000"))       # no condition: a plain order
+        self.assertEqual(len(self.order_posts()), 2)
+        # An amount alone makes a conditionorder a createconditionorder (which also reads "Condition").
+        self.assertEqual(self.error("conditionorder", {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01"}),
+                         "params.condition is required")
+        by_amount = self.data("conditionorder", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                 "Condition": PARITY_TP})["id"]
+        self.assertEqual(by_amount, "BTC-USDT," + self.fake.algo_orders()[0]["algoId"])
+        self.assertEqual(len(self.algo_posts()), 5)
+
+    # PLUGIN BUG: resolve_method (fmz_custom_protocol.py) looks only at params["condition"] to turn a trade
+    # into a condition order, while createconditionorder also reads the spelling "Condition" (the CONDITION
+    # Param's alias): a trade carrying "Condition" places a plain order at its price (here a sell at 1) and
+    # drops the condition. Expected: every spelling createconditionorder reads makes it a condition order.
+    @unittest.expectedFailure
+    def test_a_trade_with_a_capitalised_condition_places_a_condition_order(self):
+        answer = self.docker.call("trade", {"symbol": "BTC_USDT", "type": "sell", "price": "1", "amount": "0.01",
+                                            "Condition": PARITY_TP})
+        self.assertEqual(self.order_posts(), [])
+        self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + self.fake.algo_orders()[0]["algoId"]})
+
+
 # ---- Hardening: helpers ----
 
 PLUGIN_PATH = os.path.abspath(plugin.__file__)
