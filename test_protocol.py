@@ -5687,6 +5687,880 @@ class SwapLifecycleTest(FuturesTestCase):
 FUTURES_TESTS = (FuturesMarketDataTest, PositionTest, FuturesOrderTest, LeverageTest, FundingTest, SwapLifecycleTest)
 
 
+# ---- FMZ parity: ModifyOrder, condition orders, options ----
+# PROTOCOL.md §4a and the README's "modifyorder", "Condition orders", "Options", "The older io form" and
+# "The exchange.IO passthrough", through the plugin over HTTP, on virtual time.
+
+PARITY_OCO = {"ConditionType": 0, "TpTriggerPrice": "45000", "TpOrderPrice": "-1",    # BTC-USDT last: 43000.1
+              "SlTriggerPrice": "41000", "SlOrderPrice": "40900"}
+PARITY_TP = {"ConditionType": 1, "TpTriggerPrice": "45000", "TpOrderPrice": "-1"}
+NO_LEGS = {"TpTriggerPrice": 0, "TpOrderPrice": 0, "SlTriggerPrice": 0, "SlOrderPrice": 0}   # FMZ's typed languages
+
+
+class ParityTestCase(FuturesTestCase):
+    """FuturesTestCase with helpers for condition orders (OKX's algo orders), amendments and options."""
+
+    def algo_posts(self):
+        return [r for r in self.okx_calls("/api/v5/trade/order-algo") if r["method"] == "POST"]
+
+    def algo_bodies(self):
+        return [json.loads(r["body"]) for r in self.algo_posts()]
+
+    def trade_requests(self):
+        """Every request the fake received for a /api/v5/trade/ endpoint."""
+        return [r for r in self.fake.requests if r["path"].startswith("/api/v5/trade/")]
+
+    def condition_order(self, condition, symbol="BTC_USDT", type="sell", amount="0.01", **params):
+        """A condition order placed through the plugin; its docker id."""
+        params.update(symbol=symbol, type=type, amount=amount, condition=condition)
+        return self.data("createconditionorder", params)["id"]
+
+    def algo(self, docker_id):
+        """The fake's row of a condition order, by its docker id INSTID,ALGOID."""
+        inst_id, _, algo_id = docker_id.partition(",")
+        rows = [row for row in self.fake.algo_orders() if row["algoId"] == algo_id]
+        self.assertEqual([row["instId"] for row in rows], [inst_id], docker_id)
+        return rows[0]
+
+    def set_algo(self, docker_id, **fields):
+        """Change a stored algo order as OKX would (pause it, say), which no request of the fake does."""
+        with self.fake._lock:
+            self.fake._algos(self.fake.accounts[KEY])[docker_id.partition(",")[2]].update(fields)
+
+    def store_algos(self, count, ord_type, state="live", inst_id="BTC-USDT"):
+        """`count` algo orders stored straight into the fake's account (as another program would place
+        them, without a request), in `state`; their docker ids, oldest first."""
+        if ord_type == "trigger":
+            body = {"ordType": "trigger", "side": "buy", "triggerPx": "30", "orderPx": "-1"}
+        else:
+            body = {"ordType": ord_type, "side": "sell", "slTriggerPx": "30", "slOrdPx": "-1"}
+            if ord_type == "oco":
+                body.update(tpTriggerPx="90000", tpOrdPx="-1")
+        body.update(instId=inst_id, tdMode="cash", sz="1")
+        with self.fake._lock:
+            account = self.fake.accounts[KEY]
+            algos = [self.fake._new_algo(account, dict(body)) for _ in range(count)]
+            for algo in algos:
+                algo["state"] = state
+        return ["%s,%s" % (inst_id, algo["algoId"]) for algo in algos]
+
+    def envelope(self, **body):
+        """One docker call with fields of the body's top level set by the test (the older io form)."""
+        body.setdefault("access_key", KEY)
+        body.setdefault("secret_key", SECRET_FIELD)
+        body.setdefault("nonce", 1)
+        status, answer = self.docker.send(json.dumps(body).encode("utf-8"))
+        self.assertEqual(status, 200, answer)
+        return answer
+
+
+class ConditionRequestTest(ParityTestCase):
+    """What createconditionorder, modifyconditionorder, cancelconditionorder and conditionorder send to
+    OKX: only the legs that are set, the contract's posSide or reduceOnly, exact decimals, algoClOrdId from
+    the nonce, tgtCcy for a spot buy with a market leg, and cancel-algos' array body."""
+
+    def test_each_condition_type_is_its_ord_type_with_only_the_legs_that_are_set(self):
+        nonce = 1796186655497236900
+        base = {"instId": "BTC-USDT", "sz": "0.01", "tdMode": "cash"}
+        cases = [
+            ("sell", PARITY_OCO, {"ordType": "oco", "tpTriggerPx": "45000", "tpOrdPx": "-1", "slTriggerPx": "41000",
+                                  "slOrdPx": "40900"}),
+            ("sell", dict(NO_LEGS, ConditionType=1, TpTriggerPrice="45000", TpOrderPrice="-1"),
+             {"ordType": "conditional", "tpTriggerPx": "45000", "tpOrdPx": "-1"}),
+            ("sell", {"ConditionType": 2, "SlTriggerPrice": "41000", "SlOrderPrice": "40900", "TpTriggerPrice": "0",
+                      "TpOrderPrice": ""}, {"ordType": "conditional", "slTriggerPx": "41000", "slOrdPx": "40900"}),
+            ("buy", dict(NO_LEGS, ConditionType=3, TpTriggerPrice="42000", TpOrderPrice="41990"),
+             {"ordType": "trigger", "triggerPx": "42000", "orderPx": "41990"}),
+            ("buy", {"ConditionType": 3, "SlTriggerPrice": "44000", "SlOrderPrice": "44010"},
+             {"ordType": "trigger", "triggerPx": "44000", "orderPx": "44010"}),
+        ]
+        ids = []
+        for offset, (side, condition, legs) in enumerate(cases):
+            answer = self.docker.call("createconditionorder", {"symbol": "BTC_USDT", "type": side, "amount": "0.01",
+                                                               "condition": condition}, nonce=nonce + offset)
+            self.assertEqual(set(answer), {"data", "raw"}, answer)
+            ids.append(answer["data"]["id"])
+        client_ids = ["fmz%d" % (nonce + offset) for offset in range(4)] + ["fmzs" + str(nonce + 4)[-28:]]
+        self.assertEqual(self.algo_bodies(), [dict(base, algoClOrdId=client_id, side=side, **legs)
+                                              for client_id, (side, _, legs) in zip(client_ids, cases)])
+        self.assertEqual(ids, ["BTC-USDT," + row["algoId"] for row in reversed(self.fake.algo_orders())])
+        self.assertEqual([self.algo(docker_id)["algoClOrdId"] for docker_id in ids], client_ids)
+
+    def test_decimals_reach_okx_as_the_text_received(self):
+        condition = ('{"ConditionType": 0, "TpTriggerPrice": "45000.10", "TpOrderPrice": 4.50001E+4, '
+                     '"SlTriggerPrice": 41000.5, "SlOrderPrice": -1}')
+        self.condition_order(condition, amount="0.0100")
+        body = ('{"access_key": "%s", "secret_key": "%s", "nonce": 8, "method": "createconditionorder", '
+                '"params": {"symbol": "BTC_USDT", "type": "sell", "amount": 1E-2, "condition": %s}}'
+                % (KEY, SECRET_FIELD, json.dumps(condition)))
+        status, answer = self.docker.send(body.encode("utf-8"))
+        self.assertEqual(status, 200)
+        self.assertIn("data", answer, answer)
+        first, second = [request["body"] for request in self.algo_posts()]
+        for text in ('"tpTriggerPx":"45000.10"', '"tpOrdPx":"45000.1"', '"slTriggerPx":"41000.5"', '"slOrdPx":"-1"'):
+            self.assertIn(text, first)
+            self.assertIn(text, second)
+        self.assertIn('"sz":"0.0100"', first)
+        self.assertIn('"sz":"0.01"', second)
+
+    def test_contracts_carry_pos_side_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        buy_stop = {"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}     # swap last 43010.5
+        sell_stop = {"ConditionType": 2, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"}
+        for type, condition, direction in (("buy", buy_stop, None), ("sell", sell_stop, None),
+                                           ("closebuy", sell_stop, None), ("sell", sell_stop, "closebuy"),
+                                           ("closesell", buy_stop, None), ("buy", buy_stop, "closesell")):
+            params = {"direction": direction} if direction else {}
+            self.condition_order(condition, symbol="BTC_USDT.swap", type=type, amount="2", **params)
+        bodies = self.algo_bodies()
+        self.assertEqual([(b["side"], b["posSide"], b["tdMode"], b["sz"]) for b in bodies],
+                         [("buy", "long", "cross", "2"), ("sell", "short", "cross", "2"),
+                          ("sell", "long", "cross", "2"), ("sell", "long", "cross", "2"),
+                          ("buy", "short", "cross", "2"), ("buy", "short", "cross", "2")])
+        self.assertTrue(all("reduceOnly" not in b and "tgtCcy" not in b for b in bodies), bodies)
+        self.assertEqual([row["posSide"] for row in reversed(self.fake.algo_orders())],
+                         ["long", "short", "long", "long", "short", "short"])
+
+    def test_closing_in_net_mode_is_reduce_only(self):
+        buy_stop = {"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}
+        sell_stop = {"ConditionType": 2, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"}
+        for type, condition in (("buy", buy_stop), ("closebuy", sell_stop), ("closesell", buy_stop),
+                                ("sell", sell_stop)):
+            self.condition_order(condition, symbol="BTC_USDT.swap", type=type, amount="1")
+        bodies = self.algo_bodies()
+        self.assertEqual([(b["side"], b.get("reduceOnly")) for b in bodies],
+                         [("buy", None), ("sell", True), ("buy", True), ("sell", None)])
+        self.assertTrue(all("posSide" not in b for b in bodies), bodies)
+        self.assertEqual([row["reduceOnly"] for row in reversed(self.fake.algo_orders())],
+                         ["false", "true", "true", "false"])
+
+    def test_a_spot_buy_with_a_market_leg_counts_its_amount_in_the_base_currency(self):
+        self.condition_order({"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}, type="buy")
+        self.condition_order({"ConditionType": 0, "TpTriggerPrice": "42000", "TpOrderPrice": "41990",
+                              "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}, type="buy")
+        self.condition_order({"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "44010"}, type="buy")
+        self.condition_order(PARITY_OCO)                                          # a sell: base already
+        self.assertEqual([b.get("tgtCcy") for b in self.algo_bodies()], ["base_ccy", "base_ccy", None, None])
+        self.fake.set_price("BTC-USDT", "44000", "44000.1")                       # the stops buy
+        bought = [o for o in self.fake.orders() if o["side"] == "buy"]
+        self.assertEqual(sorted((o["ordType"], o["accFillSz"]) for o in bought),
+                         [("limit", "0.01"), ("market", "0.01"), ("market", "0.01")])
+
+    # PLUGIN BUG: createconditionorder (fmz_custom_protocol.py, build_body) adds tgtCcy=base_ccy to a spot
+    # buy whose order price is -1 also for a generic condition (ordType trigger), and OKX refuses tgtCcy on
+    # trigger orders: "OKX 51281: Trigger order do not support the tgtCcy parameter." Expected: tgtCcy only
+    # for conditional and oco; a trigger order's sz is in the base currency already.
+    @unittest.expectedFailure
+    def test_a_generic_spot_buy_at_market_is_placed_without_tgt_ccy(self):
+        answer = self.docker.call("createconditionorder", {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01",
+                                                           "condition": {"ConditionType": 3, "TpTriggerPrice": "44000",
+                                                                         "TpOrderPrice": "-1"}})
+        self.assertIn("data", answer, answer)
+        self.assertNotIn("tgtCcy", self.algo_bodies()[0])
+
+    def test_modifyconditionorder_sends_only_the_legs_it_sets(self):
+        oco = self.condition_order(PARITY_OCO)
+        algo_id = oco.partition(",")[2]
+        self.fake.clear_requests()
+        change = dict(NO_LEGS, ConditionType=0, SlTriggerPrice=40500, SlOrderPrice=-1)
+        answer = self.docker.call("modifyconditionorder", {"id": oco, "amount": "-1", "condition": change})
+        self.assertEqual(answer["data"], {"id": oco})
+        self.assertEqual(answer["raw"][0]["sCode"], "0")
+        self.assertEqual([(r["method"], r["path"], r["query"]) for r in self.trade_requests()],
+                         [("GET", "/api/v5/trade/order-algo", "algoId=" + algo_id),
+                          ("POST", "/api/v5/trade/amend-algos", "")])
+        amend = self.okx_calls("/api/v5/trade/amend-algos")
+        self.assertEqual(json.loads(amend[-1]["body"]),
+                         {"instId": "BTC-USDT", "algoId": algo_id, "newSlTriggerPx": "40500", "newSlOrdPx": "-1"})
+        self.assertEqual(self.data("modifyconditionorder", {"id": oco, "amount": "0.02"}), {"id": oco})
+        self.assertEqual(json.loads(self.okx_calls("/api/v5/trade/amend-algos")[-1]["body"]),
+                         {"instId": "BTC-USDT", "algoId": algo_id, "newSz": "0.02"})
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/order-algo")), 1)      # an amount needs no read
+        shown = self.data("conditionorder", {"id": oco})
+        self.assertEqual((shown["amount"], shown["condition"]),
+                         ("0.02", {"ConditionType": "0", "TpTriggerPrice": "45000", "TpOrderPrice": "-1",
+                                   "SlTriggerPrice": "40500", "SlOrderPrice": "-1"}))
+
+        generic = self.condition_order({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"},
+                                       type="buy")
+        self.data("modifyconditionorder", {"id": generic, "condition": {"conditiontype": 3, "tptriggerprice": "42100",
+                                                                        "tporderprice": "42090"}})
+        self.assertEqual(json.loads(self.okx_calls("/api/v5/trade/amend-algos")[-1]["body"]),
+                         {"instId": "BTC-USDT", "algoId": generic.partition(",")[2], "newTriggerPx": "42100",
+                          "newOrdPx": "42090"})
+        self.assertEqual((self.algo(generic)["triggerPx"], self.algo(generic)["ordPx"]), ("42100", "42090"))
+        amends = len(self.okx_calls("/api/v5/trade/amend-algos"))
+        two_legs = {"ConditionType": 3, "TpTriggerPrice": "1", "TpOrderPrice": "1", "SlTriggerPrice": "2",
+                    "SlOrderPrice": "2"}
+        self.assertEqual(self.error("modifyconditionorder", {"id": generic, "condition": two_legs}),
+                         "condition: a generic condition has one leg, got two")
+        self.assertEqual(self.error("modifyconditionorder", {"id": generic, "amount": "-1"}),
+                         "modifyconditionorder changes nothing: amount is -1 (keep) and no condition is set")
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/amend-algos")), amends)
+
+    def test_cancelconditionorder_sends_an_array_and_answers_true(self):
+        docker_id = self.condition_order(PARITY_TP)
+        answer = self.docker.call("cancelconditionorder", {"id": docker_id})
+        self.assertIs(answer["data"], True)
+        self.assertEqual(answer["raw"][0]["algoId"], docker_id.partition(",")[2])
+        cancels = self.okx_calls("/api/v5/trade/cancel-algos")
+        self.assertEqual([r["body"] for r in cancels],
+                         ['[{"instId":"BTC-USDT","algoId":"%s"}]' % docker_id.partition(",")[2]])
+        self.assertEqual(self.algo(docker_id)["state"], "canceled")
+        self.assertEqual(self.data("conditionorder", {"id": docker_id})["status"], "canceled")
+
+    def test_conditionorder_reads_by_algo_id_and_checks_the_instrument(self):
+        docker_id = self.condition_order(PARITY_TP)
+        self.fake.clear_requests()
+        self.assertEqual(self.data("conditionorder", {"id": docker_id})["id"], docker_id)
+        self.assertEqual([(r["method"], r["query"]) for r in self.trade_requests()],
+                         [("GET", "algoId=" + docker_id.partition(",")[2])])
+        wrong = "ETH-USDT," + docker_id.partition(",")[2]
+        self.assertIn("OKX 51603: Order does not exist.", self.error("conditionorder", {"id": wrong}))
+
+
+class ConditionInputTest(ParityTestCase):
+    """The condition object: an object or its JSON text, FMZ's names in any letter case; a malformed one
+    gets a clear error before anything reaches OKX."""
+
+    def test_an_object_or_its_json_text_in_any_letter_case(self):
+        text = json.dumps(PARITY_OCO)
+        forms = [PARITY_OCO, text, {name.lower(): value for name, value in PARITY_OCO.items()},
+                 {name.upper(): value for name, value in PARITY_OCO.items()}, json.dumps({"conditionType": "0",
+                 "tpTriggerPrice": 45000, "tpOrderPrice": -1, "slTriggerPrice": 41000, "slOrderPrice": 40900}),
+                 dict(PARITY_OCO, ConditionType="0")]
+        for form in forms:
+            self.condition_order(form)
+        bodies = self.algo_bodies()
+        self.assertEqual(len(bodies), len(forms))
+        for body in bodies:
+            self.assertEqual({name: body[name]
+                              for name in ("ordType", "tpTriggerPx", "tpOrdPx", "slTriggerPx", "slOrdPx")},
+                             {"ordType": "oco", "tpTriggerPx": "45000", "tpOrdPx": "-1", "slTriggerPx": "41000",
+                              "slOrdPx": "40900"})
+
+    def test_a_malformed_condition_gets_a_clear_error_and_never_reaches_okx(self):
+        cases = [
+            (None, "params.condition is required"),
+            ({"TpTriggerPrice": "45000", "TpOrderPrice": "-1"},
+             "condition.ConditionType is required: 0 OCO, 1 take-profit, 2 stop-loss, 3 generic"),
+            (dict(PARITY_OCO, ConditionType=5), "condition.ConditionType must be at most 3, got 5"),
+            (dict(PARITY_OCO, ConditionType="x"), "condition.ConditionType must be a whole number, got 'x'"),
+            (dict(PARITY_TP, ConditionType=0),
+             "condition: an OCO condition needs both a take-profit and a stop-loss leg"),
+            (dict(PARITY_OCO, ConditionType=1), "condition: a take-profit condition needs the take-profit leg only"),
+            (dict(PARITY_TP, ConditionType=2), "condition: a stop-loss condition needs the stop-loss leg only"),
+            ({"ConditionType": 1, "TpTriggerPrice": "45000"},
+             "condition: the take-profit leg needs both TpTriggerPrice and TpOrderPrice (-1: market)"),
+            ({"ConditionType": 2, "SlOrderPrice": "-1", "SlTriggerPrice": 0},
+             "condition: the stop-loss leg needs both SlTriggerPrice and SlOrderPrice (-1: market)"),
+            (dict(PARITY_OCO, ConditionType=3), "condition: a generic condition needs one leg (TpTriggerPrice/"
+                                                "TpOrderPrice or SlTriggerPrice/SlOrderPrice), got 2"),
+            (dict(NO_LEGS, ConditionType=3), "condition: a generic condition needs one leg (TpTriggerPrice/"
+                                             "TpOrderPrice or SlTriggerPrice/SlOrderPrice), got 0"),
+            (dict(PARITY_TP, TpOrderPrice="-2"), "condition.TpOrderPrice must be greater than 0, got -2"),
+            (dict(PARITY_TP, TpTriggerPrice="-1"), "condition.TpTriggerPrice must be greater than 0, got -1"),
+            (dict(PARITY_TP, TpTriggerPrice="abc"), "condition.TpTriggerPrice must be a decimal number, got 'abc'"),
+            ("{not json", "condition must be an object or its JSON text, got '{not json'"),
+            ([1, 2], 'condition must be an object like {"ConditionType": 0, ...}, got [1, 2]'),
+        ]
+        self.fake.clear_requests()
+        for condition, text in cases:
+            params = {"symbol": "BTC_USDT.swap", "type": "sell", "amount": "1"}
+            if condition is not None:
+                params["condition"] = condition
+            with self.subTest(condition=condition):
+                self.assertEqual(self.error("createconditionorder", params), text)
+        self.assertEqual(self.fake.requests, [])
+
+
+class ConditionAnswerTest(ParityTestCase):
+    """The condition order shape (the order shape plus condition, every field as text), FMZ statuses, an
+    OCO that fired, and the lists: every page of both algo groups, history oldest first with since/limit."""
+
+    def test_the_answer_is_the_order_shape_plus_the_condition_as_text(self):
+        oco = self.condition_order(dict(PARITY_OCO, TpTriggerPrice=45000, SlOrderPrice=40900))
+        self.assertEqual(oco, "BTC-USDT," + self.fake.algo_orders()[0]["algoId"])
+        answer = self.docker.call("conditionorder", {"id": oco})
+        self.assertEqual(answer["data"], {
+            "id": oco, "symbol": "BTC_USDT", "amount": "0.01", "price": "40900", "deal_amount": "0", "avg_price": "0",
+            "type": "sell", "status": "pending",
+            "condition": {"ConditionType": "0", "TpTriggerPrice": "45000", "TpOrderPrice": "-1",
+                          "SlTriggerPrice": "41000", "SlOrderPrice": "40900"}})
+        self.assertEqual((answer["raw"]["algoId"], answer["raw"]["ordType"]), (oco.partition(",")[2], "oco"))
+        shapes = [(PARITY_TP, "sell", "-1", ("1", "45000", "-1", "0", "0")),
+                  ({"ConditionType": 2, "SlTriggerPrice": "41000", "SlOrderPrice": "40990"}, "sell", "40990",
+                   ("2", "0", "0", "41000", "40990")),
+                  ({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"}, "buy", "41990",
+                   ("3", "42000", "41990", "0", "0")),
+                  ({"ConditionType": 3, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"}, "sell", "-1",
+                   ("3", "0", "0", "42000", "-1"))]
+        for condition, side, price, fields in shapes:
+            shown = self.data("conditionorder", {"id": self.condition_order(condition, type=side)})
+            self.assertEqual((shown["price"], tuple(shown["condition"][name] for name in plugin.CONDITION_FIELDS)),
+                             (price, fields), condition)
+        swap = self.condition_order({"ConditionType": 2, "SlTriggerPrice": "42000", "SlOrderPrice": "-1"},
+                                    symbol="BTC_USDT.swap", type="closebuy", amount="2")
+        shown = self.data("GetConditionOrder", {"id": swap})
+        self.assertEqual((shown["symbol"], shown["offset"], shown["type"], shown["amount"]),
+                         ("BTC_USDT.swap", "close", "sell", "2"))
+        self.assertNotIn("condition", self.data("order", {"id": self.place()}))     # plain orders have none
+
+    def test_statuses_map_to_pending_filled_and_canceled(self):
+        docker_id = self.condition_order(PARITY_TP)
+        for state, status in (("live", "pending"), ("pause", "pending"), ("partially_effective", "pending"),
+                              ("effective", "filled"), ("canceled", "canceled"), ("order_failed", "canceled"),
+                              ("partially_failed", "canceled")):
+            self.set_algo(docker_id, state=state)
+            self.assertEqual(self.data("conditionorder", {"id": docker_id})["status"], status, state)
+
+    def test_an_oco_that_triggers_its_take_profit_is_filled_with_its_deal(self):
+        oco = self.condition_order({"ConditionType": 0, "TpTriggerPrice": "44000", "TpOrderPrice": "-1",
+                                    "SlTriggerPrice": "42000", "SlOrderPrice": "-1"})
+        self.fake.set_price("BTC-USDT", "43999.9", "44000")
+        self.assertEqual(self.data("conditionorder", {"id": oco})["status"], "pending")
+        self.fake.set_price("BTC-USDT", "44000.5", "44000.6")                 # across the take-profit
+        shown = self.data("conditionorder", {"id": oco})
+        self.assertEqual({name: shown[name] for name in ("status", "deal_amount", "avg_price", "price", "amount")},
+                         {"status": "filled", "deal_amount": "0.01", "avg_price": "44000.5", "price": "-1",
+                          "amount": "0.01"})
+        self.assertEqual(shown["condition"]["TpTriggerPrice"], "44000")
+        child, = self.fake.orders()
+        self.assertEqual((child["side"], child["state"], child["avgPx"], child["algoId"]),
+                         ("sell", "filled", "44000.5", oco.partition(",")[2]))
+        self.assertEqual(self.data("conditionorders", {"symbol": "BTC_USDT"}), [])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"symbol": "BTC_USDT"})], [oco])
+
+    def test_conditionorders_covers_every_page_of_both_groups_newest_first(self):
+        conditional = self.store_algos(120, "conditional")
+        self.clock.advance(1)
+        trigger = self.store_algos(110, "trigger")
+        self.clock.advance(1)
+        oco = self.store_algos(5, "oco") + self.store_algos(1, "oco", "pause")
+        self.clock.advance(1)
+        other = self.store_algos(1, "conditional", inst_id="ETH-USDT")
+        self.store_algos(3, "conditional", state="canceled")
+        self.fake.clear_requests()
+        listed = [o["id"] for o in self.data("GetConditionOrders")]
+        self.assertEqual(listed, list(reversed(conditional + trigger + oco + other)))
+        queries = [urllib.parse.parse_qs(r["query"]) for r in self.okx_calls("/api/v5/trade/orders-algo-pending")]
+        self.assertEqual([(q["ordType"][0], q.get("after", [""])[0]) for q in queries],
+                         [("conditional,oco", ""), ("conditional,oco", conditional[27].partition(",")[2]),
+                          ("trigger", ""), ("trigger", trigger[10].partition(",")[2])])
+        self.fake.clear_requests()
+        btc = [o["id"] for o in self.data("conditionorders", {"symbol": "BTC_USDT"})]
+        self.assertEqual(btc, list(reversed(conditional + trigger + oco)))
+        query = urllib.parse.parse_qs(self.okx_calls("/api/v5/trade/orders-algo-pending")[0]["query"])
+        self.assertEqual((query["instType"], query["instId"]), (["SPOT"], ["BTC-USDT"]))
+
+    # PLUGIN BUG: conditionorders (fmz_custom_protocol.py, OKX.conditionorders) sorts by cTime alone, so
+    # orders placed within one millisecond keep the order of the requests (conditional,oco first, then
+    # trigger) instead of newest first. Expected: ties broken by algoId, as historyconditionorders does.
+    @unittest.expectedFailure
+    def test_conditionorders_is_newest_first_within_one_millisecond(self):
+        oco = self.condition_order(PARITY_OCO)
+        generic = self.condition_order({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"},
+                                       type="buy")
+        self.assertEqual([o["id"] for o in self.data("conditionorders")], [generic, oco])
+
+    def test_historyconditionorders_is_oldest_first_and_honours_since_and_limit(self):
+        fired = self.condition_order({"ConditionType": 0, "TpTriggerPrice": "44000", "TpOrderPrice": "-1",
+                                      "SlTriggerPrice": "42000", "SlOrderPrice": "-1"})
+        self.clock.advance(1)
+        canceled = self.condition_order({"ConditionType": 1, "TpTriggerPrice": "46000", "TpOrderPrice": "-1"})
+        self.assertIs(self.data("cancelconditionorder", {"id": canceled}), True)
+        self.clock.advance(1)
+        failed = self.condition_order(dict(PARITY_TP, TpTriggerPrice="44000"), amount="1")     # holds 0.5 BTC
+        self.clock.advance(1)
+        self.condition_order(dict(PARITY_TP, TpTriggerPrice="47000"))                          # still pending
+        self.fake.set_price("BTC-USDT", "44000.5", "44000.6")
+        self.assertEqual((self.algo(fired)["state"], self.algo(failed)["state"]), ("effective", "order_failed"))
+        history = self.data("historyconditionorders", {"symbol": "BTC_USDT"})
+        self.assertEqual([(o["id"], o["status"], o["deal_amount"]) for o in history],
+                         [(fired, "filled", "0.01"), (canceled, "canceled", "0"), (failed, "canceled", "0")])
+        since = int(self.algo(canceled)["cTime"])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": since})], [canceled, failed])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": str(since), "limit": "1"})],
+                         [canceled])
+        self.assertEqual([o["id"] for o in self.data("GetHistoryConditionOrders", {"limit": 2})], [canceled, failed])
+        self.assertEqual(self.data("historyconditionorders", {"symbol": "ETH_USDT"}), [])
+        states = {urllib.parse.parse_qs(r["query"])["state"][0]
+                  for r in self.okx_calls("/api/v5/trade/orders-algo-history")}
+        self.assertEqual(states, {"effective", "canceled", "order_failed"})
+
+    def test_historyconditionorders_pages_back_to_since(self):
+        old = self.store_algos(150, "conditional", state="canceled")
+        self.clock.advance(1)
+        new = self.store_algos(130, "conditional", state="canceled")
+        since = int(self.algo(new[0])["cTime"])
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": since, "limit": 1000})], new)
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"limit": 1000})], old + new)
+
+    # PLUGIN BUG: historyconditionorders (fmz_custom_protocol.py, OKX.historyconditionorders) stops paging a
+    # group once the rows of all groups read so far reach `limit` (`not since and len(rows) >= limit`), so a
+    # later group gives only its first page: with 150 older conditional and 150 newer trigger orders, limit
+    # 150 answers the 100 newest trigger orders and 50 conditional ones. Expected: the 150 newest, all trigger.
+    @unittest.expectedFailure
+    def test_historyconditionorders_limit_takes_the_newest_of_both_groups(self):
+        self.store_algos(150, "conditional", state="canceled")
+        self.clock.advance(1)
+        newer = self.store_algos(150, "trigger", state="canceled")
+        self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"limit": 150})], newer)
+
+
+class LostConditionOrderTest(ParityTestCase):
+    """A createconditionorder whose answer is lost is found by its algoClOrdId, never placed twice; a
+    repeated nonce answers the same id; one OKX never processed is said not to be placed."""
+
+    def test_an_answer_lost_after_okx_placed_it_is_recovered_by_algo_client_id(self):
+        self.fake.fault("/api/v5/trade/order-algo", "reset_after_process")
+        params = {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01", "condition": PARITY_OCO}
+        first = self.docker.call("createconditionorder", params, nonce=1101)
+        algo, = self.fake.algo_orders()
+        self.assertEqual(first.get("data"), {"id": "BTC-USDT," + algo["algoId"]}, first)
+        self.assertEqual(algo["algoClOrdId"], "fmz1101")
+        lookups = [r for r in self.okx_calls("/api/v5/trade/order-algo") if r["method"] == "GET"]
+        self.assertEqual([urllib.parse.parse_qs(r["query"]) for r in lookups], [{"algoClOrdId": ["fmz1101"]}])
+        again = self.docker.call("createconditionorder", params, nonce=1101)
+        self.assertEqual(again.get("data"), first["data"])
+        self.assertEqual((len(self.algo_posts()), len(self.fake.algo_orders())), (1, 1))
+
+    def test_an_answer_replaced_by_okx_timeout_is_recovered(self):
+        relay = self.relay()
+        relay.answer("POST", "/api/v5/trade/order-algo", {"code": "50004", "msg": "Endpoint request timeout. ",
+                                                          "data": []}, status=400, process=True)
+        docker = Docker(self.start_plugin(api_base=relay.base_url).server_address[1])
+        self.addCleanup(docker.close)
+        answer = docker.call("trade", {"symbol": "BTC_USDT.swap", "type": "closebuy", "price": "-1", "amount": "1",
+                                       "condition": {"ConditionType": 2, "SlTriggerPrice": "42000",
+                                                     "SlOrderPrice": "-1"}}, nonce=1201)
+        algo, = self.fake.algo_orders()
+        self.assertEqual(answer.get("data"), {"id": "BTC-USDT-SWAP," + algo["algoId"]}, answer)
+        self.assertEqual([(method, path) for method, path, _ in relay.seen if "algo" in path],
+                         [("POST", "/api/v5/trade/order-algo"), ("GET", "/api/v5/trade/order-algo")])
+
+    def test_another_plugin_with_the_same_nonce_gets_51065_and_answers_the_same_id(self):
+        params = {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01",
+                  "condition": {"ConditionType": 3, "SlTriggerPrice": "44000", "SlOrderPrice": "44010"}}
+        first = self.docker.call("createconditionorder", params, nonce=1796186655497236999)
+        docker = Docker(self.start_plugin().server_address[1])        # a restarted plugin: no memory of it
+        self.addCleanup(docker.close)
+        second = docker.call("createconditionorder", params, nonce=1796186655497236999)
+        self.assertEqual(second.get("data"), first["data"], second)
+        self.assertEqual((len(self.algo_posts()), len(self.fake.algo_orders())), (2, 1))
+        self.assertEqual(self.fake.algo_orders()[0]["algoClOrdId"], "fmzs" + "1796186655497236999"[-28:])
+
+    def test_a_condition_order_okx_never_got_is_not_placed_and_the_nonce_is_safe_again(self):
+        self.fake.fault("/api/v5/trade/order-algo", "reset")
+        params = {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01", "condition": PARITY_TP}
+        error = self.docker.call("createconditionorder", params, nonce=1301).get("error", "")
+        self.assertIn("the condition order was not placed", error)
+        self.assertIn("fmz1301", error)
+        self.assertEqual(self.fake.algo_orders(), [])
+        answer = self.docker.call("createconditionorder", params, nonce=1301)
+        self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + self.fake.algo_orders()[0]["algoId"]}, answer)
+        self.assertEqual(len(self.algo_posts()), 2)
+
+
+class ConditionCodeTest(ParityTestCase):
+    """OKX's refusals of condition orders reach the strategy with OKX's code and text."""
+
+    def test_okx_codes_surface_with_their_text(self):
+        self.assertIn("OKX 51298: Trigger orders are not available in the net mode of Expiry Futures and Perpetual "
+                      "Futures", self.error("createconditionorder", {
+                          "symbol": "BTC_USDT.swap", "type": "buy", "amount": "1",
+                          "condition": {"ConditionType": 3, "TpTriggerPrice": "44000", "TpOrderPrice": "-1"}}))
+        for side, leg, price, code in (("buy", "Tp", "44000", "51277"), ("buy", "Sl", "42000", "51278"),
+                                       ("sell", "Tp", "42000", "51279"), ("sell", "Sl", "44000", "51280")):
+            condition = {"ConditionType": 1 if leg == "Tp" else 2, leg + "TriggerPrice": price,
+                         leg + "OrderPrice": "-1"}
+            text = self.error("createconditionorder", {"symbol": "BTC_USDT", "type": side, "amount": "0.01",
+                                                       "condition": condition})
+            self.assertIn("OKX %s: %s" % (code, WRONG_SIDE[(side, leg.lower())][1]), text)
+        docker_id = self.condition_order(PARITY_TP)
+        self.data("cancelconditionorder", {"id": docker_id})
+        self.assertIn("OKX 51400: " + ALGO_CANCEL_GONE[1], self.error("cancelconditionorder", {"id": docker_id}))
+        self.assertIn("OKX 51503: " + ALGO_AMEND_GONE[1],
+                      self.error("modifyconditionorder", {"id": docker_id, "amount": "0.02"}))
+        self.assertEqual(self.fake.algo_orders()[0]["sz"], "0.01")
+        taken = dict(SPOT_SELL_OCO, algoClOrdId=self.fake.algo_orders()[0]["algoClOrdId"])
+        self.assertIn("OKX 51065: algoClOrdId already exists.",
+                      self.error("__api_/api/v5/trade/order-algo", taken, headers={"Http-Method": "POST"}))
+        self.assertEqual(len(self.fake.algo_orders()), 1)
+
+
+class ProtectedSwapLifeTest(ParityTestCase):
+    """A swap strategy's protected life: open a position, attach an OCO, move its stop with
+    modifyconditionorder, the stop fires, the position is flat; once for each position mode."""
+
+    def live_a_protected_life(self):
+        symbol = "BTC_USDT.swap"
+        self.market(symbol, "buy", "2")
+        self.assertEqual([(p["type"], p["amount"]) for p in self.data("positions", {"symbol": symbol})], [(0, "2")])
+        oco = self.condition_order({"ConditionType": 0, "TpTriggerPrice": "44000", "TpOrderPrice": "-1",
+                                    "SlTriggerPrice": "41000", "SlOrderPrice": "-1"},
+                                   symbol=symbol, type="sell", direction="closebuy", amount="2")
+        self.assertEqual(self.data("conditionorders", {"symbol": symbol})[0]["offset"], "close")
+        moved = {"ConditionType": 0, "SlTriggerPrice": "42500", "SlOrderPrice": "-1"}
+        self.assertEqual(self.data("modifyconditionorder", {"id": oco, "amount": "-1", "condition": moved}),
+                         {"id": oco})
+        self.fake.set_price("BTC-USDT-SWAP", "42600", "42600.1")               # above the moved stop
+        self.assertEqual([p["amount"] for p in self.data("positions", {"symbol": symbol})], ["2"])
+        self.fake.set_price("BTC-USDT-SWAP", "42499.9", "42500")               # the stop fires
+        shown = self.data("conditionorder", {"id": oco})
+        self.assertEqual((shown["status"], shown["deal_amount"], shown["avg_price"], shown["price"]),
+                         ("filled", "2", "42499.9", "-1"))
+        self.assertEqual(shown["condition"]["SlTriggerPrice"], "42500")
+        self.assertEqual(self.data("positions", {"symbol": symbol}), [])
+        self.assertEqual(self.fake.positions(), [])
+        self.assertEqual(self.data("conditionorders"), [])
+        return self.algo_bodies()[0], json.loads(self.okx_calls("/api/v5/trade/amend-algos")[0]["body"])
+
+    def test_in_net_mode(self):
+        placed, amended = self.live_a_protected_life()
+        self.assertEqual((placed["side"], placed.get("reduceOnly"), placed.get("posSide")), ("sell", True, None))
+        self.assertEqual(set(amended), {"instId", "algoId", "newSlTriggerPx", "newSlOrdPx"})
+
+    def test_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        placed, amended = self.live_a_protected_life()
+        self.assertEqual((placed["side"], placed.get("reduceOnly"), placed.get("posSide")), ("sell", None, "long"))
+        self.assertEqual(set(amended), {"instId", "algoId", "newSlTriggerPx", "newSlOrdPx"})
+
+
+class ModifyOrderTest(ParityTestCase):
+    """modifyorder over REST: -1 keeps price or amount, the order read back shows the amendment (OKX's
+    "accepted" then a failure is an error), a finished order is OKX's 51503; spot and swap."""
+
+    def amend_bodies(self):
+        return [json.loads(r["body"]) for r in self.okx_calls("/api/v5/trade/amend-order")]
+
+    def test_minus_one_keeps_the_price_or_the_amount(self):
+        docker_id = self.place(price="30000", amount="0.01")
+        ord_id = docker_id.partition(",")[2]
+        answer = self.docker.call("ModifyOrder", {"id": docker_id, "price": "30000.5", "amount": "-1"}, nonce=2101)
+        self.assertEqual(answer["data"], {"id": docker_id})
+        self.assertEqual(answer["raw"]["data"][0]["sCode"], "0")
+        self.assertEqual(self.data("modify_order", {"id": docker_id, "amount": "0.02"}, nonce=2102), {"id": docker_id})
+        self.assertEqual(self.amend_bodies(), [
+            {"instId": "BTC-USDT", "ordId": ord_id, "reqId": "fmz2101", "newPx": "30000.5"},
+            {"instId": "BTC-USDT", "ordId": ord_id, "reqId": "fmz2102", "newSz": "0.02"}])
+        self.assertRegex(self.okx_calls("/api/v5/trade/amend-order")[0]["headers"].get("expTime", ""), r"^\d{13}$")
+        shown = self.data("order", {"id": docker_id})
+        self.assertEqual((shown["price"], shown["amount"], shown["status"]), ("30000.5", "0.02", "pending"))
+        self.assertEqual(self.error("modifyorder", {"id": docker_id, "price": "-1", "amount": -1}),
+                         "modifyorder changes nothing: price and amount are both -1 (keep)")
+        self.assertEqual(len(self.amend_bodies()), 2)
+
+    def test_a_swap_order_is_amended_in_contracts(self):
+        docker_id = self.place(symbol="BTC_USDT.swap", type="buy", price="40000", amount="1")
+        self.assertEqual(self.data("modifyorder", {"id": docker_id, "price": "40100.10", "amount": "3"}),
+                         {"id": docker_id})
+        self.assertEqual(self.amend_bodies()[0]["newPx"], "40100.10")
+        shown = self.data("order", {"id": docker_id})
+        self.assertEqual((shown["symbol"], shown["price"], shown["amount"], shown["offset"]),
+                         ("BTC_USDT.swap", "40100.1", "3", "open"))
+        self.fake.fill(docker_id.partition(",")[2])
+        self.assertIn("OKX 51503: Your order has already been filled or canceled.",
+                      self.error("modifyorder", {"id": docker_id, "price": "40200"}))
+
+    def test_accepted_then_failed_is_an_error_when_read_back(self):
+        docker_id = self.place(price="30000", amount="0.01")
+        self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+        started = self.clock.monotonic()
+        self.fake.clear_requests()
+        text = self.error("modifyorder", {"id": docker_id, "price": "30001"})
+        self.assertEqual(text, "OKX accepted the amendment, but order %s shows price 30000, amount 0.01, state live: "
+                               "not amended" % docker_id)
+        self.assertEqual(len(self.order_lookups()), plugin.AMEND_READ_BACKS)
+        self.assertAlmostEqual(self.clock.monotonic() - started,
+                               plugin.AMEND_READ_BACKS * plugin.AMEND_READ_BACK_WAIT, places=6)
+        self.assertEqual(self.fake.amend_state(docker_id.partition(",")[2])["amendResult"], "-1")
+        self.assertEqual(self.data("order", {"id": docker_id})["price"], "30000")
+
+    def test_a_finished_order_is_okx_51503(self):
+        canceled = self.place(price="30000", amount="0.01")
+        self.data("cancel", {"id": canceled})
+        self.assertIn("OKX 51503: Your order has already been filled or canceled.",
+                      self.error("modifyorder", {"id": canceled, "price": "30001"}))
+        self.assertEqual(len(self.order_lookups()), 0)                          # OKX's refusal: no read back
+
+    def test_a_lost_answer_is_settled_by_reading_the_order(self):
+        docker_id = self.place(price="30000", amount="0.01")
+        self.fake.fault("/api/v5/trade/amend-order", "reset_after_process")
+        answer = self.docker.call("modifyorder", {"id": docker_id, "price": "30002"})
+        self.assertEqual(answer, {"data": {"id": docker_id}})
+        self.assertEqual(self.data("order", {"id": docker_id})["price"], "30002")
+        self.assertEqual(len(self.okx_calls("/api/v5/trade/amend-order")), 1)   # never sent twice
+
+
+class ModifyOrderStreamTest(ParityTestCase):
+    """modifyorder with the live account stream: the orders push's amendResult of its reqId decides,
+    without reading the order back."""
+
+    def setUp(self):
+        super().setUp()
+        plugin.LiveConnection._connect_times.clear()
+        quick_stream_threads(self)
+        self.okx_stream = FakeOKXStream(okx=self.fake, clock=self.clock).start()
+        self.addCleanup(self.okx_stream.stop)
+        server = self.start_plugin(stream=True, ws_base=self.okx_stream.url)
+        self.docker = Docker(server.server_address[1])
+        self.addCleanup(self.docker.close)
+        self.data("accounts")                          # a read starts the key's account stream
+        stream, = [s for s in server.exchanges["okx"].streams() if isinstance(s, plugin.AccountStream)]
+        self.assertTrue(wait_for(lambda: stream.status()["synced"]["orders"], timeout=5), stream.status())
+
+    def order_calls(self):
+        """The order and amendment requests (the stream's own reads of open orders left out)."""
+        return [(r["method"], r["path"]) for r in self.fake.requests
+                if r["path"] in ("/api/v5/trade/order", "/api/v5/trade/amend-order")]
+
+    def test_the_push_tells_success_and_failure(self):
+        spot = self.place(price="30000", amount="0.01")
+        swap = self.place(symbol="BTC_USDT.swap", type="sell", price="45000", amount="1")
+        self.fake.clear_requests()
+        self.assertEqual(self.data("modifyorder", {"id": spot, "price": "30001"}), {"id": spot})
+        self.assertEqual(self.order_calls(), [("POST", "/api/v5/trade/amend-order")])    # no read back
+        self.assertEqual(self.data("order", {"id": spot})["price"], "30001")
+        for docker_id, price in ((spot, "30002"), (swap, "44000")):
+            self.fake.fail_next_amend = ("51008", "Order failed. Insufficient USDT balance in account.")
+            self.fake.clear_requests()
+            self.assertEqual(self.error("modifyorder", {"id": docker_id, "price": price}),
+                             "OKX 51008: Order failed. Insufficient USDT balance in account. (OKX accepted the "
+                             "amendment of %s, then it failed: amendResult -1)" % docker_id)
+            self.assertEqual(self.order_calls(), [("POST", "/api/v5/trade/amend-order")])
+        self.assertEqual((self.fake.orders()[1]["px"], self.fake.orders()[0]["px"]), ("30001", "45000"))
+
+
+class OptionTradingTest(ParityTestCase):
+    """Options: markets and tickers of a family, a filled option order, its position, the order lists
+    and cancel; option symbols BTC_USD.<instId> round-trip in every answer."""
+
+    def test_from_markets_to_a_filled_option_order_and_its_position(self):
+        markets = self.data("markets", {"symbol": "BTC_USD", "contract_type": "option"})
+        self.assertEqual([r["query"] for r in self.okx_calls("/api/v5/public/instruments")][-1:],
+                         ["instType=OPTION&instFamily=BTC-USD"])
+        symbol = max(markets, key=lambda name: (name.split("-")[2], name))    # the latest expiry
+        inst_id = symbol.partition(".")[2]
+        self.assertRegex(symbol, r"^BTC_USD\.BTC-USD-\d{6}-\d+-[CP]$")
+        self.assertEqual({name: markets[symbol][name] for name in ("symbol", "baseAsset", "quoteAsset", "ctValCcy")},
+                         {"symbol": symbol, "baseAsset": "BTC", "quoteAsset": "USD", "ctValCcy": "BTC"})
+        tickers = {t["symbol"]: t for t in self.data("tickers", {"symbol": "BTC_USD.option"})}
+        self.assertEqual(set(tickers), set(markets))
+        self.assertEqual(self.data("GetTicker", {"symbol": symbol})["sell"], tickers[symbol]["sell"])
+
+        bought = self.place(symbol=symbol, type="buy", price=tickers[symbol]["sell"], amount="2")
+        self.assertTrue(bought.startswith(inst_id + ","), bought)
+        body = self.order_bodies()[-1]
+        self.assertEqual({name: body[name] for name in ("instId", "tdMode", "side", "sz", "ordType", "px")},
+                         {"instId": inst_id, "tdMode": "cross", "side": "buy", "sz": "2", "ordType": "limit",
+                          "px": tickers[symbol]["sell"]})
+        self.assertTrue("posSide" not in body and "reduceOnly" not in body, body)
+        order = self.data("order", {"id": bought})
+        self.assertEqual((order["symbol"], order["status"], order["deal_amount"], order["avg_price"]),
+                         (symbol, "filled", "2", tickers[symbol]["sell"]))
+        position, = self.data("positions")
+        self.assertEqual((position["symbol"], position["contract_type"], position["amount"], position["type"]),
+                         (symbol, inst_id, "2", 0))
+        self.assertEqual(self.data("GetPositions", {"symbol": symbol}), [position])
+
+        resting = self.place(symbol=symbol, type="sell", price="0.9", amount="1")
+        self.assertEqual([o["id"] for o in self.data("orders")], [resting])
+        self.assertEqual([(o["id"], o["symbol"]) for o in self.data("orders", {"symbol": symbol})], [(resting, symbol)])
+        self.assertIs(self.data("cancel", {"id": resting}), True)
+        history = self.data("historyorders")
+        self.assertEqual([(o["id"], o["symbol"], o["status"]) for o in history],
+                         [(resting, symbol, "canceled"), (bought, symbol, "filled")])
+        self.assertIn("instType=OPTION", [r["query"] for r in self.okx_calls("/api/v5/trade/orders-history")][-1])
+        self.assertEqual(self.error("SetMarginLevel", {"symbol": symbol, "marginLevel": "3"}),
+                         "leverage applies to swaps and futures, not to the option %s" % symbol)
+
+    # PLUGIN BUG: conditionorders and historyconditionorders (fmz_custom_protocol.py, OKX._algo_filter) send
+    # instType=OPTION for an option's symbol, and OKX's algo lists take only SPOT, MARGIN, SWAP and FUTURES
+    # there (as the fake has it; OKX.md §13 does not list them): "OKX 51000: Parameter instType error".
+    # createconditionorder places condition orders on options, so listing them by their symbol must work:
+    # expected instId alone (or instType only for the types the algo lists know).
+    @unittest.expectedFailure
+    def test_option_condition_orders_are_listed_by_their_symbol(self):
+        symbol = max(self.data("markets", {"symbol": "BTC_USD.option"}))
+        docker_id = self.condition_order({"ConditionType": 1, "TpTriggerPrice": "0.9", "TpOrderPrice": "0.9"},
+                                         symbol=symbol, amount="1")
+        self.assertEqual(self.data("conditionorder", {"id": docker_id})["symbol"], symbol)
+        self.assertEqual([o["id"] for o in self.data("conditionorders", {"symbol": symbol})], [docker_id])
+
+
+class OlderIoFormTest(ParityTestCase):
+    """The older io form: code and args at the top level of the body or inside params; codes 0-3."""
+
+    def test_each_code_at_the_top_level_or_inside_params(self):
+        answer = self.envelope(method="io", code=0, args=["3"], params={"symbol": "BTC_USDT.swap"})
+        self.assertIs(answer.get("data"), True, answer)
+        self.assertEqual(self.leverage_bodies(), [{"instId": "BTC-USDT-SWAP", "lever": "3", "mgnMode": "cross"}])
+        self.assertEqual(self.lever("BTC-USDT-SWAP"), {"net": "3"})
+        requests = len(self.fake.requests)
+        self.assertEqual(self.envelope(method="io", params={"code": 1, "args": ["closebuy"]}), {"data": True})
+        self.assertEqual(self.envelope(method="IO", code="1", args="buy"), {"data": True})
+        self.assertEqual(len(self.fake.requests), requests)                     # the direction goes with trade
+        self.assertEqual(self.envelope(method="io", params={"code": 2, "args": ["quarter"], "symbol": "BTC_USD"}),
+                         {"data": {"InstrumentID": self.futures_inst_id("BTC-USD", "quarter")}})
+        self.assertEqual(self.envelope(method="io", code=2, args=["swap"], params={"symbol": "BTC_USDT.swap"}),
+                         {"data": {"InstrumentID": "BTC-USDT-SWAP"}})
+        self.market("BTC_USDT.swap", "buy", "2")
+        positions = self.data("positions")
+        self.assertEqual(self.envelope(method="io", params={"code": 3, "symbol": "BTC_USDT.swap"})["data"], positions)
+        self.assertEqual(self.envelope(method="io", code=3)["data"], positions)
+        self.assertEqual([(p["symbol"], p["margin_level"], p["amount"]) for p in positions],
+                         [("BTC_USDT.swap", "3", "2")])
+
+    def test_an_unknown_code_or_missing_args_is_an_error(self):
+        known = "is not known: 0 SetMarginLevel, 1 SetDirection, 2 SetContractType, 3 GetPosition"
+        for body, text in (
+                ({"params": {"code": 7}}, "io code 7 " + known),
+                ({"code": 4, "params": {"symbol": "BTC_USDT.swap"}}, "io code 4 " + known),
+                ({"params": {}}, "params.code is required"),
+                ({"code": 0, "params": {"symbol": "BTC_USDT.swap"}}, "io code 0 needs args[0]"),
+                ({"code": 0, "args": ["3"]}, "io code 0 (SetMarginLevel) needs params.symbol"),
+                ({"code": 1, "args": ["up"]}, "io code 1 (SetDirection): args[0] must be buy, sell, closebuy or "
+                                              "closesell"),
+                ({"code": 2, "args": ["swap"]}, "io code 2 (SetContractType) needs params.symbol, the pair"),
+                ({"code": 2, "args": {"a": 1}}, 'args must be a list of the call\'s arguments, got {"a": 1}')):
+            with self.subTest(body=body):
+                self.assertEqual(self.envelope(method="io", **body), {"error": text})
+        self.assertEqual(self.okx_calls("/api/v5/account/set-leverage"), [])
+
+
+class UnknownMethodWarningTest(ParityTestCase):
+    """An unknown method is logged once per name at warning level, with its parameter names, never values."""
+
+    def test_logged_once_per_name_with_the_names_of_its_params_only(self):
+        patcher = mock.patch.object(plugin, "_unknown_methods", set())
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        params = {"symbol": "BTC_USD", "passphrase": "hunter2secret", "strike": "strike100000"}
+        for method in ("GetOptionChain", "getoptionchain", "GetOptionChain", "GetTrade", "GetOptionChain"):
+            self.assertIn("unknown method %r" % method, self.error(method, params))
+        warnings = [line for line in LOGS.lines if "which the plugin does not know" in line]
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn(" WARNING [GetOptionChain] the docker sent method 'GetOptionChain', which the plugin does not "
+                      "know (its params: passphrase, strike, symbol); if FMZ names a known method so, please report it",
+                      warnings[0])
+        self.assertIn("the docker sent method 'GetTrade'", warnings[1])
+        self.assertFalse([line for line in LOGS.lines if "hunter2secret" in line or "strike100000" in line
+                          or "BTC_USD" in line])
+        self.assertEqual(self.trade_requests(), [])
+
+
+class ArrayPassthroughTest(ParityTestCase):
+    """exchange.IO POST to OKX's array endpoints (cancel-algos, batch-orders): params that are an array,
+    its JSON text, or a one-key object whose key is that text; signed and sent exactly as given."""
+
+    def io_post(self, path, params):
+        answer = self.data("__api_" + path, params, headers={"Http-Method": "POST"})
+        self.assertEqual(answer["code"], "0", answer)          # the fake checks the signature of the exact body
+        return answer["data"], self.okx_calls(path)[-1]["body"]
+
+    def test_each_form_of_an_array_body(self):
+        ids = [self.condition_order(PARITY_TP).partition(",")[2] for _ in range(3)]
+        items = [{"instId": "BTC-USDT", "algoId": algo_id} for algo_id in ids]
+        spaced = '[ {"instId": "BTC-USDT", "algoId": "%s"} ]' % ids[1]
+        for params, sent in ((items[:1], json.dumps(items[:1], separators=(",", ":"))), (spaced, spaced),
+                             ({json.dumps(items[2:]): ""}, json.dumps(items[2:]))):
+            rows, body = self.io_post("/api/v5/trade/cancel-algos", params)
+            self.assertEqual(body, sent)
+            self.assertEqual([row["sCode"] for row in rows], ["0"])
+        self.assertEqual({row["state"] for row in self.fake.algo_orders()}, {"canceled"})
+
+        order = {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit", "px": "30000.10",
+                 "sz": "0.0100", "clOrdId": "io1"}
+        batches = [[order], json.dumps([dict(order, clOrdId="io2"), dict(order, clOrdId="io3")]),
+                   {json.dumps([dict(order, clOrdId="io4")]): ""}]
+        sent_bodies = [json.dumps([order], separators=(",", ":")), batches[1], next(iter(batches[2]))]
+        for batch, sent in zip(batches, sent_bodies):
+            rows, body = self.io_post("/api/v5/trade/batch-orders", batch)
+            self.assertEqual(body, sent)
+            self.assertTrue(rows and all(row["sCode"] == "0" for row in rows), rows)
+        self.assertEqual(sorted((o["clOrdId"], o["px"], o["sz"]) for o in self.fake.orders()),
+                         [("io%d" % n, "30000.1", "0.01") for n in range(1, 5)])
+        self.assertEqual(self.error("__api_/api/v5/trade/cancel-algos", items, headers={"Http-Method": "GET"}),
+                         "exchange.IO GET sends its params as a query string: they must be an object, got list")
+        self.assertEqual(self.error("__api_/api/v5/trade/cancel-algos", "[not json", headers={"Http-Method": "POST"}),
+                         "exchange.IO POST params must be an object, an array or their JSON text, got '[not json'")
+
+
+class ParityMethodNameTest(ParityTestCase):
+    """The parity methods' names: any letter case, _ and - ignored, Get for reads only (a Get spelling
+    never acts); a trade or CreateOrder with a condition places a condition order, and so does a
+    conditionorder with an amount."""
+
+    def test_spellings_reach_the_methods(self):
+        first = self.data("CreateConditionOrder", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                   "condition": PARITY_TP})["id"]
+        second = self.data("create_condition_order", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                      "condition": PARITY_TP})["id"]
+        newest_first = [second, first]
+        for method in ("conditionorders", "GetConditionOrders", "get-condition-orders", "GET_CONDITION_ORDERS",
+                       " getConditionOrders "):
+            self.assertEqual([o["id"] for o in self.data(method)], newest_first, method)
+        for method in ("conditionorder", "GetConditionOrder", "get_condition_order"):
+            self.assertEqual(self.data(method, {"id": first})["id"], first, method)
+        self.assertEqual(len(self.data("GetHistoryConditionOrders")), 0)
+        for method in ("ModifyConditionOrder", "modify-condition-order"):
+            self.assertEqual(self.data(method, {"id": first, "amount": "0.02"}), {"id": first})
+        self.assertIs(self.data("CancelConditionOrder", {"id": first}), True)
+        self.assertIs(self.data("cancel_condition_order", {"id": second}), True)
+        order = self.place(price="30000")
+        for n, method in enumerate(("modifyorder", "ModifyOrder", "modify-order", "MODIFY_ORDER")):
+            self.assertEqual(self.data(method, {"id": order, "price": "2999%d" % n}), {"id": order})
+        self.assertEqual(self.data("order", {"id": order})["price"], "29993")
+
+    def test_a_get_spelling_never_acts(self):
+        order = self.place(price="30000")
+        docker_id = self.condition_order(PARITY_TP)
+        self.fake.clear_requests()
+        condition = {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01", "condition": PARITY_TP}
+        for method, params in (("GetCreateConditionOrder", condition), ("GetTrade", dict(condition, price="-1")),
+                               ("GetCreateOrder", dict(condition, price="-1")),
+                               ("GetModifyOrder", {"id": order, "price": "1"}),
+                               ("GetModifyConditionOrder", {"id": docker_id, "amount": "1"}),
+                               ("GetCancelConditionOrder", {"id": docker_id}), ("GetIO", {"code": 0, "args": ["3"]})):
+            self.assertIn("unknown method %r" % method, self.error(method, params))
+        self.assertEqual(self.error("GetConditionOrder", condition), "params.id is required")
+        self.assertEqual(self.trade_requests(), [])
+
+    def test_a_trade_with_a_condition_places_a_condition_order(self):
+        params = {"symbol": "BTC_USDT", "type": "buy", "price": "-1", "amount": "0.01",
+                  "condition": {"ConditionType": 2, "SlTriggerPrice": "44000", "SlOrderPrice": "-1"}}
+        ids = [self.data("trade", params)["id"], self.data("CreateOrder", dict(params, price="30000"))["id"],
+               self.data("trade", dict(params, condition=json.dumps(params["condition"])))["id"],
+               self.data("conditionorder", {key: value for key, value in params.items() if key != "price"})["id"]]
+        self.assertEqual(ids, ["BTC-USDT," + row["algoId"] for row in reversed(self.fake.algo_orders())])
+        self.assertEqual(self.order_posts(), [])
+        self.assertEqual({(b["ordType"], b["sz"], b["side"]) for b in self.algo_bodies()},
+                         {("conditional", "0.01", "buy")})
+        for empty in ("", {}):
+            self.data("trade", dict(params, condition=empty, price="30000"))       # no condition: a plain order
+        self.assertEqual(len(self.order_posts()), 2)
+        # An amount alone makes a conditionorder a createconditionorder (which also reads "Condition").
+        self.assertEqual(self.error("conditionorder", {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01"}),
+                         "params.condition is required")
+        by_amount = self.data("conditionorder", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                 "Condition": PARITY_TP})["id"]
+        self.assertEqual(by_amount, "BTC-USDT," + self.fake.algo_orders()[0]["algoId"])
+        self.assertEqual(len(self.algo_posts()), 5)
+
+    # PLUGIN BUG: resolve_method (fmz_custom_protocol.py) looks only at params["condition"] to turn a trade
+    # into a condition order, while createconditionorder also reads the spelling "Condition" (the CONDITION
+    # Param's alias): a trade carrying "Condition" places a plain order at its price (here a sell at 1) and
+    # drops the condition. Expected: every spelling createconditionorder reads makes it a condition order.
+    @unittest.expectedFailure
+    def test_a_trade_with_a_capitalised_condition_places_a_condition_order(self):
+        answer = self.docker.call("trade", {"symbol": "BTC_USDT", "type": "sell", "price": "1", "amount": "0.01",
+                                            "Condition": PARITY_TP})
+        self.assertEqual(self.order_posts(), [])
+        self.assertEqual(answer.get("data"), {"id": "BTC-USDT," + self.fake.algo_orders()[0]["algoId"]})
+
+
 # ---- Hardening: helpers ----
 
 PLUGIN_PATH = os.path.abspath(plugin.__file__)
