@@ -3950,8 +3950,10 @@ class OKX(BaseProtocol):
                     "ordType": CONDITION_TYPES[condition.type]}
             body.update(algo_legs(condition))
             self._add_mode(body, symbol, inst_id, pos_side, reduce_only)
-            if not symbol.contract and side == "buy" and "-1" in (condition.tp_order, condition.sl_order):
+            if (not symbol.contract and side == "buy" and condition.type != 3
+                    and "-1" in (condition.tp_order, condition.sl_order)):
                 body["tgtCcy"] = "base_ccy"     # OKX's default for a market buy would be the quote currency
+                                                # (trigger orders take no tgtCcy: OKX 51281)
             return body
         placed = self._place(ALGO_ORDER, symbol, inst_id, build_body)
         return {"id": "%s,%s" % (inst_id, placed.exchange_id)}, placed.raw
@@ -4003,7 +4005,7 @@ class OKX(BaseProtocol):
             rows.extend(paged(self.client, self.credentials, "/api/v5/trade/orders-algo-pending",
                               dict(self._algo_filter(symbol), ordType=ord_type), deadline=self.deadline,
                               cursor="algoId"))
-        rows.sort(key=lambda row: _ms(row.get("cTime")), reverse=True)
+        rows.sort(key=lambda row: (_ms(row.get("cTime")), _ms(row.get("algoId"))), reverse=True)
         return [self._condition_data(row) for row in rows], rows
 
     def historyconditionorders(self, symbol, since, limit):
@@ -4015,14 +4017,16 @@ class OKX(BaseProtocol):
         for ord_type in ALGO_ORD_TYPES:
             for state in ALGO_FINAL_STATES:
                 params = dict(self._algo_filter(symbol), ordType=ord_type, state=state)
-                after = None
+                after, found = None, 0
                 while True:
                     page = self._private("GET", "/api/v5/trade/orders-algo-history",
                                          dict(params, limit=OKX_ORDERS_PAGE, **({"after": after} if after else {})))
-                    rows.extend(row for row in page if _ms(row.get("cTime")) >= since)
-                    if (len(page) < OKX_ORDERS_PAGE or not since and len(rows) >= limit
+                    kept = [row for row in page if _ms(row.get("cTime")) >= since]
+                    rows.extend(kept)
+                    found += len(kept)
+                    if (len(page) < OKX_ORDERS_PAGE or not since and found >= limit
                             or _ms(page[-1].get("cTime")) < since):
-                        break
+                        break             # this list is read far enough: newest first, `limit` of its own
                     after = page[-1].get("algoId")
         rows.sort(key=lambda row: (_ms(row.get("cTime")), row.get("algoId", "")))
         rows = rows[:limit] if since else rows[-limit:]
@@ -4032,9 +4036,12 @@ class OKX(BaseProtocol):
         return self._first(self._private("GET", "/api/v5/trade/order-algo", {"algoId": algo_id}), "condition order")
 
     def _algo_filter(self, symbol):
+        """The algo lists' filter for a symbol: OKX's algo lists take no instType OPTION, the instId alone."""
         if symbol is None:
             return {}
         inst_id = self.inst_id(symbol)
+        if inst_type_of(inst_id) == "OPTION":
+            return {"instId": inst_id}
         return {"instType": inst_type_of(inst_id), "instId": inst_id}
 
     def _condition_data(self, row):
@@ -4350,7 +4357,8 @@ def resolve_method(method, params=None):
         raise BadRequest("unknown method %s; known: %s, and %s<path> for exchange.IO"
                          % (_describe(method), ", ".join(sorted(DISPATCH)), API_PREFIX))
     if name in ("trade", "conditionorder") and isinstance(params, dict) and (
-            params.get("condition") not in (None, "", {}) or name == "conditionorder" and "amount" in params):
+            any(params.get(spelling) not in (None, "", {}) for spelling in CONDITION.spellings)
+            or name == "conditionorder" and "amount" in params):
         name = "createconditionorder"
     return name
 
@@ -4369,7 +4377,7 @@ def dispatch(protocol, method, params):
         name = resolve_method(method, params)
         _context.counted = name
     except BadRequest:
-        key = method.strip().lower()[:64]
+        key = method.strip().lower().replace("_", "").replace("-", "")[:64]
         if key not in _unknown_methods and len(_unknown_methods) < UNKNOWN_METHODS_LOGGED:
             _unknown_methods.add(key)
             names = sorted(str(name)[:40] for name in params)[:20] if isinstance(params, dict) else []

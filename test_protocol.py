@@ -5846,11 +5846,6 @@ class ConditionRequestTest(ParityTestCase):
         self.assertEqual(sorted((o["ordType"], o["accFillSz"]) for o in bought),
                          [("limit", "0.01"), ("market", "0.01"), ("market", "0.01")])
 
-    # PLUGIN BUG: createconditionorder (fmz_custom_protocol.py, build_body) adds tgtCcy=base_ccy to a spot
-    # buy whose order price is -1 also for a generic condition (ordType trigger), and OKX refuses tgtCcy on
-    # trigger orders: "OKX 51281: Trigger order do not support the tgtCcy parameter." Expected: tgtCcy only
-    # for conditional and oco; a trigger order's sz is in the base currency already.
-    @unittest.expectedFailure
     def test_a_generic_spot_buy_at_market_is_placed_without_tgt_ccy(self):
         answer = self.docker.call("createconditionorder", {"symbol": "BTC_USDT", "type": "buy", "amount": "0.01",
                                                            "condition": {"ConditionType": 3, "TpTriggerPrice": "44000",
@@ -6053,10 +6048,6 @@ class ConditionAnswerTest(ParityTestCase):
         query = urllib.parse.parse_qs(self.okx_calls("/api/v5/trade/orders-algo-pending")[0]["query"])
         self.assertEqual((query["instType"], query["instId"]), (["SPOT"], ["BTC-USDT"]))
 
-    # PLUGIN BUG: conditionorders (fmz_custom_protocol.py, OKX.conditionorders) sorts by cTime alone, so
-    # orders placed within one millisecond keep the order of the requests (conditional,oco first, then
-    # trigger) instead of newest first. Expected: ties broken by algoId, as historyconditionorders does.
-    @unittest.expectedFailure
     def test_conditionorders_is_newest_first_within_one_millisecond(self):
         oco = self.condition_order(PARITY_OCO)
         generic = self.condition_order({"ConditionType": 3, "TpTriggerPrice": "42000", "TpOrderPrice": "41990"},
@@ -6096,11 +6087,6 @@ class ConditionAnswerTest(ParityTestCase):
         self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"since": since, "limit": 1000})], new)
         self.assertEqual([o["id"] for o in self.data("historyconditionorders", {"limit": 1000})], old + new)
 
-    # PLUGIN BUG: historyconditionorders (fmz_custom_protocol.py, OKX.historyconditionorders) stops paging a
-    # group once the rows of all groups read so far reach `limit` (`not since and len(rows) >= limit`), so a
-    # later group gives only its first page: with 150 older conditional and 150 newer trigger orders, limit
-    # 150 answers the 100 newest trigger orders and 50 conditional ones. Expected: the 150 newest, all trigger.
-    @unittest.expectedFailure
     def test_historyconditionorders_limit_takes_the_newest_of_both_groups(self):
         self.store_algos(150, "conditional", state="canceled")
         self.clock.advance(1)
@@ -6376,12 +6362,6 @@ class OptionTradingTest(ParityTestCase):
         self.assertEqual(self.error("SetMarginLevel", {"symbol": symbol, "marginLevel": "3"}),
                          "leverage applies to swaps and futures, not to the option %s" % symbol)
 
-    # PLUGIN BUG: conditionorders and historyconditionorders (fmz_custom_protocol.py, OKX._algo_filter) send
-    # instType=OPTION for an option's symbol, and OKX's algo lists take only SPOT, MARGIN, SWAP and FUTURES
-    # there (as the fake has it; OKX.md §13 does not list them): "OKX 51000: Parameter instType error".
-    # createconditionorder places condition orders on options, so listing them by their symbol must work:
-    # expected instId alone (or instType only for the types the algo lists know).
-    @unittest.expectedFailure
     def test_option_condition_orders_are_listed_by_their_symbol(self):
         symbol = max(self.data("markets", {"symbol": "BTC_USD.option"}))
         docker_id = self.condition_order({"ConditionType": 1, "TpTriggerPrice": "0.9", "TpOrderPrice": "0.9"},
@@ -6549,11 +6529,6 @@ class ParityMethodNameTest(ParityTestCase):
         self.assertEqual(by_amount, "BTC-USDT," + self.fake.algo_orders()[0]["algoId"])
         self.assertEqual(len(self.algo_posts()), 5)
 
-    # PLUGIN BUG: resolve_method (fmz_custom_protocol.py) looks only at params["condition"] to turn a trade
-    # into a condition order, while createconditionorder also reads the spelling "Condition" (the CONDITION
-    # Param's alias): a trade carrying "Condition" places a plain order at its price (here a sell at 1) and
-    # drops the condition. Expected: every spelling createconditionorder reads makes it a condition order.
-    @unittest.expectedFailure
     def test_a_trade_with_a_capitalised_condition_places_a_condition_order(self):
         answer = self.docker.call("trade", {"symbol": "BTC_USDT", "type": "sell", "price": "1", "amount": "0.01",
                                             "Condition": PARITY_TP})
