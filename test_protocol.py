@@ -9020,6 +9020,505 @@ class StreamPluginTest(PluginTestCase):
         self.assertIsNone(plugin.OKXShared(plugin.Config(api_base="https://www.okx.com", stream=False)).market_stream())
 
 
+# ---- Live account data ----
+#
+# The plugin's account stream (AccountStream: OKX's /ws/v5/private per key) through the plugin, as FMZ's
+# docker sees it. A FakeOKXStream bound to the fake serves the private channels, --ws-base points the plugin
+# at it, and every read is checked for where its answer came from (memory: the fake received no request at
+# all during the call) and for what it answered (what REST answers: a second plugin started with
+# private_stream=False reads the same fake). Time is the test's VirtualClock: it stands still unless a test
+# moves it, so an answer from memory is never excused by time that passed; only the pushes travel in real
+# time, and the tests wait for them with generous real timeouts.
+
+OTHER_KEY, OTHER_SECRET, OTHER_PASSPHRASE = ("0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9", "5E6F7A8B9C0D1E2F3A4B5C6D7E8F9A0B",
+                                             "Other-Pass-1")
+OTHER_SECRET_FIELD = OTHER_SECRET + "," + OTHER_PASSPHRASE
+OTHER_BALANCES = {"USDT": "777", "BTC": "0.25", "LTC": "12"}
+
+
+def canonical(value):
+    """A JSON text of ``value`` with sorted keys: a sort key for rows whose order does not matter."""
+    return json.dumps(value, sort_keys=True)
+
+
+_plugin_tls_context = plugin.tls_context
+_tls_contexts = {}
+
+
+def reused_tls_context(ca_file=None):
+    """plugin.tls_context, made once per ca_file: loading the system's CAs takes ~40 ms, and the plugin makes
+    one for every new stream, even a ws:// one (as the fake streams are) that never uses it."""
+    if ca_file not in _tls_contexts:
+        _tls_contexts[ca_file] = _plugin_tls_context(ca_file)
+    return _tls_contexts[ca_file]
+
+
+class AccountStreamTestCase(PluginTestCase):
+    """PluginTestCase whose plugin (``self.server``, ``self.docker``) reads balances, positions and orders from
+    the private stream of ``self.okx_stream``. Helpers say where each answer came from."""
+
+    def setUp(self):
+        super().setUp()
+        plugin.LiveConnection._connect_times.clear()
+        # As quick_stream_threads, faster still: stream threads look at their sockets every 2 ms of real time.
+        for name, value in (("tls_context", reused_tls_context), ("STREAM_POLL", 0.002)):
+            patcher = mock.patch.object(plugin, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.okx_stream = FakeOKXStream(okx=self.fake, clock=self.clock).start()
+        self.addCleanup(self.okx_stream.stop)
+        self.use_plugin()
+
+    def use_plugin(self, **options):
+        """Serve the rest of the test from a new plugin on the fake stream (``options``: Config's)."""
+        options = dict({"stream": True, "ws_base": self.okx_stream.url}, **options)
+        self.server = self.start_plugin(**options)
+        self.docker = self.docker_for(self.server)
+
+    def docker_for(self, server, **fields):
+        docker = Docker(server.server_address[1], **fields)
+        self.addCleanup(docker.close)
+        return docker
+
+    def rest_docker(self, **fields):
+        """A docker on a second plugin that reads every account over REST (private_stream=False)."""
+        return self.docker_for(self.start_plugin(private_stream=False), **fields)
+
+    def other_docker(self, server=None):
+        """A docker with the key of a second live account (OTHER_KEY), which this helper opens on the fake."""
+        with self.fake._lock:
+            self.fake.accounts.setdefault(OTHER_KEY, new_account(OTHER_SECRET, OTHER_PASSPHRASE, False,
+                                                                 "66927014565831706", OTHER_BALANCES))
+        return self.docker_for(server or self.server, access_key=OTHER_KEY, secret_key=OTHER_SECRET_FIELD)
+
+    def account_stream(self, key=KEY, server=None):
+        """The plugin's AccountStream of ``key`` (None before the key's first private read)."""
+        for stream in (server or self.server).exchanges["okx"].streams():
+            if isinstance(stream, plugin.AccountStream) and stream.credentials.api_key == key:
+                return stream
+        return None
+
+    def call(self, method, params=None, docker=None, **fields):
+        """One call: (its answer, the requests the fake received meanwhile)."""
+        before = len(self.fake.requests)
+        answer = (docker or self.docker).call(method, params, **fields)
+        return answer, self.fake.requests[before:]
+
+    def memory(self, method, params=None, docker=None, **fields):
+        """The data of one call that must be answered from memory (no request reached the fake)."""
+        answer, requests = self.call(method, params, docker, **fields)
+        self.assertNotIn("error", answer)
+        self.assertEqual([r["method"] + " " + r["path"] for r in requests], [],
+                         "%s %s was not answered from memory" % (method, params))
+        return answer["data"]
+
+    def rest(self, method, params=None, docker=None, **fields):
+        """The data of one call that must be answered over REST."""
+        answer, requests = self.call(method, params, docker, **fields)
+        self.assertNotIn("error", answer)
+        self.assertTrue(requests, "%s %s was answered from memory" % (method, params))
+        return answer["data"]
+
+    def from_memory(self, method, params=None, docker=None, **fields):
+        """Call until an answer costs no request (the stream has caught up); returns that answer."""
+        def answered_from_memory():
+            answer, requests = self.call(method, params, docker, **fields)
+            self.assertNotIn("error", answer)
+            return answer if not requests else None
+        answer = wait_for(answered_from_memory, timeout=5, interval=0.002)
+        self.assertIsNotNone(answer, "%s %s never came from memory" % (method, params))
+        return answer
+
+    def warm_up(self, docker=None, **fields):
+        """Read accounts, positions and orders until each comes from memory."""
+        for method in ("accounts", "positions", "orders"):
+            self.from_memory(method, docker=docker, **fields)
+
+    def wait_until(self, probe, what, timeout=5):
+        self.assertTrue(wait_for(probe, timeout=timeout, interval=0.002), what)
+
+    def logins(self, key=KEY):
+        """OKX's answer codes to the logins of ``key`` on the fake stream, in order ("0": logged in)."""
+        return [code for api_key, code in list(self.okx_stream.logins) if api_key == key]
+
+    def send_private(self, message, key=KEY):
+        """Send ``message`` on every logged-in private connection of ``key`` (events OKX sends on its own)."""
+        with self.okx_stream._lock:
+            conns = [conn for conn in self.okx_stream._conns
+                     if conn.is_open and conn.path == PRIVATE_PATH and conn.api_key == key]
+            for conn in conns:
+                conn.send_json(dict(message, connId=conn.conn_id))
+        self.assertTrue(conns, "no private connection of %s" % key[:4])
+
+    def balance(self, data, ccy):
+        """(free, frozen) of one currency in an accounts answer's data, as Decimals (None when absent)."""
+        rows = [row for row in data if row["currency"] == ccy]
+        return (Decimal(rows[0]["free"]), Decimal(rows[0]["frozen"])) if rows else None
+
+    def place_as(self, docker, symbol="BTC_USDT", type="buy", price="30000", amount="0.01"):
+        """Place an order through ``docker`` (another key's robot); returns the docker order id."""
+        answer = docker.call("trade", {"symbol": symbol, "type": type, "price": price, "amount": amount})
+        self.assertIn("data", answer, answer)
+        return answer["data"]["id"]
+
+    def shows(self, method, check, params=None, docker=None):
+        """True when one call is answered from memory and ``check(data)`` holds (a probe for wait_until)."""
+        answer, requests = self.call(method, params, docker)
+        return not requests and "data" in answer and check(answer["data"])
+
+    def pushes_heard(self, seconds=plugin.STREAM_PING_AFTER):
+        """Once the fake stream has sent every push that is due, move the clock by ``seconds`` (enough for
+        STREAM_PING_AFTER of silence, so the plugin pings) and wait until each account stream heard something
+        at the new time: whatever was sent before has then reached memory, and the stream's thread runs on the
+        new time. (Memory stamps a push with the time its thread's turn began, not with its arrival, so a write
+        right after a bare clock.advance can look newer than its own push: see AccountStreamMemoryRulesTest.)"""
+        def all_due_sent():
+            with self.okx_stream._lock:
+                now = self.clock.monotonic()
+                return not any(entry[0] is None or entry[0] <= now for entry in self.okx_stream._outbox)
+        self.wait_until(all_due_sent, "the fake stream did not send its pushes")
+        with self.okx_stream._deliver_lock:              # a delivery under way has been written
+            pass
+        self.clock.advance(seconds)
+        for stream in self.server.exchanges["okx"].streams():
+            if isinstance(stream, plugin.AccountStream) and stream.heard_ago() is not None:
+                self.wait_until(lambda: stream.heard_ago() == 0, "%s did not answer the ping" % stream.name)
+
+    def stream_thread_done(self, key=KEY):
+        """True once the key's stream thread has ended (it starts again only on a read)."""
+        stream = self.account_stream(key)
+        return stream is not None and stream._thread is None
+
+
+class AccountMemoryTest(AccountStreamTestCase):
+    """After warm-up, accounts, assets, positions, orders and order come from memory, with REST's data."""
+
+    SYMBOLS = ("BTC_USDT", "ETH_USDT", "BTC_USDT.swap", "ETH_USDT.swap")
+
+    def open_orders_and_positions(self, hedge=False):
+        """Resting orders and open positions, half made before the stream connected (its snapshots and
+        REST's open orders hold them) and half after (pushes bring them); returns the docker ids."""
+        ids = [self.place(), self.place("BTC_USDT.swap", "buy", "30000", "1"),
+               self.place("BTC_USDT.swap", "buy", "-1", "2")]
+        self.warm_up()
+        self.pushes_heard()              # later positions are newer (cTime)
+        ids += [self.place("ETH_USDT", "sell", "5000", "0.5"), self.place("ETH_USDT.swap", "sell", "-1", "3"),
+                self.place("ETH_USDT.swap", "sell", "4000", "1")]
+        if hedge:
+            ids.append(self.place("BTC_USDT.swap", "sell", "-1", "1"))
+        self.from_memory("orders")       # every order's own push has come...
+        self.pushes_heard()              # ... and the pushes behind them; the writes' settling time is over
+        return ids
+
+    def assert_memory_equals_rest(self, ids, exact_positions=True):
+        rest = self.rest_docker()
+        calls = [("accounts", None), ("assets", None), ("positions", None), ("orders", None)]
+        calls += [("orders", {"symbol": symbol}) for symbol in self.SYMBOLS]
+        calls += [("positions", {"symbol": symbol}) for symbol in self.SYMBOLS if "." in symbol]
+        calls += [("order", {"id": order_id}) for order_id in ids[3:]]          # those the stream saw
+        calls += [("order", {"id": row["id"]}) for row in self.memory("orders")]
+        for method, params in calls:
+            with self.subTest(method=method, params=params):
+                mine, theirs = self.memory(method, params), rest.call(method, params)
+                self.assertNotIn("error", theirs)
+                if method == "positions" and not exact_positions:
+                    mine, theirs["data"] = sorted(mine, key=canonical), sorted(theirs["data"], key=canonical)
+                self.assertEqual(mine, theirs["data"])
+        self.assertEqual(len(self.memory("orders")), 4)
+        self.assertEqual(len(self.memory("positions")), 3 if len(ids) > 6 else 2)
+
+    def test_reads_come_from_memory_with_rest_data_in_net_mode(self):
+        self.assert_memory_equals_rest(self.open_orders_and_positions(), exact_positions=False)
+
+    def test_reads_come_from_memory_with_rest_data_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        ids = self.open_orders_and_positions(hedge=True)
+        self.assertEqual(sorted(p["type"] for p in self.memory("positions")), [0, 1, 1])      # long, short, short
+        self.assert_memory_equals_rest(ids, exact_positions=False)
+
+    @unittest.expectedFailure
+    def test_positions_from_memory_are_in_rest_order(self):
+        # PLUGIN BUG: AccountStream.positions returns its positions in the order they reached memory
+        # (_merge_position appends a position first pushed after the snapshot to the OrderedDict's end), while
+        # GET /account/positions lists them newest first by cTime (OKX.md section 5), so the same
+        # GetPositions() answers in another order once the stream serves it. Expected: REST's order (sort the
+        # rows by cTime, newest first).
+        self.assert_memory_equals_rest(self.open_orders_and_positions(), exact_positions=True)
+
+    def test_a_fill_reaches_every_read_without_time_passing(self):
+        spot, swap = self.place(), self.place("BTC_USDT.swap", "buy", "30000", "2")
+        self.warm_up()
+        rest = self.rest_docker()
+        calls = [("order", {"id": spot}), ("order", {"id": swap}), ("orders", None), ("accounts", None),
+                 ("positions", None)]
+        before = [self.memory(*call) for call in calls]
+        self.assertEqual((before[0]["status"], len(before[2]), before[4]), ("pending", 2, []))
+        frozen_at = self.clock.monotonic()
+        self.fake.fill(spot.split(",")[1])
+        self.fake.fill(swap.split(",")[1], sz="1")                   # half of it
+        wanted = [rest.call(*call)["data"] for call in calls]
+        self.assertEqual((wanted[0]["status"], wanted[1]["status"]), ("filled", "partial-filled"))
+        self.assertTrue(all(now != then for now, then in zip(wanted, before)))
+        self.wait_until(lambda: [self.memory(*call) for call in calls] == wanted, "the fill never reached memory")
+        self.assertEqual(self.clock.monotonic(), frozen_at)             # no timer helped: the pushes did it
+        self.assertEqual(self.memory("positions", {"symbol": "BTC_USDT.swap"})[0]["amount"], "1")
+
+    @unittest.expectedFailure
+    def test_an_emptied_currency_leaves_accounts_as_it_leaves_rest(self):
+        # PLUGIN BUG: AccountStream._merge_account keeps a currency whose balance an event_update brings to
+        # zero (OKX pushes it once with eq "0", cashBal "0"), so accounts from memory lists it with free "0"
+        # and frozen "0", while GET /account/balance (and every later snapshot) no longer lists it.
+        # Expected: a detail pushed with eq, cashBal and availBal all zero is removed, as a snapshot would.
+        self.warm_up()
+        rest = self.rest_docker()
+        self.fake.set_balance("LTC", "4")                          # a new currency (pushed) ...
+        self.fake.set_balance("ETH", "0")                          # ... and one emptied
+        wanted = sorted(rest.call("accounts")["data"], key=canonical)
+        self.assertEqual([row["currency"] for row in wanted], ["BTC", "LTC", "USDT"])
+        self.wait_until(lambda: self.balance(self.memory("accounts"), "LTC") is not None, "no LTC push")
+        self.wait_until(lambda: self.balance(self.memory("accounts"), "ETH") != (3, 0), "no ETH push")
+        # (OKX documents no order of the currencies: compared sorted)
+        self.assertEqual(sorted(self.memory("accounts"), key=canonical), wanted)
+
+
+class ReadYourWritesTest(AccountStreamTestCase):
+    """After trade or cancel answered, order, orders, accounts and positions show the write at once, however
+    OKX's pushes come: late, twice, or before the REST answer."""
+
+    def assert_shows(self, order_id, statuses, listed):
+        """order shows ``order_id`` in one of ``statuses``; orders (of its symbol, and all) lists it or not."""
+        symbol = "ETH_USDT" if order_id.startswith("ETH-USDT,") else "BTC_USDT"
+        self.assertIn(self.data("order", {"id": order_id})["status"], statuses)
+        for params in ({"symbol": symbol}, None):
+            ids = [row["id"] for row in self.data("orders", params)]
+            self.assertEqual(order_id in ids, listed, (order_id, params, ids))
+
+    def test_trade_and_cancel_show_at_once_however_the_pushes_come(self):
+        self.warm_up()
+        elsewhere = self.place("ETH_USDT", "sell", "5000", "0.1")
+        defaults = {"push_delay_s": 0.0, "duplicate_pushes": False, "push_before_answer": False}
+        knobs = ({"push_delay_s": 1}, {"push_delay_s": 1, "duplicate_pushes": True}, {"push_before_answer": True})
+        for knob in knobs:
+            with self.subTest(**knob):
+                self.pushes_heard()                                  # the writes are later than any push
+                usdt = self.balance(self.memory("accounts"), "USDT")
+                for name, value in knob.items():
+                    setattr(self.okx_stream, name, value)
+                order_id = self.place()
+                self.assert_shows(order_id, ("pending",), listed=True)
+                self.assertEqual(self.balance(self.data("accounts"), "USDT"), (usdt[0] - 300, usdt[1] + 300))
+                self.assertEqual(self.memory("order", {"id": elsewhere})["status"], "pending")  # others: memory
+                self.clock.advance(0.5)
+                self.assert_shows(order_id, ("pending",), listed=True)
+                self.assertEqual(self.balance(self.data("accounts"), "USDT"), (usdt[0] - 300, usdt[1] + 300))
+                self.clock.advance(0.5)                              # delayed pushes are due now
+                self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "pending")
+                self.assertIn(order_id, [row["id"] for row in self.from_memory("orders")["data"]])
+                self.assertTrue(self.data("cancel", {"id": order_id}))
+                for step in (0, 0.5, 0.5):
+                    self.clock.advance(step)
+                    self.assert_shows(order_id, ("canceled",), listed=False)
+                self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "canceled")
+                self.pushes_heard()
+                self.assertEqual(self.memory("order", {"id": order_id})["status"], "canceled")
+                self.assertNotIn(order_id, [row["id"] for row in self.memory("orders")])
+                self.assertEqual(self.balance(self.memory("accounts"), "USDT"), usdt)
+                for name in knob:
+                    setattr(self.okx_stream, name, defaults[name])
+
+    def test_a_contract_order_shows_in_balances_and_positions_at_once(self):
+        self.warm_up()
+        self.pushes_heard()
+        self.okx_stream.push_delay_s = 1
+        usdt = self.balance(self.memory("accounts"), "USDT")
+        self.place("BTC_USDT.swap", "buy", "-1", "2")                      # fills at once
+        for step in (0, 0.5, 0.4):
+            self.clock.advance(step)
+            positions = self.rest("positions")
+            self.assertEqual([(p["symbol"], p["amount"]) for p in positions], [("BTC_USDT.swap", "2")])
+            self.assertLess(self.balance(self.rest("accounts"), "USDT")[0], usdt[0])
+        self.clock.advance(0.1)                                            # the pushes are due
+        stream = self.account_stream()
+        self.wait_until(lambda: stream._positions, "no positions push")      # (what memory holds)
+        self.assertEqual([p["amount"] for p in self.memory("positions")], ["2"])
+        self.assertLess(self.balance(self.memory("accounts"), "USDT")[0], usdt[0])
+
+    @unittest.expectedFailure
+    def test_balances_after_a_write_are_never_older_than_it_when_pushes_are_late(self):
+        # PLUGIN BUG: AccountStream.balance (and .positions) trust memory again as soon as WRITE_SETTLE (1 s)
+        # has passed since the write, or as soon as any account push arrives after begin_write, whichever is
+        # first (_settling compares the channel's last push time with the write's time). A push that OKX
+        # delays past 1 s, or an unrelated push that overtakes the write's own (a balance change made just
+        # before the order), thus ends the wait, and accounts answers a balance from before the order.
+        # Expected: memory waits for the account push that follows the write's own order push (bounded by
+        # ORDER_PUSH_WAIT, as orders are), and answers from REST meanwhile.
+        self.warm_up()
+        self.pushes_heard()
+        self.okx_stream.push_delay_s = 1
+        stream = self.account_stream()
+        self.clock.advance(0.5)
+        self.fake.set_balance("ETH", "7")                                  # pushed 1 s later, at +1.5 s
+        self.clock.advance(0.4)
+        self.place()                                                       # freezes 300 USDT; pushed at +1.9 s
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
+        self.pushes_heard(0.1)                                             # +1 s: its thread runs on this time
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
+        self.clock.advance(0.5)                                            # the ETH push arrives, not the order's
+        self.wait_until(lambda: stream._details.get("ETH", {}).get("cashBal") == "7", "no ETH push")
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
+        self.clock.advance(0.5)
+        self.okx_stream.push_delay_s = 1.5                                 # later than WRITE_SETTLE
+        self.clock.advance(1)
+        self.place()
+        self.clock.advance(1.2)
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9400, 600))
+
+    @unittest.expectedFailure
+    def test_a_canceled_order_is_not_live_again_when_its_push_is_late(self):
+        # PLUGIN BUG: when a cancel's push is later than ORDER_PUSH_WAIT, AccountStream._orders_trusted reads
+        # the open orders again, and _apply_orders_results keeps every open order that REST no longer lists
+        # but that was ever pushed (_order_heard), "pushed during the read". The canceled order had its
+        # "live" push long before, so memory has it live again: order says pending, orders lists it, though
+        # cancel answered true and OKX lists it canceled. Expected: keep only orders pushed after the REST read
+        # began; drop (leave to REST) the others.
+        self.warm_up()
+        order_id = self.place()
+        self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "pending")
+        self.okx_stream.push_delay_s = 30
+        self.assertTrue(self.data("cancel", {"id": order_id}))
+        self.clock.advance(plugin.ORDER_PUSH_WAIT + 0.5)
+        stream = self.account_stream()
+        self.wait_until(lambda: stream.status()["live"], "the stream did not answer the ping")
+        self.assert_shows(order_id, ("canceled",), listed=False)          # overdue: open orders are read again
+        self.wait_until(lambda: any("no push for order %s" % order_id.split(",")[1] in line for line in LOGS.lines),
+                        "no warning about the missing push")
+        self.wait_until(lambda: stream.status()["synced"]["orders"], "open orders were not read again")
+        self.assert_shows(order_id, ("canceled",), listed=False)
+
+
+class AccountStreamMemoryRulesTest(unittest.TestCase):
+    """An AccountStream fed OKX's messages directly: OKX's rules against duplicate and out-of-order pushes,
+    and paged snapshots."""
+
+    INST = "BTC-USDT"
+
+    def setUp(self):
+        self.clock = VirtualClock()
+        credentials = plugin.Credentials(KEY, SECRET, PASSPHRASE)
+        self.stream = plugin.AccountStream("ws://127.0.0.1:9", self.clock, credentials,
+                                           plugin.ExchangeClock(self.clock), load_open_orders=lambda: [])
+        self.stream._ensure_thread = lambda: None           # no connection: the test is OKX
+        self.addCleanup(self.stream.close)
+        with self.stream._lock:
+            self.stream._connected, self.stream._heard_at = True, self.clock.monotonic()
+            self.stream._asked_at = self.clock.monotonic()
+            for arg in plugin.ACCOUNT_CHANNELS:
+                self.stream._channels[arg["channel"]] = "live"
+            self.stream._synced["orders"] = True
+
+    def push(self, channel, rows, **fields):
+        arg = {"channel": channel, "uid": "44705892343619584"}
+        with self.stream._lock:
+            self.stream._on_message(dict({"arg": arg, "data": rows}, **fields), self.clock.monotonic())
+
+    def order_row(self, ord_id, state, filled, utime, **fields):
+        row = {"instType": "SPOT", "instId": self.INST, "ordId": ord_id, "state": state, "accFillSz": filled,
+               "sz": "1", "px": "30000", "side": "buy", "avgPx": "30000" if Decimal(filled) else "0",
+               "uTime": str(utime), "fillSz": "0", "execType": "", "code": "0", "msg": ""}
+        row.update(fields)
+        return row
+
+    def test_duplicates_and_late_pushes_never_undo_a_fill_or_a_final_state(self):
+        pushes = [("live", "0", 1), ("partially_filled", "0.4", 3), ("live", "0", 2), ("partially_filled", "0.2", 2),
+                  ("partially_filled", "0.4", 4), ("filled", "1", 6), ("partially_filled", "0.6", 5),
+                  ("live", "0", 9), ("canceled", "0", 10), ("filled", "1", 6)]
+        seen = []
+        for state, filled, utime in pushes:
+            self.push("orders", [self.order_row("1", state, filled, utime)])
+            row = self.stream.order(self.INST, "1")
+            seen.append((row["state"], row["accFillSz"]))
+        self.assertEqual(seen, [("live", "0"), ("partially_filled", "0.4"), ("partially_filled", "0.4"),
+                                ("partially_filled", "0.4"), ("partially_filled", "0.4")] + [("filled", "1")] * 5)
+        self.assertEqual(self.stream.open_orders(), [])
+        self.push("orders", [self.order_row("2", "canceled", "0", 5, sz="2")])
+        self.push("orders", [self.order_row("2", "live", "0", 4, sz="2"), self.order_row("2", "live", "0", 6, sz="2")])
+        self.assertEqual(self.stream.order(self.INST, "2")["state"], "canceled")
+        self.assertEqual(self.stream.open_orders(self.INST), [])
+        row = self.stream.order(self.INST, "1")                        # REST's row: no push-only fields
+        self.assertNotIn("execType", row)
+        self.assertEqual(row["avgPx"], "30000")
+
+    def test_a_paged_snapshot_counts_once_its_last_page_came(self):
+        def position(inst_id, pos, utime=1):
+            return {"instType": "SWAP", "instId": inst_id, "posId": inst_id, "mgnMode": "cross", "posSide": "net",
+                    "pos": pos, "uTime": str(utime), "pTime": "7"}
+        self.push("positions", [position("BTC-USDT-SWAP", "1"), position("ETH-USDT-SWAP", "2")],
+                  eventType="snapshot", curPage=1, lastPage=False)
+        self.assertIsNone(self.stream.positions())                     # not in sync before the last page
+        self.push("positions", [position("LTC-USDT-SWAP", "3")], eventType="snapshot", curPage=2, lastPage=True)
+        self.assertEqual([(p["instId"], p["pos"]) for p in self.stream.positions()],
+                         [("BTC-USDT-SWAP", "1"), ("ETH-USDT-SWAP", "2"), ("LTC-USDT-SWAP", "3")])
+        self.assertNotIn("pTime", self.stream.positions()[0])
+        self.push("positions", [position("BTC-USDT-SWAP", "5", 3)], eventType="snapshot", curPage=1, lastPage="false")
+        self.assertEqual(len(self.stream.positions()), 3)              # a regular snapshot's first page: held
+        self.push("positions", [position("ETH-USDT-SWAP", "0", 3)], eventType="event_update")   # closed
+        self.assertEqual([p["instId"] for p in self.stream.positions()], ["BTC-USDT-SWAP", "LTC-USDT-SWAP"])
+        self.push("positions", [], eventType="snapshot", curPage=2, lastPage=True)
+        self.assertEqual([(p["instId"], p["pos"]) for p in self.stream.positions()], [("BTC-USDT-SWAP", "5")])
+        self.push("positions", [position("BTC-USDT-SWAP", "4", 2)], eventType="event_update")   # older: dropped
+        self.assertEqual(self.stream.positions()[0]["pos"], "5")
+
+    def test_an_older_balance_push_is_dropped_and_pages_are_collected(self):
+        def detail(ccy, avail, utime):
+            return {"ccy": ccy, "availBal": avail, "frozenBal": "0", "eq": avail, "cashBal": avail, "uTime": str(utime)}
+        self.push("account", [{"totalEq": "1", "details": [detail("BTC", "1", 5)]}], eventType="snapshot",
+                  curPage=1, lastPage=False)
+        self.assertIsNone(self.stream.balance())
+        self.push("account", [{"totalEq": "2", "details": [detail("USDT", "10", 5)]}], eventType="snapshot",
+                  curPage=2, lastPage=True)
+        balance, = self.stream.balance()
+        self.assertEqual((balance["totalEq"], [d["ccy"] for d in balance["details"]]), ("2", ["BTC", "USDT"]))
+        self.push("account", [{"totalEq": "3", "details": [detail("BTC", "0.5", 4), detail("USDT", "11", 6)]}],
+                  eventType="event_update")
+        balance, = self.stream.balance()
+        self.assertEqual([(d["ccy"], d["availBal"]) for d in balance["details"]], [("BTC", "1"), ("USDT", "11")])
+
+    @unittest.expectedFailure
+    def test_a_push_that_came_before_the_answer_counts_for_read_your_writes(self):
+        # PLUGIN BUG: LiveConnection._serve hands each message to _on_message with the `now` it read at the top
+        # of its turn, before waiting up to STREAM_POLL in ws.receive(): a push is stamped up to 50 ms earlier
+        # than it arrived. An order push that arrives after the order was sent but before OKX's answer (OKX
+        # pushes within milliseconds) is then taken for older than the order: end_write waits for a push that
+        # already came, so order and orders of that instrument go to REST for ORDER_PUSH_WAIT, then a false
+        # "no push for order" warning and a REST read of every open order. (Balances and positions wait
+        # WRITE_SETTLE for nothing the same way.) Expected: messages stamped with their arrival (ws.heard_at,
+        # or the clock read after receive()).
+        stream, sent, clock = self.stream, [], self.clock
+        push = json.dumps({"arg": {"channel": "orders", "instType": "ANY"},
+                           "data": [self.order_row("7", "live", "0", 1)]})
+
+        class ScriptedSocket:
+            """During one wait for bytes, a robot sends an order and its push arrives; then the stream stops."""
+            heard_at = clock.monotonic()
+
+            def send_text(self, text):
+                pass
+
+            def receive(self):
+                if sent:
+                    stream._stop.set()
+                    return []
+                clock.advance(0.02)
+                sent.append(stream.begin_write(False))
+                self.heard_at = clock.monotonic()
+                return [push]
+        stream._serve(ScriptedSocket())
+        stream.end_write(self.INST, "7", sent[0])         # OKX's answer, after its push
+        row = stream.order(self.INST, "7")
+        self.assertIsNotNone(row, "the order is left to REST though its push came")
+        self.assertEqual(row["state"], "live")
+
+
 # ---- Benchmark: python3 test_protocol.py bench [--rtt-ms 20] [--robots 8] [--calls 40] [NAME=COMMAND ...] ----
 
 def _bench_percentile(values, fraction):
