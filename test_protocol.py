@@ -9396,6 +9396,227 @@ class ReadYourWritesTest(AccountStreamTestCase):
         self.assert_shows(order_id, ("canceled",), listed=False)
 
 
+class AccountStreamLossTest(AccountStreamTestCase):
+    """A killed, silent or ending private connection never gives a stale answer; it comes back, logs in again
+    and resyncs; a channel OKX ends goes to REST."""
+
+    def test_a_killed_connection_gives_rest_answers_then_logs_in_again_and_resyncs(self):
+        order_id = self.place()
+        self.warm_up()
+        stream = self.account_stream()
+        self.okx_stream.bad_accept = True                # reconnecting fails until the test lets it
+        self.okx_stream.kill_connections()
+        self.wait_until(lambda: not stream.status()["live"] and self.clock.waiting(), "the loss went unnoticed")
+        self.fake.set_balance("ETH", "7")                # changes nobody pushes
+        self.fake.fill(order_id.split(",")[1])
+        self.assertEqual(self.balance(self.rest("accounts"), "ETH"), (7, 0))
+        self.assertEqual(self.rest("order", {"id": order_id})["status"], "filled")
+        self.assertEqual(self.rest("orders"), [])
+        self.assertEqual(self.rest("positions"), [])
+        self.okx_stream.bad_accept = False
+        self.clock.advance(plugin.STREAM_BACKOFF_FIRST)
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login")
+        self.assertEqual(self.balance(self.from_memory("accounts")["data"], "ETH"), (7, 0))
+        self.assertEqual(self.from_memory("orders")["data"], [])
+        self.assertEqual(stream.status()["reconnects"], 1)
+        self.assertEqual(self.okx_stream.open_private_connections, 1)
+
+    def test_a_silent_connection_is_left_to_rest_within_the_freshness_window(self):
+        self.warm_up()
+        self.okx_stream.answer_pings = False
+        self.fake.set_balance("ETH", "7")                # its push is lost: the server is silent
+        pings = self.okx_stream.pings_received
+        self.clock.advance(plugin.STREAM_FRESH_SECONDS)
+        self.assertEqual(self.balance(self.rest("accounts"), "ETH"), (7, 0))
+        self.rest("orders")
+        self.wait_until(lambda: self.okx_stream.pings_received > pings, "no ping")     # unanswered
+        self.okx_stream.answer_pings = True
+        self.clock.advance(plugin.STREAM_DEAD_AFTER - plugin.STREAM_FRESH_SECONDS + 0.1)    # given up
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login")
+        self.assertEqual(self.balance(self.from_memory("accounts")["data"], "ETH"), (7, 0))
+        self.from_memory("orders")
+
+    def test_notice_64008_reconnects_and_resyncs(self):
+        self.warm_up()
+        self.okx_stream.send_notice_64008()
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login after 64008")
+        self.fake.set_balance("ETH", "9")
+        self.wait_until(lambda: self.shows("accounts", lambda data: self.balance(data, "ETH") == (9, 0)),
+                        "the change after the reconnection never reached memory")
+        self.from_memory("orders")
+        self.assertTrue(any("64008" in line for line in LOGS.lines))
+
+    def test_channel_conn_count_error_leaves_that_channel_to_rest(self):
+        self.warm_up()
+        stream = self.account_stream()
+        self.send_private({"event": "channel-conn-count-error", "channel": "orders", "connCount": "30"})
+        self.wait_until(lambda: "orders" not in stream.status()["subscriptions"], "orders still subscribed")
+        for _ in range(3):
+            self.rest("orders")
+            self.memory("accounts")
+            self.memory("positions")
+        self.assertTrue(any("orders subscription" in line and "REST" in line for line in LOGS.lines))
+
+
+class RefusedLoginTest(AccountStreamTestCase):
+    """A login OKX refuses leaves the key to REST, says why in the log, and is tried again rarely."""
+
+    def test_a_wrong_passphrase_is_retried_rarely_while_rest_answers(self):
+        self.okx_stream.refuse_logins = "60024"
+        started, login_times = self.clock.monotonic(), []
+        for _ in range(60):                              # ten minutes, a read every 10 s
+            self.assertEqual(self.balance(self.rest("accounts"), "USDT"), (10000, 0))
+            self.wait_until(lambda: self.stream_thread_done(), "the stream thread did not end")
+            login_times += [self.clock.monotonic() - started] * (len(self.logins()) - len(login_times))
+            self.wait_until(lambda: self.okx_stream.open_private_connections == 0, "a refused connection stays open")
+            self.clock.advance(10)
+        self.assertEqual(self.logins(), ["60024"] * len(login_times))
+        gaps = [later - earlier for earlier, later in zip(login_times, login_times[1:])]
+        self.assertEqual(login_times[0], 0)
+        self.assertEqual(gaps[0], plugin.LOGIN_RETRY_FIRST)
+        self.assertTrue(all(later > earlier for earlier, later in zip(gaps, gaps[1:])), gaps)
+        self.assertLessEqual(len(login_times), 6)
+        status = self.account_stream().status()
+        self.assertEqual((status["login"], status["live"]), ("refused (60024)", False))
+        refusals = [line for line in LOGS.lines if "OKX refused the login (60024: Wrong passphrase" in line]
+        self.assertEqual(len(refusals), len(login_times))
+        self.assertIn("read over REST", refusals[0])
+
+    def test_a_key_of_another_site_and_a_demo_key_on_the_live_host_fall_back_to_rest(self):
+        cases = (("60032", KEY, SECRET_FIELD, "API key doesn't exist", "10000"),
+                 ("50101", DEMO_KEY, DEMO_SECRET_FIELD, "APIKey does not match current environment.", "100000"))
+        for code, key, secret_field, message, usdt in cases:
+            with self.subTest(code=code):
+                self.okx_stream.refuse_logins = code if code == "60032" else None
+                self.use_plugin()
+                del LOGS.lines[:]
+                fields = {"access_key": key, "secret_key": secret_field}
+                self.assertEqual(self.balance(self.rest("accounts", **fields), "USDT"), (Decimal(usdt), 0))
+                self.wait_until(lambda: self.stream_thread_done(key), "the stream thread did not end")
+                self.assertEqual(self.logins(key)[-1], code)
+                logged = len(self.logins(key))
+                for _ in range(5):
+                    self.clock.advance(5)
+                    self.rest("accounts", **fields)
+                    self.rest("orders", **fields)
+                self.assertEqual(len(self.logins(key)), logged)               # no new login within 25 s
+                self.wait_until(lambda: self.okx_stream.open_private_connections == 0, "a refused connection is open")
+                refusal = [line for line in LOGS.lines if "OKX refused the login (%s: %s" % (code, message) in line]
+                self.assertEqual(len(refusal), 1, LOGS.lines)
+                if code == "50101":
+                    self.assertIn(plugin.ERROR_HINTS["50101"], refusal[0])
+                self.clock.advance(10)
+
+    @unittest.expectedFailure
+    def test_a_refused_login_has_the_hint_of_its_rest_twin(self):
+        # PLUGIN BUG: LoginRefused takes its hint from ERROR_HINTS by the login's own code, and only 50101 has
+        # one: a wrong passphrase (60024) and a key of another OKX site (60032) are logged without a hint,
+        # though REST's 50105 and 50119 (the same mistakes) have one. Expected: 60024 and 60032 get the hints
+        # of 50105 and 50119.
+        for code, twin in (("60024", "50105"), ("60032", "50119")):
+            with self.subTest(code=code):
+                self.okx_stream.refuse_logins = code
+                self.use_plugin()
+                self.rest("accounts")
+                self.wait_until(lambda: self.logins()[-1:] == [code], "no refused login")
+                self.wait_until(lambda: any("(%s:" % code in line for line in LOGS.lines), "no refusal logged")
+                self.assertTrue(any("(%s:" % code in line and plugin.ERROR_HINTS[twin] in line for line in LOGS.lines))
+
+
+class AccountKeysTest(AccountStreamTestCase):
+    """Each key's reads are answered from that key's own connection only."""
+
+    def test_two_keys_never_see_each_others_balances_positions_or_orders(self):
+        other = self.other_docker()
+        mine = self.place()
+        theirs = [self.place_as(other, "BTC_USDT", "buy", "31000", "0.002"),
+                  self.place_as(other, "LTC_USDT", "sell", "90", "1")]
+        self.warm_up()
+        self.warm_up(docker=other)
+        rest_mine = self.rest_docker()
+        rest_theirs = self.rest_docker(access_key=OTHER_KEY, secret_key=OTHER_SECRET_FIELD)
+        self.assertEqual(self.okx_stream.open_private_connections, 2)
+        for docker, rest in ((self.docker, rest_mine), (other, rest_theirs)):
+            for method in ("accounts", "positions", "orders"):
+                with self.subTest(key=docker.access_key[:4], method=method):
+                    self.assertEqual(self.memory(method, docker=docker), rest.call(method)["data"])
+        self.assertEqual([row["id"] for row in self.memory("orders")], [mine])
+        self.assertEqual([row["id"] for row in self.memory("orders", docker=other)], theirs[::-1])
+        self.assertEqual(self.balance(self.memory("accounts", docker=other), "USDT"), (715, 62))
+        self.assertEqual(self.balance(self.memory("accounts"), "USDT"), (9700, 300))
+        self.assertIn("51603", self.error("order", {"id": theirs[0]}))     # REST's answer: not this key's order
+        self.pushes_heard()
+        self.place_as(other, "BTC_USDT.swap", "buy", "-1", "1")            # a position of theirs only
+        self.assertEqual(len(self.from_memory("positions", docker=other)["data"]), 1)
+        self.assertEqual(self.memory("positions"), [])
+        self.assertEqual(self.memory("orders"), rest_mine.call("orders")["data"])
+        self.assertEqual(self.memory("accounts"), rest_mine.call("accounts")["data"])
+        keys = sorted(s["key"] for s in self.server.status()["exchanges"]["okx"]["streams"]["account"])
+        self.assertEqual(keys, sorted([KEY[:4] + "...", OTHER_KEY[:4] + "..."]))
+
+    @unittest.expectedFailure
+    def test_a_wrong_secret_for_a_known_key_is_refused_as_over_rest(self):
+        # PLUGIN BUG: OKXShared.account_stream finds the stream by access key alone and, when the request's
+        # secret or passphrase differ, puts them into the stream (stream.credentials = credentials): a
+        # request with a known access key and any secret gets that account's balances, positions and orders
+        # from memory (REST would refuse it: 50113, 50105), and the wrong secret then breaks the next login
+        # of the real key (60007/60024, then REST for minutes). Expected: memory answers only a request with
+        # the credentials the connection logged in with; other credentials go to REST, and replace the
+        # stream's only once OKX has accepted them.
+        self.warm_up()
+        self.assertIn("50113", self.error("accounts", secret_key="not-the-secret," + PASSPHRASE))
+        self.assertIn("50105", self.error("orders", secret_key=SECRET + ",not-the-passphrase"))
+        self.memory("accounts")                                            # the real key: memory as before
+        self.okx_stream.kill_connections()
+        self.wait_until(lambda: len(self.logins()) == 2, "no second login")
+        self.assertEqual(self.logins(), ["0", "0"])
+
+
+class AccountStreamFlagsTest(AccountStreamTestCase):
+    """--stream-idle closes an unread key's connection; --no-stream and --no-private-stream read over REST."""
+
+    def test_an_unread_key_closes_its_connection_and_the_next_read_opens_it(self):
+        self.use_plugin(stream_idle=2)
+        self.warm_up()
+        for _ in range(2):                               # a read within stream_idle keeps it open
+            self.clock.advance(1.5)
+            self.from_memory("accounts")
+        self.assertEqual(self.okx_stream.open_private_connections, 1)
+        self.clock.advance(2.1)
+        self.wait_until(lambda: self.okx_stream.open_private_connections == 0, "still open after stream_idle")
+        self.wait_until(lambda: self.stream_thread_done(), "the stream thread did not end")
+        self.assertEqual(self.logins(), ["0"])           # closed, not reconnected
+        self.assertFalse(self.account_stream().status()["live"])
+        self.rest("accounts")                            # the first read after the close: REST, and it opens
+        self.warm_up()
+        self.assertEqual((self.logins(), self.okx_stream.open_private_connections), (["0", "0"], 1))
+
+    def test_no_stream_and_no_private_stream_read_every_account_over_rest(self):
+        order_id = self.place()
+        for options in ({"stream": False}, {"private_stream": False}):
+            with self.subTest(**options):
+                self.use_plugin(**options)
+                for _ in range(3):
+                    for method, params in (("accounts", None), ("assets", None), ("positions", None),
+                                           ("orders", None), ("orders", {"symbol": "BTC_USDT"}),
+                                           ("order", {"id": order_id})):
+                        self.rest(method, params)
+                self.assertIsNone(self.account_stream())
+                if options.get("stream") is False:
+                    self.rest("ticker", {"symbol": "BTC_USDT"})
+                    self.rest("ticker", {"symbol": "BTC_USDT"})
+                else:                                    # the market stream works without the private one
+                    self.from_memory("ticker", {"symbol": "BTC_USDT"})
+        self.assertEqual(self.okx_stream.logins, [])
+        self.assertEqual(self.okx_stream.open_private_connections, 0)
+        self.assertEqual(self.okx_stream.connections_total, 1)      # the public one
+        parser = plugin.build_parser()
+        for flags, wanted in (([], (True, True)), (["--no-private-stream"], (True, False)),
+                              (["--no-stream"], (False, False))):
+            config = plugin.config_from_args(parser.parse_args(flags), parser)
+            self.assertEqual((config.stream, config.private_stream), wanted, flags)
+
+
 class AccountStreamMemoryRulesTest(unittest.TestCase):
     """An AccountStream fed OKX's messages directly: OKX's rules against duplicate and out-of-order pushes,
     and paged snapshots."""
