@@ -9617,6 +9617,140 @@ class AccountStreamFlagsTest(AccountStreamTestCase):
             self.assertEqual((config.stream, config.private_stream), wanted, flags)
 
 
+class AccountSecretsTest(AccountStreamTestCase):
+    """Over a whole session at debug level, no log line holds a secret, a passphrase or a signature."""
+
+    def test_no_secret_passphrase_or_signature_is_ever_logged(self):
+        self.warm_up()
+        order_id = self.place()
+        self.from_memory("order", {"id": order_id})
+        self.data("cancel", {"id": order_id})
+        self.place("BTC_USDT.swap", "buy", "-1", "1")
+        self.from_memory("positions")
+        self.clock.advance(1)
+        self.okx_stream.kill_connections()                          # reconnect: a second login
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login")
+        self.warm_up()
+        self.clock.advance(1)
+        self.okx_stream.refuse_logins = "60024"                     # and a refused one
+        self.okx_stream.kill_connections()
+        self.wait_until(self.clock.waiting, "no backoff")         # the last connection did not last
+        self.clock.advance(plugin.STREAM_BACKOFF_FIRST)
+        self.wait_until(lambda: self.logins()[-1:] == ["60024"], "no refused login")
+        self.rest("accounts")
+        self.clock.advance(1)
+        self.okx_stream.refuse_logins = None
+        self.rest("accounts", access_key=DEMO_KEY, secret_key=DEMO_SECRET_FIELD)      # refused: 50101
+        self.error("accounts", secret_key="not-the-secret," + PASSPHRASE)
+        self.error("accounts", access_key=OTHER_KEY, secret_key=OTHER_SECRET_FIELD)   # a key OKX does not know
+        for key, code in ((DEMO_KEY, "50101"), (OTHER_KEY, "60032")):
+            self.wait_until(lambda: self.logins(key) == [code] and self.stream_thread_done(key), "no %s login" % code)
+        logins = [request["args"][0] for request in self.okx_stream.received
+                  if isinstance(request, dict) and request.get("op") == "login"]
+        self.assertEqual(len(logins), 5)
+        signs = set()
+        for login in logins:                             # the signatures, computed as OKX checks them
+            secret = {KEY: SECRET, DEMO_KEY: DEMO_SECRET, OTHER_KEY: OTHER_SECRET}[login["apiKey"]]
+            self.assertEqual(login["sign"], ws_login_sign(secret, login["timestamp"]))
+            signs.add(login["sign"])
+        signs.update(r["headers"]["OK-ACCESS-SIGN"] for r in self.fake.requests if "OK-ACCESS-SIGN" in r["headers"])
+        self.assertGreater(len(signs), 10)
+        secrets = [SECRET, PASSPHRASE, DEMO_SECRET, DEMO_PASSPHRASE, OTHER_SECRET, OTHER_PASSPHRASE] + sorted(signs)
+        self.assertGreater(len(LOGS.lines), 30)
+        leaks = [(secret[:6], line) for line in LOGS.lines for secret in secrets if secret in line]
+        self.assertEqual(leaks, [])
+        self.assertTrue(any("account stream 6f1d..." in line for line in LOGS.lines))
+
+
+class StatusPageTest(AccountStreamTestCase):
+    """GET /status: what the plugin is doing, as the test did it, and nothing secret."""
+
+    def get(self, path):
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.server_address[1], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response, response.read().decode("utf-8")
+
+    def test_status_shows_streams_limits_and_calls_without_secrets(self):
+        done = collections.defaultdict(lambda: {"calls": 0, "errors": 0, "okx_requests": 0})
+        memory_answers = 0
+
+        def call(method, params=None, until_memory=False):
+            """A call counted as GET /status should count it (the stream's own reads of open orders aside)."""
+            nonlocal memory_answers
+            while True:
+                answer, requests = self.call(method, params)
+                requests = [r for r in requests if r["path"] != "/api/v5/trade/orders-pending"]
+                done[method]["calls"] += 1
+                done[method]["errors"] += "error" in answer
+                done[method]["okx_requests"] += len(requests)
+                memory_answers += not requests and method != "ticker" and "error" not in answer
+                if not until_memory or not requests:
+                    return answer
+                time.sleep(0.002)
+        # trade first: its signed call reads OKX's clock before the stream (whose thread could read it too)
+        order = {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.01"}
+        order_id = call("trade", order)["data"]["id"]
+        call("ticker", {"symbol": "ETH_USDT"}, until_memory=True)
+        call("accounts", until_memory=True)
+        for _ in range(4):
+            call("accounts")
+        stream = self.account_stream()
+        self.wait_until(lambda: stream.status()["synced"]["orders"], "open orders not read")
+        self.assertEqual([row["id"] for row in call("orders")["data"]], [order_id])
+        call("cancel", {"id": order_id})
+        self.assertIn("51603", call("order", {"id": "BTC-USDT,1234"})["error"])
+        self.assertEqual(done["order"], {"calls": 1, "errors": 1, "okx_requests": 1})
+        self.assertEqual(done["orders"], {"calls": 1, "errors": 0, "okx_requests": 0})
+        self.clock.advance(0.5)
+        response, text = self.get("/status")
+        self.assertEqual((response.status, response.getheader("Content-Type")), (200, "application/json"))
+        status = json.loads(text)
+        self.assertEqual((status["version"], status["uptime_s"]), (plugin.__version__, 0.5))
+        okx = status["exchanges"]["okx"]
+        self.assertEqual(okx["api_base"], self.fake.base_url)
+        market, = okx["streams"]["market"]
+        self.assertTrue(market["live"])
+        self.assertIn("ETH-USDT", " ".join(market["subscriptions"]))
+        account, = okx["streams"]["account"]
+        self.assertEqual({name: account[name] for name in ("key", "demo", "live", "login", "subscriptions",
+                                                          "synced", "reconnects")},
+                         {"key": "6f1d...", "demo": False, "live": True, "login": "ok",
+                          "subscriptions": ["account", "orders", "positions"],
+                          "synced": {"account": True, "positions": True, "orders": True}, "reconnects": 0})
+        self.assertTrue(0 <= account["last_message_age"] <= 0.5, account)
+        self.assertGreaterEqual(account["served_from_memory"], memory_answers)
+        self.assertGreaterEqual(memory_answers, 6)
+        for endpoint in ("GET /api/v5/account/balance", "POST /api/v5/trade/order", "POST /api/v5/trade/cancel-order",
+                         "GET /api/v5/trade/order"):
+            self.assertEqual(okx["rate_limit_buckets"].get(endpoint), 1, (endpoint, okx["rate_limit_buckets"]))
+        paths = collections.Counter(request["path"] for request in self.fake.requests)
+        self.assertEqual(okx["okx_requests"], dict(paths))
+        background = paths["/api/v5/trade/orders-pending"] - done["orders"]["okx_requests"]
+        self.assertGreaterEqual(background, 1)                             # the stream's read of open orders
+        wanted = dict(done, **{"(background)": {"calls": 0, "errors": 0, "okx_requests": background}})
+        self.assertEqual(status["methods"], wanted)
+        for secret in [SECRET, PASSPHRASE, KEY] + [r["headers"]["OK-ACCESS-SIGN"] for r in self.fake.requests
+                                                    if "OK-ACCESS-SIGN" in r["headers"]] + [
+                request["args"][0]["sign"] for request in self.okx_stream.received
+                if isinstance(request, dict) and request.get("op") == "login"]:
+            self.assertNotIn(secret, text)
+        self.clock.advance(2.5)                                            # every rate window has passed
+        self.assertNotIn("GET /api/v5/account/balance", json.loads(self.get("/status")[1])
+                         ["exchanges"]["okx"]["rate_limit_buckets"])
+
+    def test_other_get_paths_keep_the_json_error(self):
+        self.assertEqual(json.loads(self.get("/status/")[1])["version"], plugin.__version__)
+        for path in ("/", "/OKX", "/OKX/status", "/statuses", "/status/x"):
+            with self.subTest(path=path):
+                response, text = self.get(path)
+                self.assertEqual(response.status, 200)
+                self.assertEqual(list(json.loads(text)), ["error"])
+                self.assertIn("only POST is supported", json.loads(text)["error"])
+                self.assertEqual(response.getheader("Connection"), "close")
+
+
 class AccountStreamMemoryRulesTest(unittest.TestCase):
     """An AccountStream fed OKX's messages directly: OKX's rules against duplicate and out-of-order pushes,
     and paged snapshots."""
