@@ -9890,6 +9890,860 @@ class StreamPluginTest(PluginTestCase):
         self.assertIsNone(plugin.OKXShared(plugin.Config(api_base="https://www.okx.com", stream=False)).market_stream())
 
 
+# ---- Live account data ----
+#
+# The plugin's account stream (AccountStream: OKX's /ws/v5/private per key) through the plugin, as FMZ's
+# docker sees it. A FakeOKXStream bound to the fake serves the private channels, --ws-base points the plugin
+# at it, and every read is checked for where its answer came from (memory: the fake received no request at
+# all during the call) and for what it answered (what REST answers: a second plugin started with
+# private_stream=False reads the same fake). Time is the test's VirtualClock: it stands still unless a test
+# moves it, so an answer from memory is never excused by time that passed; only the pushes travel in real
+# time, and the tests wait for them with generous real timeouts.
+
+OTHER_KEY, OTHER_SECRET, OTHER_PASSPHRASE = ("0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9", "5E6F7A8B9C0D1E2F3A4B5C6D7E8F9A0B",
+                                             "Other-Pass-1")
+OTHER_SECRET_FIELD = OTHER_SECRET + "," + OTHER_PASSPHRASE
+OTHER_BALANCES = {"USDT": "777", "BTC": "0.25", "LTC": "12"}
+
+
+def canonical(value):
+    """A JSON text of ``value`` with sorted keys: a sort key for rows whose order does not matter."""
+    return json.dumps(value, sort_keys=True)
+
+
+_plugin_tls_context = plugin.tls_context
+_tls_contexts = {}
+
+
+def reused_tls_context(ca_file=None):
+    """plugin.tls_context, made once per ca_file: loading the system's CAs takes ~40 ms, and the plugin makes
+    one for every new stream, even a ws:// one (as the fake streams are) that never uses it."""
+    if ca_file not in _tls_contexts:
+        _tls_contexts[ca_file] = _plugin_tls_context(ca_file)
+    return _tls_contexts[ca_file]
+
+
+class AccountStreamTestCase(PluginTestCase):
+    """PluginTestCase whose plugin (``self.server``, ``self.docker``) reads balances, positions and orders from
+    the private stream of ``self.okx_stream``. Helpers say where each answer came from."""
+
+    def setUp(self):
+        super().setUp()
+        plugin.LiveConnection._connect_times.clear()
+        # As quick_stream_threads, faster still: stream threads look at their sockets every 2 ms of real time.
+        for name, value in (("tls_context", reused_tls_context), ("STREAM_POLL", 0.002)):
+            patcher = mock.patch.object(plugin, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.okx_stream = FakeOKXStream(okx=self.fake, clock=self.clock).start()
+        self.addCleanup(self.okx_stream.stop)
+        self.use_plugin()
+
+    def use_plugin(self, **options):
+        """Serve the rest of the test from a new plugin on the fake stream (``options``: Config's)."""
+        options = dict({"stream": True, "ws_base": self.okx_stream.url}, **options)
+        self.server = self.start_plugin(**options)
+        self.docker = self.docker_for(self.server)
+
+    def docker_for(self, server, **fields):
+        docker = Docker(server.server_address[1], **fields)
+        self.addCleanup(docker.close)
+        return docker
+
+    def rest_docker(self, **fields):
+        """A docker on a second plugin that reads every account over REST (private_stream=False)."""
+        return self.docker_for(self.start_plugin(private_stream=False), **fields)
+
+    def other_docker(self, server=None):
+        """A docker with the key of a second live account (OTHER_KEY), which this helper opens on the fake."""
+        with self.fake._lock:
+            self.fake.accounts.setdefault(OTHER_KEY, new_account(OTHER_SECRET, OTHER_PASSPHRASE, False,
+                                                                 "66927014565831706", OTHER_BALANCES))
+        return self.docker_for(server or self.server, access_key=OTHER_KEY, secret_key=OTHER_SECRET_FIELD)
+
+    def account_stream(self, key=KEY, server=None):
+        """The plugin's AccountStream of ``key`` (None before the key's first private read)."""
+        for stream in (server or self.server).exchanges["okx"].streams():
+            if isinstance(stream, plugin.AccountStream) and stream.credentials.api_key == key:
+                return stream
+        return None
+
+    def call(self, method, params=None, docker=None, **fields):
+        """One call: (its answer, the requests the fake received meanwhile)."""
+        before = len(self.fake.requests)
+        answer = (docker or self.docker).call(method, params, **fields)
+        return answer, self.fake.requests[before:]
+
+    def memory(self, method, params=None, docker=None, **fields):
+        """The data of one call that must be answered from memory (no request reached the fake)."""
+        answer, requests = self.call(method, params, docker, **fields)
+        self.assertNotIn("error", answer)
+        self.assertEqual([r["method"] + " " + r["path"] for r in requests], [],
+                         "%s %s was not answered from memory" % (method, params))
+        return answer["data"]
+
+    def rest(self, method, params=None, docker=None, **fields):
+        """The data of one call that must be answered over REST."""
+        answer, requests = self.call(method, params, docker, **fields)
+        self.assertNotIn("error", answer)
+        self.assertTrue(requests, "%s %s was answered from memory" % (method, params))
+        return answer["data"]
+
+    def from_memory(self, method, params=None, docker=None, **fields):
+        """Call until an answer costs no request (the stream has caught up); returns that answer."""
+        def answered_from_memory():
+            answer, requests = self.call(method, params, docker, **fields)
+            self.assertNotIn("error", answer)
+            return answer if not requests else None
+        answer = wait_for(answered_from_memory, timeout=5, interval=0.002)
+        self.assertIsNotNone(answer, "%s %s never came from memory" % (method, params))
+        return answer
+
+    def warm_up(self, docker=None, **fields):
+        """Read accounts, positions and orders until each comes from memory."""
+        for method in ("accounts", "positions", "orders"):
+            self.from_memory(method, docker=docker, **fields)
+
+    def wait_until(self, probe, what, timeout=5):
+        self.assertTrue(wait_for(probe, timeout=timeout, interval=0.002), what)
+
+    def logins(self, key=KEY):
+        """OKX's answer codes to the logins of ``key`` on the fake stream, in order ("0": logged in)."""
+        return [code for api_key, code in list(self.okx_stream.logins) if api_key == key]
+
+    def send_private(self, message, key=KEY):
+        """Send ``message`` on every logged-in private connection of ``key`` (events OKX sends on its own)."""
+        with self.okx_stream._lock:
+            conns = [conn for conn in self.okx_stream._conns
+                     if conn.is_open and conn.path == PRIVATE_PATH and conn.api_key == key]
+            for conn in conns:
+                conn.send_json(dict(message, connId=conn.conn_id))
+        self.assertTrue(conns, "no private connection of %s" % key[:4])
+
+    def balance(self, data, ccy):
+        """(free, frozen) of one currency in an accounts answer's data, as Decimals (None when absent)."""
+        rows = [row for row in data if row["currency"] == ccy]
+        return (Decimal(rows[0]["free"]), Decimal(rows[0]["frozen"])) if rows else None
+
+    def place_as(self, docker, symbol="BTC_USDT", type="buy", price="30000", amount="0.01"):
+        """Place an order through ``docker`` (another key's robot); returns the docker order id."""
+        answer = docker.call("trade", {"symbol": symbol, "type": type, "price": price, "amount": amount})
+        self.assertIn("data", answer, answer)
+        return answer["data"]["id"]
+
+    def shows(self, method, check, params=None, docker=None):
+        """True when one call is answered from memory and ``check(data)`` holds (a probe for wait_until)."""
+        answer, requests = self.call(method, params, docker)
+        return not requests and "data" in answer and check(answer["data"])
+
+    def pushes_heard(self, seconds=plugin.STREAM_PING_AFTER):
+        """Once the fake stream has sent every push that is due, move the clock by ``seconds`` (enough for
+        STREAM_PING_AFTER of silence, so the plugin pings) and wait until each account stream heard something
+        at the new time: whatever was sent before has then reached memory, and the stream's thread runs on the
+        new time. (Memory stamps a push with the time its thread's turn began, not with its arrival, so a write
+        right after a bare clock.advance can look newer than its own push: see AccountStreamMemoryRulesTest.)"""
+        def all_due_sent():
+            with self.okx_stream._lock:
+                now = self.clock.monotonic()
+                return not any(entry[0] is None or entry[0] <= now for entry in self.okx_stream._outbox)
+        self.wait_until(all_due_sent, "the fake stream did not send its pushes")
+        with self.okx_stream._deliver_lock:              # a delivery under way has been written
+            pass
+        self.clock.advance(seconds)
+        for stream in self.server.exchanges["okx"].streams():
+            if isinstance(stream, plugin.AccountStream) and stream.heard_ago() is not None:
+                self.wait_until(lambda: stream.heard_ago() == 0, "%s did not answer the ping" % stream.name)
+
+    def stream_thread_done(self, key=KEY):
+        """True once the key's stream thread has ended (it starts again only on a read)."""
+        stream = self.account_stream(key)
+        return stream is not None and stream._thread is None
+
+
+class AccountMemoryTest(AccountStreamTestCase):
+    """After warm-up, accounts, assets, positions, orders and order come from memory, with REST's data."""
+
+    SYMBOLS = ("BTC_USDT", "ETH_USDT", "BTC_USDT.swap", "ETH_USDT.swap")
+
+    def open_orders_and_positions(self, hedge=False):
+        """Resting orders and open positions, half made before the stream connected (its snapshots and
+        REST's open orders hold them) and half after (pushes bring them); returns the docker ids."""
+        ids = [self.place(), self.place("BTC_USDT.swap", "buy", "30000", "1"),
+               self.place("BTC_USDT.swap", "buy", "-1", "2")]
+        self.warm_up()
+        self.pushes_heard()              # later positions are newer (cTime)
+        ids += [self.place("ETH_USDT", "sell", "5000", "0.5"), self.place("ETH_USDT.swap", "sell", "-1", "3"),
+                self.place("ETH_USDT.swap", "sell", "4000", "1")]
+        if hedge:
+            ids.append(self.place("BTC_USDT.swap", "sell", "-1", "1"))
+        self.from_memory("orders")       # every order's own push has come...
+        self.pushes_heard()              # ... and the pushes behind them; the writes' settling time is over
+        return ids
+
+    def assert_memory_equals_rest(self, ids, exact_positions=True):
+        rest = self.rest_docker()
+        calls = [("accounts", None), ("assets", None), ("positions", None), ("orders", None)]
+        calls += [("orders", {"symbol": symbol}) for symbol in self.SYMBOLS]
+        calls += [("positions", {"symbol": symbol}) for symbol in self.SYMBOLS if "." in symbol]
+        calls += [("order", {"id": order_id}) for order_id in ids[3:]]          # those the stream saw
+        calls += [("order", {"id": row["id"]}) for row in self.memory("orders")]
+        for method, params in calls:
+            with self.subTest(method=method, params=params):
+                mine, theirs = self.memory(method, params), rest.call(method, params)
+                self.assertNotIn("error", theirs)
+                if method == "positions" and not exact_positions:
+                    mine, theirs["data"] = sorted(mine, key=canonical), sorted(theirs["data"], key=canonical)
+                self.assertEqual(mine, theirs["data"])
+        self.assertEqual(len(self.memory("orders")), 4)
+        self.assertEqual(len(self.memory("positions")), 3 if len(ids) > 6 else 2)
+
+    def test_reads_come_from_memory_with_rest_data_in_net_mode(self):
+        self.assert_memory_equals_rest(self.open_orders_and_positions(), exact_positions=False)
+
+    def test_reads_come_from_memory_with_rest_data_in_long_short_mode(self):
+        self.fake.set_position_mode("long_short_mode")
+        ids = self.open_orders_and_positions(hedge=True)
+        self.assertEqual(sorted(p["type"] for p in self.memory("positions")), [0, 1, 1])      # long, short, short
+        self.assert_memory_equals_rest(ids, exact_positions=False)
+
+    @unittest.expectedFailure
+    def test_positions_from_memory_are_in_rest_order(self):
+        # PLUGIN BUG: AccountStream.positions returns its positions in the order they reached memory
+        # (_merge_position appends a position first pushed after the snapshot to the OrderedDict's end), while
+        # GET /account/positions lists them newest first by cTime (OKX.md section 5), so the same
+        # GetPositions() answers in another order once the stream serves it. Expected: REST's order (sort the
+        # rows by cTime, newest first).
+        self.assert_memory_equals_rest(self.open_orders_and_positions(), exact_positions=True)
+
+    def test_a_fill_reaches_every_read_without_time_passing(self):
+        spot, swap = self.place(), self.place("BTC_USDT.swap", "buy", "30000", "2")
+        self.warm_up()
+        rest = self.rest_docker()
+        calls = [("order", {"id": spot}), ("order", {"id": swap}), ("orders", None), ("accounts", None),
+                 ("positions", None)]
+        before = [self.memory(*call) for call in calls]
+        self.assertEqual((before[0]["status"], len(before[2]), before[4]), ("pending", 2, []))
+        frozen_at = self.clock.monotonic()
+        self.fake.fill(spot.split(",")[1])
+        self.fake.fill(swap.split(",")[1], sz="1")                   # half of it
+        wanted = [rest.call(*call)["data"] for call in calls]
+        self.assertEqual((wanted[0]["status"], wanted[1]["status"]), ("filled", "partial-filled"))
+        self.assertTrue(all(now != then for now, then in zip(wanted, before)))
+        self.wait_until(lambda: [self.memory(*call) for call in calls] == wanted, "the fill never reached memory")
+        self.assertEqual(self.clock.monotonic(), frozen_at)             # no timer helped: the pushes did it
+        self.assertEqual(self.memory("positions", {"symbol": "BTC_USDT.swap"})[0]["amount"], "1")
+
+    @unittest.expectedFailure
+    def test_an_emptied_currency_leaves_accounts_as_it_leaves_rest(self):
+        # PLUGIN BUG: AccountStream._merge_account keeps a currency whose balance an event_update brings to
+        # zero (OKX pushes it once with eq "0", cashBal "0"), so accounts from memory lists it with free "0"
+        # and frozen "0", while GET /account/balance (and every later snapshot) no longer lists it.
+        # Expected: a detail pushed with eq, cashBal and availBal all zero is removed, as a snapshot would.
+        self.warm_up()
+        rest = self.rest_docker()
+        self.fake.set_balance("LTC", "4")                          # a new currency (pushed) ...
+        self.fake.set_balance("ETH", "0")                          # ... and one emptied
+        wanted = sorted(rest.call("accounts")["data"], key=canonical)
+        self.assertEqual([row["currency"] for row in wanted], ["BTC", "LTC", "USDT"])
+        self.wait_until(lambda: self.balance(self.memory("accounts"), "LTC") is not None, "no LTC push")
+        self.wait_until(lambda: self.balance(self.memory("accounts"), "ETH") != (3, 0), "no ETH push")
+        # (OKX documents no order of the currencies: compared sorted)
+        self.assertEqual(sorted(self.memory("accounts"), key=canonical), wanted)
+
+
+class ReadYourWritesTest(AccountStreamTestCase):
+    """After trade or cancel answered, order, orders, accounts and positions show the write at once, however
+    OKX's pushes come: late, twice, or before the REST answer."""
+
+    def assert_shows(self, order_id, statuses, listed):
+        """order shows ``order_id`` in one of ``statuses``; orders (of its symbol, and all) lists it or not."""
+        symbol = "ETH_USDT" if order_id.startswith("ETH-USDT,") else "BTC_USDT"
+        self.assertIn(self.data("order", {"id": order_id})["status"], statuses)
+        for params in ({"symbol": symbol}, None):
+            ids = [row["id"] for row in self.data("orders", params)]
+            self.assertEqual(order_id in ids, listed, (order_id, params, ids))
+
+    def test_trade_and_cancel_show_at_once_however_the_pushes_come(self):
+        self.warm_up()
+        elsewhere = self.place("ETH_USDT", "sell", "5000", "0.1")
+        defaults = {"push_delay_s": 0.0, "duplicate_pushes": False, "push_before_answer": False}
+        knobs = ({"push_delay_s": 1}, {"push_delay_s": 1, "duplicate_pushes": True}, {"push_before_answer": True})
+        for knob in knobs:
+            with self.subTest(**knob):
+                self.pushes_heard()                                  # the writes are later than any push
+                usdt = self.balance(self.memory("accounts"), "USDT")
+                for name, value in knob.items():
+                    setattr(self.okx_stream, name, value)
+                order_id = self.place()
+                self.assert_shows(order_id, ("pending",), listed=True)
+                self.assertEqual(self.balance(self.data("accounts"), "USDT"), (usdt[0] - 300, usdt[1] + 300))
+                self.assertEqual(self.memory("order", {"id": elsewhere})["status"], "pending")  # others: memory
+                self.clock.advance(0.5)
+                self.assert_shows(order_id, ("pending",), listed=True)
+                self.assertEqual(self.balance(self.data("accounts"), "USDT"), (usdt[0] - 300, usdt[1] + 300))
+                self.clock.advance(0.5)                              # delayed pushes are due now
+                self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "pending")
+                self.assertIn(order_id, [row["id"] for row in self.from_memory("orders")["data"]])
+                self.assertTrue(self.data("cancel", {"id": order_id}))
+                for step in (0, 0.5, 0.5):
+                    self.clock.advance(step)
+                    self.assert_shows(order_id, ("canceled",), listed=False)
+                self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "canceled")
+                self.pushes_heard()
+                self.assertEqual(self.memory("order", {"id": order_id})["status"], "canceled")
+                self.assertNotIn(order_id, [row["id"] for row in self.memory("orders")])
+                self.assertEqual(self.balance(self.memory("accounts"), "USDT"), usdt)
+                for name in knob:
+                    setattr(self.okx_stream, name, defaults[name])
+
+    def test_a_contract_order_shows_in_balances_and_positions_at_once(self):
+        self.warm_up()
+        self.pushes_heard()
+        self.okx_stream.push_delay_s = 1
+        usdt = self.balance(self.memory("accounts"), "USDT")
+        self.place("BTC_USDT.swap", "buy", "-1", "2")                      # fills at once
+        for step in (0, 0.5, 0.4):
+            self.clock.advance(step)
+            positions = self.rest("positions")
+            self.assertEqual([(p["symbol"], p["amount"]) for p in positions], [("BTC_USDT.swap", "2")])
+            self.assertLess(self.balance(self.rest("accounts"), "USDT")[0], usdt[0])
+        self.clock.advance(0.1)                                            # the pushes are due
+        stream = self.account_stream()
+        self.wait_until(lambda: stream._positions, "no positions push")      # (what memory holds)
+        self.assertEqual([p["amount"] for p in self.memory("positions")], ["2"])
+        self.assertLess(self.balance(self.memory("accounts"), "USDT")[0], usdt[0])
+
+    @unittest.expectedFailure
+    def test_balances_after_a_write_are_never_older_than_it_when_pushes_are_late(self):
+        # PLUGIN BUG: AccountStream.balance (and .positions) trust memory again as soon as WRITE_SETTLE (1 s)
+        # has passed since the write, or as soon as any account push arrives after begin_write, whichever is
+        # first (_settling compares the channel's last push time with the write's time). A push that OKX
+        # delays past 1 s, or an unrelated push that overtakes the write's own (a balance change made just
+        # before the order), thus ends the wait, and accounts answers a balance from before the order.
+        # Expected: memory waits for the account push that follows the write's own order push (bounded by
+        # ORDER_PUSH_WAIT, as orders are), and answers from REST meanwhile.
+        self.warm_up()
+        self.pushes_heard()
+        self.okx_stream.push_delay_s = 1
+        stream = self.account_stream()
+        self.clock.advance(0.5)
+        self.fake.set_balance("ETH", "7")                                  # pushed 1 s later, at +1.5 s
+        self.clock.advance(0.4)
+        self.place()                                                       # freezes 300 USDT; pushed at +1.9 s
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
+        self.pushes_heard(0.1)                                             # +1 s: its thread runs on this time
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
+        self.clock.advance(0.5)                                            # the ETH push arrives, not the order's
+        self.wait_until(lambda: stream._details.get("ETH", {}).get("cashBal") == "7", "no ETH push")
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
+        self.clock.advance(0.5)
+        self.okx_stream.push_delay_s = 1.5                                 # later than WRITE_SETTLE
+        self.clock.advance(1)
+        self.place()
+        self.clock.advance(1.2)
+        self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9400, 600))
+
+    @unittest.expectedFailure
+    def test_a_canceled_order_is_not_live_again_when_its_push_is_late(self):
+        # PLUGIN BUG: when a cancel's push is later than ORDER_PUSH_WAIT, AccountStream._orders_trusted reads
+        # the open orders again, and _apply_orders_results keeps every open order that REST no longer lists
+        # but that was ever pushed (_order_heard), "pushed during the read". The canceled order had its
+        # "live" push long before, so memory has it live again: order says pending, orders lists it, though
+        # cancel answered true and OKX lists it canceled. Expected: keep only orders pushed after the REST read
+        # began; drop (leave to REST) the others.
+        self.warm_up()
+        order_id = self.place()
+        self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "pending")
+        self.okx_stream.push_delay_s = 30
+        self.assertTrue(self.data("cancel", {"id": order_id}))
+        self.clock.advance(plugin.ORDER_PUSH_WAIT + 0.5)
+        stream = self.account_stream()
+        self.wait_until(lambda: stream.status()["live"], "the stream did not answer the ping")
+        self.assert_shows(order_id, ("canceled",), listed=False)          # overdue: open orders are read again
+        self.wait_until(lambda: any("no push for order %s" % order_id.split(",")[1] in line for line in LOGS.lines),
+                        "no warning about the missing push")
+        self.wait_until(lambda: stream.status()["synced"]["orders"], "open orders were not read again")
+        self.assert_shows(order_id, ("canceled",), listed=False)
+
+
+class AccountStreamLossTest(AccountStreamTestCase):
+    """A killed, silent or ending private connection never gives a stale answer; it comes back, logs in again
+    and resyncs; a channel OKX ends goes to REST."""
+
+    def test_a_killed_connection_gives_rest_answers_then_logs_in_again_and_resyncs(self):
+        order_id = self.place()
+        self.warm_up()
+        stream = self.account_stream()
+        self.okx_stream.bad_accept = True                # reconnecting fails until the test lets it
+        self.okx_stream.kill_connections()
+        self.wait_until(lambda: not stream.status()["live"] and self.clock.waiting(), "the loss went unnoticed")
+        self.fake.set_balance("ETH", "7")                # changes nobody pushes
+        self.fake.fill(order_id.split(",")[1])
+        self.assertEqual(self.balance(self.rest("accounts"), "ETH"), (7, 0))
+        self.assertEqual(self.rest("order", {"id": order_id})["status"], "filled")
+        self.assertEqual(self.rest("orders"), [])
+        self.assertEqual(self.rest("positions"), [])
+        self.okx_stream.bad_accept = False
+        self.clock.advance(plugin.STREAM_BACKOFF_FIRST)
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login")
+        self.assertEqual(self.balance(self.from_memory("accounts")["data"], "ETH"), (7, 0))
+        self.assertEqual(self.from_memory("orders")["data"], [])
+        self.assertEqual(stream.status()["reconnects"], 1)
+        self.assertEqual(self.okx_stream.open_private_connections, 1)
+
+    def test_a_silent_connection_is_left_to_rest_within_the_freshness_window(self):
+        self.warm_up()
+        self.okx_stream.answer_pings = False
+        self.fake.set_balance("ETH", "7")                # its push is lost: the server is silent
+        pings = self.okx_stream.pings_received
+        self.clock.advance(plugin.STREAM_FRESH_SECONDS)
+        self.assertEqual(self.balance(self.rest("accounts"), "ETH"), (7, 0))
+        self.rest("orders")
+        self.wait_until(lambda: self.okx_stream.pings_received > pings, "no ping")     # unanswered
+        self.okx_stream.answer_pings = True
+        self.clock.advance(plugin.STREAM_DEAD_AFTER - plugin.STREAM_FRESH_SECONDS + 0.1)    # given up
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login")
+        self.assertEqual(self.balance(self.from_memory("accounts")["data"], "ETH"), (7, 0))
+        self.from_memory("orders")
+
+    def test_notice_64008_reconnects_and_resyncs(self):
+        self.warm_up()
+        self.okx_stream.send_notice_64008()
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login after 64008")
+        self.fake.set_balance("ETH", "9")
+        self.wait_until(lambda: self.shows("accounts", lambda data: self.balance(data, "ETH") == (9, 0)),
+                        "the change after the reconnection never reached memory")
+        self.from_memory("orders")
+        self.assertTrue(any("64008" in line for line in LOGS.lines))
+
+    def test_channel_conn_count_error_leaves_that_channel_to_rest(self):
+        self.warm_up()
+        stream = self.account_stream()
+        self.send_private({"event": "channel-conn-count-error", "channel": "orders", "connCount": "30"})
+        self.wait_until(lambda: "orders" not in stream.status()["subscriptions"], "orders still subscribed")
+        for _ in range(3):
+            self.rest("orders")
+            self.memory("accounts")
+            self.memory("positions")
+        self.assertTrue(any("orders subscription" in line and "REST" in line for line in LOGS.lines))
+
+
+class RefusedLoginTest(AccountStreamTestCase):
+    """A login OKX refuses leaves the key to REST, says why in the log, and is tried again rarely."""
+
+    def test_a_wrong_passphrase_is_retried_rarely_while_rest_answers(self):
+        self.okx_stream.refuse_logins = "60024"
+        started, login_times = self.clock.monotonic(), []
+        for _ in range(60):                              # ten minutes, a read every 10 s
+            self.assertEqual(self.balance(self.rest("accounts"), "USDT"), (10000, 0))
+            self.wait_until(lambda: self.stream_thread_done(), "the stream thread did not end")
+            login_times += [self.clock.monotonic() - started] * (len(self.logins()) - len(login_times))
+            self.wait_until(lambda: self.okx_stream.open_private_connections == 0, "a refused connection stays open")
+            self.clock.advance(10)
+        self.assertEqual(self.logins(), ["60024"] * len(login_times))
+        gaps = [later - earlier for earlier, later in zip(login_times, login_times[1:])]
+        self.assertEqual(login_times[0], 0)
+        self.assertEqual(gaps[0], plugin.LOGIN_RETRY_FIRST)
+        self.assertTrue(all(later > earlier for earlier, later in zip(gaps, gaps[1:])), gaps)
+        self.assertLessEqual(len(login_times), 6)
+        status = self.account_stream().status()
+        self.assertEqual((status["login"], status["live"]), ("refused (60024)", False))
+        refusals = [line for line in LOGS.lines if "OKX refused the login (60024: Wrong passphrase" in line]
+        self.assertEqual(len(refusals), len(login_times))
+        self.assertIn("read over REST", refusals[0])
+
+    def test_a_key_of_another_site_and_a_demo_key_on_the_live_host_fall_back_to_rest(self):
+        cases = (("60032", KEY, SECRET_FIELD, "API key doesn't exist", "10000"),
+                 ("50101", DEMO_KEY, DEMO_SECRET_FIELD, "APIKey does not match current environment.", "100000"))
+        for code, key, secret_field, message, usdt in cases:
+            with self.subTest(code=code):
+                self.okx_stream.refuse_logins = code if code == "60032" else None
+                self.use_plugin()
+                del LOGS.lines[:]
+                fields = {"access_key": key, "secret_key": secret_field}
+                self.assertEqual(self.balance(self.rest("accounts", **fields), "USDT"), (Decimal(usdt), 0))
+                self.wait_until(lambda: self.stream_thread_done(key), "the stream thread did not end")
+                self.assertEqual(self.logins(key)[-1], code)
+                logged = len(self.logins(key))
+                for _ in range(5):
+                    self.clock.advance(5)
+                    self.rest("accounts", **fields)
+                    self.rest("orders", **fields)
+                self.assertEqual(len(self.logins(key)), logged)               # no new login within 25 s
+                self.wait_until(lambda: self.okx_stream.open_private_connections == 0, "a refused connection is open")
+                refusal = [line for line in LOGS.lines if "OKX refused the login (%s: %s" % (code, message) in line]
+                self.assertEqual(len(refusal), 1, LOGS.lines)
+                if code == "50101":
+                    self.assertIn(plugin.ERROR_HINTS["50101"], refusal[0])
+                self.clock.advance(10)
+
+    @unittest.expectedFailure
+    def test_a_refused_login_has_the_hint_of_its_rest_twin(self):
+        # PLUGIN BUG: LoginRefused takes its hint from ERROR_HINTS by the login's own code, and only 50101 has
+        # one: a wrong passphrase (60024) and a key of another OKX site (60032) are logged without a hint,
+        # though REST's 50105 and 50119 (the same mistakes) have one. Expected: 60024 and 60032 get the hints
+        # of 50105 and 50119.
+        for code, twin in (("60024", "50105"), ("60032", "50119")):
+            with self.subTest(code=code):
+                self.okx_stream.refuse_logins = code
+                self.use_plugin()
+                self.rest("accounts")
+                self.wait_until(lambda: self.logins()[-1:] == [code], "no refused login")
+                self.wait_until(lambda: any("(%s:" % code in line for line in LOGS.lines), "no refusal logged")
+                self.assertTrue(any("(%s:" % code in line and plugin.ERROR_HINTS[twin] in line for line in LOGS.lines))
+
+
+class AccountKeysTest(AccountStreamTestCase):
+    """Each key's reads are answered from that key's own connection only."""
+
+    def test_two_keys_never_see_each_others_balances_positions_or_orders(self):
+        other = self.other_docker()
+        mine = self.place()
+        theirs = [self.place_as(other, "BTC_USDT", "buy", "31000", "0.002"),
+                  self.place_as(other, "LTC_USDT", "sell", "90", "1")]
+        self.warm_up()
+        self.warm_up(docker=other)
+        rest_mine = self.rest_docker()
+        rest_theirs = self.rest_docker(access_key=OTHER_KEY, secret_key=OTHER_SECRET_FIELD)
+        self.assertEqual(self.okx_stream.open_private_connections, 2)
+        for docker, rest in ((self.docker, rest_mine), (other, rest_theirs)):
+            for method in ("accounts", "positions", "orders"):
+                with self.subTest(key=docker.access_key[:4], method=method):
+                    self.assertEqual(self.memory(method, docker=docker), rest.call(method)["data"])
+        self.assertEqual([row["id"] for row in self.memory("orders")], [mine])
+        self.assertEqual([row["id"] for row in self.memory("orders", docker=other)], theirs[::-1])
+        self.assertEqual(self.balance(self.memory("accounts", docker=other), "USDT"), (715, 62))
+        self.assertEqual(self.balance(self.memory("accounts"), "USDT"), (9700, 300))
+        self.assertIn("51603", self.error("order", {"id": theirs[0]}))     # REST's answer: not this key's order
+        self.pushes_heard()
+        self.place_as(other, "BTC_USDT.swap", "buy", "-1", "1")            # a position of theirs only
+        self.assertEqual(len(self.from_memory("positions", docker=other)["data"]), 1)
+        self.assertEqual(self.memory("positions"), [])
+        self.assertEqual(self.memory("orders"), rest_mine.call("orders")["data"])
+        self.assertEqual(self.memory("accounts"), rest_mine.call("accounts")["data"])
+        keys = sorted(s["key"] for s in self.server.status()["exchanges"]["okx"]["streams"]["account"])
+        self.assertEqual(keys, sorted([KEY[:4] + "...", OTHER_KEY[:4] + "..."]))
+
+    @unittest.expectedFailure
+    def test_a_wrong_secret_for_a_known_key_is_refused_as_over_rest(self):
+        # PLUGIN BUG: OKXShared.account_stream finds the stream by access key alone and, when the request's
+        # secret or passphrase differ, puts them into the stream (stream.credentials = credentials): a
+        # request with a known access key and any secret gets that account's balances, positions and orders
+        # from memory (REST would refuse it: 50113, 50105), and the wrong secret then breaks the next login
+        # of the real key (60007/60024, then REST for minutes). Expected: memory answers only a request with
+        # the credentials the connection logged in with; other credentials go to REST, and replace the
+        # stream's only once OKX has accepted them.
+        self.warm_up()
+        self.assertIn("50113", self.error("accounts", secret_key="not-the-secret," + PASSPHRASE))
+        self.assertIn("50105", self.error("orders", secret_key=SECRET + ",not-the-passphrase"))
+        self.memory("accounts")                                            # the real key: memory as before
+        self.okx_stream.kill_connections()
+        self.wait_until(lambda: len(self.logins()) == 2, "no second login")
+        self.assertEqual(self.logins(), ["0", "0"])
+
+
+class AccountStreamFlagsTest(AccountStreamTestCase):
+    """--stream-idle closes an unread key's connection; --no-stream and --no-private-stream read over REST."""
+
+    def test_an_unread_key_closes_its_connection_and_the_next_read_opens_it(self):
+        self.use_plugin(stream_idle=2)
+        self.warm_up()
+        for _ in range(2):                               # a read within stream_idle keeps it open
+            self.clock.advance(1.5)
+            self.from_memory("accounts")
+        self.assertEqual(self.okx_stream.open_private_connections, 1)
+        self.clock.advance(2.1)
+        self.wait_until(lambda: self.okx_stream.open_private_connections == 0, "still open after stream_idle")
+        self.wait_until(lambda: self.stream_thread_done(), "the stream thread did not end")
+        self.assertEqual(self.logins(), ["0"])           # closed, not reconnected
+        self.assertFalse(self.account_stream().status()["live"])
+        self.rest("accounts")                            # the first read after the close: REST, and it opens
+        self.warm_up()
+        self.assertEqual((self.logins(), self.okx_stream.open_private_connections), (["0", "0"], 1))
+
+    def test_no_stream_and_no_private_stream_read_every_account_over_rest(self):
+        order_id = self.place()
+        for options in ({"stream": False}, {"private_stream": False}):
+            with self.subTest(**options):
+                self.use_plugin(**options)
+                for _ in range(3):
+                    for method, params in (("accounts", None), ("assets", None), ("positions", None),
+                                           ("orders", None), ("orders", {"symbol": "BTC_USDT"}),
+                                           ("order", {"id": order_id})):
+                        self.rest(method, params)
+                self.assertIsNone(self.account_stream())
+                if options.get("stream") is False:
+                    self.rest("ticker", {"symbol": "BTC_USDT"})
+                    self.rest("ticker", {"symbol": "BTC_USDT"})
+                else:                                    # the market stream works without the private one
+                    self.from_memory("ticker", {"symbol": "BTC_USDT"})
+        self.assertEqual(self.okx_stream.logins, [])
+        self.assertEqual(self.okx_stream.open_private_connections, 0)
+        self.assertEqual(self.okx_stream.connections_total, 1)      # the public one
+        parser = plugin.build_parser()
+        for flags, wanted in (([], (True, True)), (["--no-private-stream"], (True, False)),
+                              (["--no-stream"], (False, False))):
+            config = plugin.config_from_args(parser.parse_args(flags), parser)
+            self.assertEqual((config.stream, config.private_stream), wanted, flags)
+
+
+class AccountSecretsTest(AccountStreamTestCase):
+    """Over a whole session at debug level, no log line holds a secret, a passphrase or a signature."""
+
+    def test_no_secret_passphrase_or_signature_is_ever_logged(self):
+        self.warm_up()
+        order_id = self.place()
+        self.from_memory("order", {"id": order_id})
+        self.data("cancel", {"id": order_id})
+        self.place("BTC_USDT.swap", "buy", "-1", "1")
+        self.from_memory("positions")
+        self.clock.advance(1)
+        self.okx_stream.kill_connections()                          # reconnect: a second login
+        self.wait_until(lambda: self.logins() == ["0", "0"], "no second login")
+        self.warm_up()
+        self.clock.advance(1)
+        self.okx_stream.refuse_logins = "60024"                     # and a refused one
+        self.okx_stream.kill_connections()
+        self.wait_until(self.clock.waiting, "no backoff")         # the last connection did not last
+        self.clock.advance(plugin.STREAM_BACKOFF_FIRST)
+        self.wait_until(lambda: self.logins()[-1:] == ["60024"], "no refused login")
+        self.rest("accounts")
+        self.clock.advance(1)
+        self.okx_stream.refuse_logins = None
+        self.rest("accounts", access_key=DEMO_KEY, secret_key=DEMO_SECRET_FIELD)      # refused: 50101
+        self.error("accounts", secret_key="not-the-secret," + PASSPHRASE)
+        self.error("accounts", access_key=OTHER_KEY, secret_key=OTHER_SECRET_FIELD)   # a key OKX does not know
+        for key, code in ((DEMO_KEY, "50101"), (OTHER_KEY, "60032")):
+            self.wait_until(lambda: self.logins(key) == [code] and self.stream_thread_done(key), "no %s login" % code)
+        logins = [request["args"][0] for request in self.okx_stream.received
+                  if isinstance(request, dict) and request.get("op") == "login"]
+        self.assertEqual(len(logins), 5)
+        signs = set()
+        for login in logins:                             # the signatures, computed as OKX checks them
+            secret = {KEY: SECRET, DEMO_KEY: DEMO_SECRET, OTHER_KEY: OTHER_SECRET}[login["apiKey"]]
+            self.assertEqual(login["sign"], ws_login_sign(secret, login["timestamp"]))
+            signs.add(login["sign"])
+        signs.update(r["headers"]["OK-ACCESS-SIGN"] for r in self.fake.requests if "OK-ACCESS-SIGN" in r["headers"])
+        self.assertGreater(len(signs), 10)
+        secrets = [SECRET, PASSPHRASE, DEMO_SECRET, DEMO_PASSPHRASE, OTHER_SECRET, OTHER_PASSPHRASE] + sorted(signs)
+        self.assertGreater(len(LOGS.lines), 30)
+        leaks = [(secret[:6], line) for line in LOGS.lines for secret in secrets if secret in line]
+        self.assertEqual(leaks, [])
+        self.assertTrue(any("account stream 6f1d..." in line for line in LOGS.lines))
+
+
+class StatusPageTest(AccountStreamTestCase):
+    """GET /status: what the plugin is doing, as the test did it, and nothing secret."""
+
+    def get(self, path):
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.server_address[1], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response, response.read().decode("utf-8")
+
+    def test_status_shows_streams_limits_and_calls_without_secrets(self):
+        done = collections.defaultdict(lambda: {"calls": 0, "errors": 0, "okx_requests": 0})
+        memory_answers = 0
+
+        def call(method, params=None, until_memory=False):
+            """A call counted as GET /status should count it (the stream's own reads of open orders aside)."""
+            nonlocal memory_answers
+            while True:
+                answer, requests = self.call(method, params)
+                requests = [r for r in requests if r["path"] != "/api/v5/trade/orders-pending"]
+                done[method]["calls"] += 1
+                done[method]["errors"] += "error" in answer
+                done[method]["okx_requests"] += len(requests)
+                memory_answers += not requests and method != "ticker" and "error" not in answer
+                if not until_memory or not requests:
+                    return answer
+                time.sleep(0.002)
+        # trade first: its signed call reads OKX's clock before the stream (whose thread could read it too)
+        order = {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.01"}
+        order_id = call("trade", order)["data"]["id"]
+        call("ticker", {"symbol": "ETH_USDT"}, until_memory=True)
+        call("accounts", until_memory=True)
+        for _ in range(4):
+            call("accounts")
+        stream = self.account_stream()
+        self.wait_until(lambda: stream.status()["synced"]["orders"], "open orders not read")
+        self.assertEqual([row["id"] for row in call("orders")["data"]], [order_id])
+        call("cancel", {"id": order_id})
+        self.assertIn("51603", call("order", {"id": "BTC-USDT,1234"})["error"])
+        self.assertEqual(done["order"], {"calls": 1, "errors": 1, "okx_requests": 1})
+        self.assertEqual(done["orders"], {"calls": 1, "errors": 0, "okx_requests": 0})
+        self.clock.advance(0.5)
+        response, text = self.get("/status")
+        self.assertEqual((response.status, response.getheader("Content-Type")), (200, "application/json"))
+        status = json.loads(text)
+        self.assertEqual((status["version"], status["uptime_s"]), (plugin.__version__, 0.5))
+        okx = status["exchanges"]["okx"]
+        self.assertEqual(okx["api_base"], self.fake.base_url)
+        market, = okx["streams"]["market"]
+        self.assertTrue(market["live"])
+        self.assertIn("ETH-USDT", " ".join(market["subscriptions"]))
+        account, = okx["streams"]["account"]
+        self.assertEqual({name: account[name] for name in ("key", "demo", "live", "login", "subscriptions",
+                                                          "synced", "reconnects")},
+                         {"key": "6f1d...", "demo": False, "live": True, "login": "ok",
+                          "subscriptions": ["account", "orders", "positions"],
+                          "synced": {"account": True, "positions": True, "orders": True}, "reconnects": 0})
+        self.assertTrue(0 <= account["last_message_age"] <= 0.5, account)
+        self.assertGreaterEqual(account["served_from_memory"], memory_answers)
+        self.assertGreaterEqual(memory_answers, 6)
+        for endpoint in ("GET /api/v5/account/balance", "POST /api/v5/trade/order", "POST /api/v5/trade/cancel-order",
+                         "GET /api/v5/trade/order"):
+            self.assertEqual(okx["rate_limit_buckets"].get(endpoint), 1, (endpoint, okx["rate_limit_buckets"]))
+        paths = collections.Counter(request["path"] for request in self.fake.requests)
+        self.assertEqual(okx["okx_requests"], dict(paths))
+        background = paths["/api/v5/trade/orders-pending"] - done["orders"]["okx_requests"]
+        self.assertGreaterEqual(background, 1)                             # the stream's read of open orders
+        wanted = dict(done, **{"(background)": {"calls": 0, "errors": 0, "okx_requests": background}})
+        self.assertEqual(status["methods"], wanted)
+        for secret in [SECRET, PASSPHRASE, KEY] + [r["headers"]["OK-ACCESS-SIGN"] for r in self.fake.requests
+                                                    if "OK-ACCESS-SIGN" in r["headers"]] + [
+                request["args"][0]["sign"] for request in self.okx_stream.received
+                if isinstance(request, dict) and request.get("op") == "login"]:
+            self.assertNotIn(secret, text)
+        self.clock.advance(2.5)                                            # every rate window has passed
+        self.assertNotIn("GET /api/v5/account/balance", json.loads(self.get("/status")[1])
+                         ["exchanges"]["okx"]["rate_limit_buckets"])
+
+    def test_other_get_paths_keep_the_json_error(self):
+        self.assertEqual(json.loads(self.get("/status/")[1])["version"], plugin.__version__)
+        for path in ("/", "/OKX", "/OKX/status", "/statuses", "/status/x"):
+            with self.subTest(path=path):
+                response, text = self.get(path)
+                self.assertEqual(response.status, 200)
+                self.assertEqual(list(json.loads(text)), ["error"])
+                self.assertIn("only POST is supported", json.loads(text)["error"])
+                self.assertEqual(response.getheader("Connection"), "close")
+
+
+class AccountStreamMemoryRulesTest(unittest.TestCase):
+    """An AccountStream fed OKX's messages directly: OKX's rules against duplicate and out-of-order pushes,
+    and paged snapshots."""
+
+    INST = "BTC-USDT"
+
+    def setUp(self):
+        self.clock = VirtualClock()
+        credentials = plugin.Credentials(KEY, SECRET, PASSPHRASE)
+        self.stream = plugin.AccountStream("ws://127.0.0.1:9", self.clock, credentials,
+                                           plugin.ExchangeClock(self.clock), load_open_orders=lambda: [])
+        self.stream._ensure_thread = lambda: None           # no connection: the test is OKX
+        self.addCleanup(self.stream.close)
+        with self.stream._lock:
+            self.stream._connected, self.stream._heard_at = True, self.clock.monotonic()
+            self.stream._asked_at = self.clock.monotonic()
+            for arg in plugin.ACCOUNT_CHANNELS:
+                self.stream._channels[arg["channel"]] = "live"
+            self.stream._synced["orders"] = True
+
+    def push(self, channel, rows, **fields):
+        arg = {"channel": channel, "uid": "44705892343619584"}
+        with self.stream._lock:
+            self.stream._on_message(dict({"arg": arg, "data": rows}, **fields), self.clock.monotonic())
+
+    def order_row(self, ord_id, state, filled, utime, **fields):
+        row = {"instType": "SPOT", "instId": self.INST, "ordId": ord_id, "state": state, "accFillSz": filled,
+               "sz": "1", "px": "30000", "side": "buy", "avgPx": "30000" if Decimal(filled) else "0",
+               "uTime": str(utime), "fillSz": "0", "execType": "", "code": "0", "msg": ""}
+        row.update(fields)
+        return row
+
+    def test_duplicates_and_late_pushes_never_undo_a_fill_or_a_final_state(self):
+        pushes = [("live", "0", 1), ("partially_filled", "0.4", 3), ("live", "0", 2), ("partially_filled", "0.2", 2),
+                  ("partially_filled", "0.4", 4), ("filled", "1", 6), ("partially_filled", "0.6", 5),
+                  ("live", "0", 9), ("canceled", "0", 10), ("filled", "1", 6)]
+        seen = []
+        for state, filled, utime in pushes:
+            self.push("orders", [self.order_row("1", state, filled, utime)])
+            row = self.stream.order(self.INST, "1")
+            seen.append((row["state"], row["accFillSz"]))
+        self.assertEqual(seen, [("live", "0"), ("partially_filled", "0.4"), ("partially_filled", "0.4"),
+                                ("partially_filled", "0.4"), ("partially_filled", "0.4")] + [("filled", "1")] * 5)
+        self.assertEqual(self.stream.open_orders(), [])
+        self.push("orders", [self.order_row("2", "canceled", "0", 5, sz="2")])
+        self.push("orders", [self.order_row("2", "live", "0", 4, sz="2"), self.order_row("2", "live", "0", 6, sz="2")])
+        self.assertEqual(self.stream.order(self.INST, "2")["state"], "canceled")
+        self.assertEqual(self.stream.open_orders(self.INST), [])
+        row = self.stream.order(self.INST, "1")                        # REST's row: no push-only fields
+        self.assertNotIn("execType", row)
+        self.assertEqual(row["avgPx"], "30000")
+
+    def test_a_paged_snapshot_counts_once_its_last_page_came(self):
+        def position(inst_id, pos, utime=1):
+            return {"instType": "SWAP", "instId": inst_id, "posId": inst_id, "mgnMode": "cross", "posSide": "net",
+                    "pos": pos, "uTime": str(utime), "pTime": "7"}
+        self.push("positions", [position("BTC-USDT-SWAP", "1"), position("ETH-USDT-SWAP", "2")],
+                  eventType="snapshot", curPage=1, lastPage=False)
+        self.assertIsNone(self.stream.positions())                     # not in sync before the last page
+        self.push("positions", [position("LTC-USDT-SWAP", "3")], eventType="snapshot", curPage=2, lastPage=True)
+        self.assertEqual([(p["instId"], p["pos"]) for p in self.stream.positions()],
+                         [("BTC-USDT-SWAP", "1"), ("ETH-USDT-SWAP", "2"), ("LTC-USDT-SWAP", "3")])
+        self.assertNotIn("pTime", self.stream.positions()[0])
+        self.push("positions", [position("BTC-USDT-SWAP", "5", 3)], eventType="snapshot", curPage=1, lastPage="false")
+        self.assertEqual(len(self.stream.positions()), 3)              # a regular snapshot's first page: held
+        self.push("positions", [position("ETH-USDT-SWAP", "0", 3)], eventType="event_update")   # closed
+        self.assertEqual([p["instId"] for p in self.stream.positions()], ["BTC-USDT-SWAP", "LTC-USDT-SWAP"])
+        self.push("positions", [], eventType="snapshot", curPage=2, lastPage=True)
+        self.assertEqual([(p["instId"], p["pos"]) for p in self.stream.positions()], [("BTC-USDT-SWAP", "5")])
+        self.push("positions", [position("BTC-USDT-SWAP", "4", 2)], eventType="event_update")   # older: dropped
+        self.assertEqual(self.stream.positions()[0]["pos"], "5")
+
+    def test_an_older_balance_push_is_dropped_and_pages_are_collected(self):
+        def detail(ccy, avail, utime):
+            return {"ccy": ccy, "availBal": avail, "frozenBal": "0", "eq": avail, "cashBal": avail, "uTime": str(utime)}
+        self.push("account", [{"totalEq": "1", "details": [detail("BTC", "1", 5)]}], eventType="snapshot",
+                  curPage=1, lastPage=False)
+        self.assertIsNone(self.stream.balance())
+        self.push("account", [{"totalEq": "2", "details": [detail("USDT", "10", 5)]}], eventType="snapshot",
+                  curPage=2, lastPage=True)
+        balance, = self.stream.balance()
+        self.assertEqual((balance["totalEq"], [d["ccy"] for d in balance["details"]]), ("2", ["BTC", "USDT"]))
+        self.push("account", [{"totalEq": "3", "details": [detail("BTC", "0.5", 4), detail("USDT", "11", 6)]}],
+                  eventType="event_update")
+        balance, = self.stream.balance()
+        self.assertEqual([(d["ccy"], d["availBal"]) for d in balance["details"]], [("BTC", "1"), ("USDT", "11")])
+
+    @unittest.expectedFailure
+    def test_a_push_that_came_before_the_answer_counts_for_read_your_writes(self):
+        # PLUGIN BUG: LiveConnection._serve hands each message to _on_message with the `now` it read at the top
+        # of its turn, before waiting up to STREAM_POLL in ws.receive(): a push is stamped up to 50 ms earlier
+        # than it arrived. An order push that arrives after the order was sent but before OKX's answer (OKX
+        # pushes within milliseconds) is then taken for older than the order: end_write waits for a push that
+        # already came, so order and orders of that instrument go to REST for ORDER_PUSH_WAIT, then a false
+        # "no push for order" warning and a REST read of every open order. (Balances and positions wait
+        # WRITE_SETTLE for nothing the same way.) Expected: messages stamped with their arrival (ws.heard_at,
+        # or the clock read after receive()).
+        stream, sent, clock = self.stream, [], self.clock
+        push = json.dumps({"arg": {"channel": "orders", "instType": "ANY"},
+                           "data": [self.order_row("7", "live", "0", 1)]})
+
+        class ScriptedSocket:
+            """During one wait for bytes, a robot sends an order and its push arrives; then the stream stops."""
+            heard_at = clock.monotonic()
+
+            def send_text(self, text):
+                pass
+
+            def receive(self):
+                if sent:
+                    stream._stop.set()
+                    return []
+                clock.advance(0.02)
+                sent.append(stream.begin_write(False))
+                self.heard_at = clock.monotonic()
+                return [push]
+        stream._serve(ScriptedSocket())
+        stream.end_write(self.INST, "7", sent[0])         # OKX's answer, after its push
+        row = stream.order(self.INST, "7")
+        self.assertIsNotNone(row, "the order is left to REST though its push came")
+        self.assertEqual(row["state"], "live")
+
+
 # ---- Benchmark: python3 test_protocol.py bench [--rtt-ms 20] [--robots 8] [--calls 40] [NAME=COMMAND ...] ----
 
 def _bench_percentile(values, fraction):
