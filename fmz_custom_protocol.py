@@ -219,6 +219,14 @@ ERROR_HINTS = {
     "50004": "OKX timed out on the request: its outcome is unknown, check before repeating it",
     "51603": "no such order: the id is wrong, or the order was canceled without fills, which OKX forgets "
              "about 2 hours after the cancel",
+    # the private stream's login refusals, OKX's WebSocket twins of the REST codes above
+    "60005": "OKX does not know this API key: check the Access Key, and the OKX site it was made on",
+    "60007": "the login's signature was refused: the secret in the Secret Key field (before the first comma) "
+             "is wrong",
+    "60024": "the passphrase was refused: the Secret Key field must be SECRET,PASSPHRASE with the passphrase "
+             "chosen when the key was made",
+    "60032": "this key does not exist on this OKX site: a key made on the EEA site needs "
+             "--api-base https://eea.okx.com, one made on OKX US needs --api-base https://us.okx.com",
 }
 
 
@@ -1228,6 +1236,7 @@ class OKXClient:
         self.requests_sent = collections.Counter()   # path -> requests sent to OKX (for GET /status)
         self._by_method = collections.Counter()      # docker method -> requests it sent to OKX
         self._count_lock = threading.Lock()
+        self._first_sync = threading.Lock()
         self._flights = {}        # key -> _Flight of a shared request or a cache load on its way
         self._flights_lock = threading.Lock()
         self._caches = LastUsed()  # (kind, key) -> (expires at, monotonic; value)
@@ -1364,7 +1373,9 @@ class OKXClient:
     # --- OKX's clock ----------------------------------------------------------------------------------
     def _sync_clock_if_needed(self, deadline):
         if self.exchange_clock.needs_sync():
-            self.sync_clock(deadline)
+            with self._first_sync:        # the first signed calls wait for one sync, not one each
+                if self.exchange_clock.needs_sync():
+                    self.sync_clock(deadline)
         elif self.exchange_clock.is_stale() and self.exchange_clock.start_refresh():
             threading.Thread(target=self._refresh_clock, name="clock-sync", daemon=True).start()
 
@@ -2144,7 +2155,7 @@ class LiveConnection:
                 self._heard_at = ws.heard_at
                 for message in messages:
                     if isinstance(message, dict):
-                        self._on_message(message, now)
+                        self._on_message(message, ws.heard_at)      # stamped with its arrival
 
 
 # =====================================================================================================
@@ -2629,8 +2640,7 @@ ACCOUNT_STREAM_PATH = "/ws/v5/private"
 LOGIN_TIMEOUT = 5.0               # seconds OKX has to answer a login
 LOGIN_RETRY_FIRST = 30.0          # a refused login is tried again after this, doubling each time...
 LOGIN_RETRY_MAX = 600.0           # ...up to this: a wrong key never makes a reconnect loop
-WRITE_SETTLE = 1.0                # after an order or cancel, memory waits this long at most for its push
-ORDER_PUSH_WAIT = 3.0             # an order answered by REST whose push never came: orders are re-read
+ORDER_PUSH_WAIT = 3.0             # a push awaited this long never comes: what it was awaited for is re-read
 ORDERS_RELOAD_RETRY = 5.0         # a failed REST read of open orders is tried again after this
 FINISHED_ORDERS_KEPT = 1000       # finished orders of this connection kept for `order` (the newest)
 ACCOUNT_CHANNELS = ({"channel": "account"}, {"channel": "positions", "instType": "ANY"},
@@ -2704,9 +2714,10 @@ class AccountStream(LiveConnection):
     nothing for orders, so open orders are read from REST (every page) after the acknowledgement. Memory
     answers only while the connection is alive (as the market stream) and that channel is in sync; after
     any loss everything is dropped and synced again. Snapshots replace, updates merge, and order pushes
-    follow ``supersedes``. An order or cancel this plugin made is read from REST until its own push has
-    arrived (read your writes); balances and positions wait up to WRITE_SETTLE for the push that follows
-    a write. Reads return None whenever memory cannot answer: the caller then asks REST.
+    follow ``supersedes``. Read your writes: an order or cancel this plugin made is read from REST until its
+    own push has arrived, and balances (positions) after any order change until the balance (position) push
+    that follows it, each wait ORDER_PUSH_WAIT at most. Messages are ordered by their arrival on the
+    connection, never by a clock. Reads return None whenever memory cannot answer: the caller then asks REST.
     """
 
     def __init__(self, ws_base, clock, credentials, exchange_clock, load_open_orders, sync_clock=None,
@@ -2725,7 +2736,7 @@ class AccountStream(LiveConnection):
         """REST ``/account/balance`` data: ``[{account fields..., "details": [per currency]}]``."""
         with self._lock:
             now = self._ask()
-            if not self._trusted("account", now) or self._settling(self._account_heard, self._write_at, now):
+            if not self._trusted("account", now) or self._awaiting(now, "account"):
                 return None
             self._served += 1
             details = sorted(self._details.values(), key=lambda row: row.get("ccy", ""))
@@ -2735,8 +2746,7 @@ class AccountStream(LiveConnection):
         """REST ``/account/positions`` rows (of one instId when given)."""
         with self._lock:
             now = self._ask()
-            if (not self._trusted("positions", now) or self._settling(self._positions_heard, self._contract_write_at, now)
-                    or self._settling(self._positions_heard, self._fill_at, now)):
+            if not self._trusted("positions", now) or self._awaiting(now, "positions"):
                 return None
             self._served += 1
             rows = [dict(row) for row in self._positions.values() if inst_id in (None, row.get("instId"))]
@@ -2764,18 +2774,10 @@ class AccountStream(LiveConnection):
             self._served += 1
             return dict(row)
 
-    def begin_write(self, contract):
-        """An order or cancel is about to be sent; returns the moment, for ``end_write``."""
-        with self._lock:
-            now = self.clock.monotonic()
-            self._write_at = max(self._write_at, now)
-            if contract:
-                self._contract_write_at = max(self._contract_write_at, now)
-            return now
-
-    def end_write(self, inst_id, ord_id, sent_at, cancel=False):
-        """OKX answered an order (``ord_id``) or its cancel: until that order's own push arrives (a final
-        state, for a cancel), ``order`` and ``open_orders`` of its instrument leave it to REST."""
+    def wrote(self, inst_id, ord_id, cancel=False):
+        """OKX answered an order (``ord_id``) or its cancel. Until that order's own push arrives (with a final
+        state, for a cancel), ``order`` and ``open_orders`` of its instrument, ``balance``, and for a contract
+        ``positions``, leave it to REST; then they wait for the balance (position) push that follows it."""
         with self._lock:
             if not self._connected:
                 return                    # memory answers nothing until a new connection synced from REST
@@ -2783,9 +2785,9 @@ class AccountStream(LiveConnection):
                 row = self._orders.get(ord_id)
                 if row is not None and _rank(row) == 2:
                     return                # OKX already said how it ended
-            elif self._order_heard.get(ord_id, -1.0) >= sent_at:
+            elif ord_id in self._order_heard:
                 return                    # its push came before the answer
-            self._awaited[ord_id] = (inst_id, sent_at, cancel)
+            self._awaited[ord_id] = (inst_id, self.clock.monotonic(), cancel)
 
     def expect_amend(self, req_id):
         """An amendment with ``req_id`` is about to be sent: its result push is kept for ``amend_result``."""
@@ -2847,10 +2849,14 @@ class AccountStream(LiveConnection):
             return False
         return True
 
-    def _settling(self, heard_at, changed_at, now):
-        """True while a push that follows a change (an order or cancel sent, a fill) may still come to a
-        channel last heard at ``heard_at``: for WRITE_SETTLE at most."""
-        return heard_at < changed_at and now - changed_at < WRITE_SETTLE
+    def _awaiting(self, now, channel):
+        """True while ``channel`` (account, positions) may not yet show an order change: a write of this
+        plugin awaits its order push (for positions: on a contract), or an order change was pushed and the
+        channel's push that follows it has not come. Each wait lasts ORDER_PUSH_WAIT at most."""
+        if any(channel == "account" or inst_type_of(inst_id) != "SPOT" for inst_id, _, _ in self._awaited.values()):
+            return True
+        due = self._due.get(channel)
+        return due is not None and self._heard_seq.get(channel, -1) <= due[0] and now - due[1] < ORDER_PUSH_WAIT
 
     # --- the connection (LiveConnection's hooks) ---------------------------------------------------------
     def _wanted(self, now):
@@ -2864,10 +2870,12 @@ class AccountStream(LiveConnection):
         self._positions = collections.OrderedDict()      # position key -> REST row
         self._pages = {}                  # channel -> pages of a snapshot being received
         self._orders = collections.OrderedDict()         # ordId -> REST row (open, and finished lately)
-        self._order_heard = LastUsed(FINISHED_ORDERS_KEPT)   # ordId -> when its last push arrived
-        self._awaited = {}                # ordId -> (instId, sent at, cancel?): answered, push not yet seen
-        self._account_heard = self._positions_heard = -1.0
-        self._write_at = self._contract_write_at = self._fill_at = -1.0
+        self._seq = 0                     # messages received on this connection: their order of arrival
+        self._order_heard = LastUsed(FINISHED_ORDERS_KEPT)   # ordId -> the seq of its last push
+        self._awaited = {}                # ordId -> (instId, answered at, cancel?): its push not yet seen
+        self._heard_seq = {}              # channel -> the seq of its last push
+        self._due = {}                    # channel -> (seq, time) of an order change it has yet to follow
+        self._orders_load_seq = 0         # the seq at which the last REST read of open orders began
         self._orders_loading = False
         self._orders_results = []
         self._reload_at = None
@@ -2922,7 +2930,7 @@ class AccountStream(LiveConnection):
             start = self._channels.get("orders") == "live" and not self._synced.get("orders") and \
                 not self._orders_loading and (self._reload_at is None or self._reload_at <= now)
             if start:
-                self._orders_loading = True
+                self._orders_loading, self._orders_load_seq = True, self._seq
         if start:
             threading.Thread(target=self._load_orders, name="okx-account-sync", daemon=True).start()
         return True
@@ -2955,12 +2963,14 @@ class AccountStream(LiveConnection):
                     pending.add(row["ordId"])
                     self._merge_order(row, None)
             for ord_id, row in list(self._orders.items()):
-                if _rank(row) < 2 and ord_id not in pending and self._order_heard.get(ord_id) is None:
-                    del self._orders[ord_id]      # known open before, not open now, not pushed: ask REST
+                if _rank(row) < 2 and ord_id not in pending and self._order_heard.get(ord_id, -1) <= \
+                        self._orders_load_seq:
+                    del self._orders[ord_id]      # not open by the read, nor pushed since it began: ask REST
             self._synced["orders"] = True
 
     # --- what OKX sends (under the lock) --------------------------------------------------------------
     def _on_message(self, message, now):
+        self._seq += 1
         event = message.get("event")
         if event is not None:
             return self._on_event(event, message, now)
@@ -3020,10 +3030,7 @@ class AccountStream(LiveConnection):
                 self._merge_account(row)
             else:
                 self._merge_position(row)
-        if channel == "account":
-            self._account_heard = now
-        else:
-            self._positions_heard = now
+        self._heard_seq[channel] = self._seq
         if snapshot:
             self._synced[channel] = True
 
@@ -3033,7 +3040,10 @@ class AccountStream(LiveConnection):
             ccy = detail.get("ccy")
             stored = self._details.get(ccy)
             if ccy and (stored is None or _ms(detail.get("uTime")) >= _ms(stored.get("uTime"))):
-                self._details[ccy] = dict(detail)
+                if _is_zero(detail.get("eq") or 0) and _is_zero(detail.get("cashBal") or 0):
+                    self._details.pop(ccy, None)      # emptied: REST no longer lists it
+                else:
+                    self._details[ccy] = dict(detail)
 
     def _merge_position(self, row):
         key = row.get("posId") or (row.get("instId"), row.get("mgnMode"), row.get("posSide"))
@@ -3057,15 +3067,18 @@ class AccountStream(LiveConnection):
         ord_id = row["ordId"]
         stored = self._orders.get(ord_id)
         if now is not None:
-            self._order_heard[ord_id] = now
+            self._order_heard[ord_id] = self._seq
             awaited = self._awaited.get(ord_id)
             if awaited is not None and (not awaited[2] or _rank(row) == 2 or
                                         stored is not None and _rank(stored) == 2):
                 del self._awaited[ord_id]         # the push an order (or, final, a cancel) waited for
-            if _filled(row) > _filled(stored or {}) and inst_type_of(row.get("instId", "")) != "SPOT":
-                self._fill_at = now               # a positions push follows a fill
         if not supersedes(stored, row):
             return
+        if now is not None and (stored is None or row.get("state") != stored.get("state")
+                                or _filled(row) != _filled(stored)):
+            self._due["account"] = (self._seq, now)      # a balance push follows an order's change
+            if _filled(row) > _filled(stored or {}) and inst_type_of(row.get("instId", "")) != "SPOT":
+                self._due["positions"] = (self._seq, now)    # and a position push a contract's fill
         self._orders[ord_id] = row
         self._orders.move_to_end(ord_id)
         if len(self._orders) > 2 * FINISHED_ORDERS_KEPT:      # forget the oldest finished ones
@@ -3280,6 +3293,7 @@ class OKXShared:
         self._streams = {}                # ws base URL -> MarketStream (live and demo keys use other hosts)
         self._accounts = {}               # (api key, demo) -> AccountStream
         self._streams_lock = threading.Lock()
+        self._tls = None
 
     def ws_base(self, demo):
         """The WebSocket base for live or demo keys: --ws-base, or the one of --api-base's OKX site."""
@@ -3305,11 +3319,17 @@ class OKXShared:
         def rest_book(inst_id):
             return self.client.call("GET", "/api/v5/market/books", {"instId": inst_id, "sz": OKX_MAX_DEPTH},
                                     demo=demo)[0]
-        https = self.client.pool.ssl_context or tls_context(self.config.ca_file)
         proxy = self._ws_proxy(base)
         log.info("live market data from %s%s", base, " through proxy %s" % proxy if proxy else "")
-        return MarketStream(base, self.config.clock, https if base.startswith("wss:") else None, proxy,
-                            self.config.stream_idle, rest_book)
+        return MarketStream(base, self.config.clock, self._ws_tls(base), proxy, self.config.stream_idle, rest_book)
+
+    def _ws_tls(self, base):
+        """The TLS context of a wss:// stream: REST's own (one for everything), made once."""
+        if not base.startswith("wss:"):
+            return None
+        if self._tls is None:
+            self._tls = self.client.pool.ssl_context or tls_context(self.config.ca_file)
+        return self._tls
 
     def account_stream(self, credentials):
         """The key's live account stream, or None when it is off (--no-stream, --no-private-stream, or no
@@ -3331,8 +3351,10 @@ class OKXShared:
                         self.config.private_stream = False
                         return None
                     self._accounts[key] = stream
-        if stream.credentials.secret != credentials.secret or stream.credentials.passphrase != credentials.passphrase:
-            stream.credentials = credentials      # a new secret for the key: the next login uses it
+        if (stream.credentials.secret, stream.credentials.passphrase) != (credentials.secret, credentials.passphrase):
+            if stream.login_error is None:
+                return None               # memory answers only the secret its connection logged in with
+            stream.credentials = credentials      # the one it has was refused: the next login tries this one
         return stream
 
     def _new_account_stream(self, base, credentials):
@@ -3342,10 +3364,8 @@ class OKXShared:
 
         def sync_clock():
             self.client.sync_clock(self.config.clock.monotonic() + self.config.timeout)
-        https = self.client.pool.ssl_context or tls_context(self.config.ca_file)
         return AccountStream(base, self.config.clock, credentials, self.client.exchange_clock, load_open_orders,
-                             sync_clock, https if base.startswith("wss:") else None, self._ws_proxy(base),
-                             self.config.stream_idle)
+                             sync_clock, self._ws_tls(base), self._ws_proxy(base), self.config.stream_idle)
 
     def _forget_idle_accounts(self):
         """Drop the account streams of keys not read for a long while (under the lock)."""
@@ -3639,12 +3659,11 @@ class OKX(BaseProtocol):
         if symbol.contract and leverage is not None:
             if self.shared.leverage.get(self._leverage_key(inst_id)) != Decimal(leverage):  # not every order
                 self.set_margin_level(symbol, leverage)
-        stream = self._account_stream()
-        sent_at = stream.begin_write(bool(symbol.contract)) if stream else None
         placed = self._place(PLAIN_ORDER, symbol, inst_id,
                              lambda: self._order_body(symbol, inst_id, clord_id, direction, price, amount))
+        stream = self._account_stream()
         if stream:
-            stream.end_write(inst_id, placed.exchange_id, sent_at)    # read your writes
+            stream.wrote(inst_id, placed.exchange_id)      # read your writes
         return {"id": "%s,%s" % (inst_id, placed.exchange_id)}, placed.raw
 
     def _place(self, kind, symbol, inst_id, build_body):
@@ -3801,11 +3820,10 @@ class OKX(BaseProtocol):
     def cancel(self, id, symbol):
         """cancel -> POST /api/v5/trade/cancel-order."""
         inst_id, ord_id = self._split_order_id(id, symbol)
-        stream = self._account_stream()
-        sent_at = stream.begin_write(inst_type_of(inst_id) != "SPOT") if stream else None
         rows = self._private("POST", "/api/v5/trade/cancel-order", body={"instId": inst_id, "ordId": ord_id})
+        stream = self._account_stream()
         if stream:
-            stream.end_write(inst_id, ord_id, sent_at, cancel=True)
+            stream.wrote(inst_id, ord_id, cancel=True)
         log.info("canceled order %s,%s", inst_id, ord_id)
         return True, rows
 

@@ -10106,13 +10106,7 @@ class AccountMemoryTest(AccountStreamTestCase):
         self.assertEqual(sorted(p["type"] for p in self.memory("positions")), [0, 1, 1])      # long, short, short
         self.assert_memory_equals_rest(ids, exact_positions=False)
 
-    @unittest.expectedFailure
     def test_positions_from_memory_are_in_rest_order(self):
-        # PLUGIN BUG: AccountStream.positions returns its positions in the order they reached memory
-        # (_merge_position appends a position first pushed after the snapshot to the OrderedDict's end), while
-        # GET /account/positions lists them newest first by cTime (OKX.md section 5), so the same
-        # GetPositions() answers in another order once the stream serves it. Expected: REST's order (sort the
-        # rows by cTime, newest first).
         self.assert_memory_equals_rest(self.open_orders_and_positions(), exact_positions=True)
 
     def test_a_fill_reaches_every_read_without_time_passing(self):
@@ -10133,12 +10127,7 @@ class AccountMemoryTest(AccountStreamTestCase):
         self.assertEqual(self.clock.monotonic(), frozen_at)             # no timer helped: the pushes did it
         self.assertEqual(self.memory("positions", {"symbol": "BTC_USDT.swap"})[0]["amount"], "1")
 
-    @unittest.expectedFailure
     def test_an_emptied_currency_leaves_accounts_as_it_leaves_rest(self):
-        # PLUGIN BUG: AccountStream._merge_account keeps a currency whose balance an event_update brings to
-        # zero (OKX pushes it once with eq "0", cashBal "0"), so accounts from memory lists it with free "0"
-        # and frozen "0", while GET /account/balance (and every later snapshot) no longer lists it.
-        # Expected: a detail pushed with eq, cashBal and availBal all zero is removed, as a snapshot would.
         self.warm_up()
         rest = self.rest_docker()
         self.fake.set_balance("LTC", "4")                          # a new currency (pushed) ...
@@ -10213,15 +10202,7 @@ class ReadYourWritesTest(AccountStreamTestCase):
         self.assertEqual([p["amount"] for p in self.memory("positions")], ["2"])
         self.assertLess(self.balance(self.memory("accounts"), "USDT")[0], usdt[0])
 
-    @unittest.expectedFailure
     def test_balances_after_a_write_are_never_older_than_it_when_pushes_are_late(self):
-        # PLUGIN BUG: AccountStream.balance (and .positions) trust memory again as soon as WRITE_SETTLE (1 s)
-        # has passed since the write, or as soon as any account push arrives after begin_write, whichever is
-        # first (_settling compares the channel's last push time with the write's time). A push that OKX
-        # delays past 1 s, or an unrelated push that overtakes the write's own (a balance change made just
-        # before the order), thus ends the wait, and accounts answers a balance from before the order.
-        # Expected: memory waits for the account push that follows the write's own order push (bounded by
-        # ORDER_PUSH_WAIT, as orders are), and answers from REST meanwhile.
         self.warm_up()
         self.pushes_heard()
         self.okx_stream.push_delay_s = 1
@@ -10237,20 +10218,13 @@ class ReadYourWritesTest(AccountStreamTestCase):
         self.wait_until(lambda: stream._details.get("ETH", {}).get("cashBal") == "7", "no ETH push")
         self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9700, 300))
         self.clock.advance(0.5)
-        self.okx_stream.push_delay_s = 1.5                                 # later than WRITE_SETTLE
+        self.okx_stream.push_delay_s = 1.5                                 # a push later than a second
         self.clock.advance(1)
         self.place()
         self.clock.advance(1.2)
         self.assertEqual(self.balance(self.data("accounts"), "USDT"), (9400, 600))
 
-    @unittest.expectedFailure
     def test_a_canceled_order_is_not_live_again_when_its_push_is_late(self):
-        # PLUGIN BUG: when a cancel's push is later than ORDER_PUSH_WAIT, AccountStream._orders_trusted reads
-        # the open orders again, and _apply_orders_results keeps every open order that REST no longer lists
-        # but that was ever pushed (_order_heard), "pushed during the read". The canceled order had its
-        # "live" push long before, so memory has it live again: order says pending, orders lists it, though
-        # cancel answered true and OKX lists it canceled. Expected: keep only orders pushed after the REST read
-        # began; drop (leave to REST) the others.
         self.warm_up()
         order_id = self.place()
         self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["status"], "pending")
@@ -10377,12 +10351,7 @@ class RefusedLoginTest(AccountStreamTestCase):
                     self.assertIn(plugin.ERROR_HINTS["50101"], refusal[0])
                 self.clock.advance(10)
 
-    @unittest.expectedFailure
     def test_a_refused_login_has_the_hint_of_its_rest_twin(self):
-        # PLUGIN BUG: LoginRefused takes its hint from ERROR_HINTS by the login's own code, and only 50101 has
-        # one: a wrong passphrase (60024) and a key of another OKX site (60032) are logged without a hint,
-        # though REST's 50105 and 50119 (the same mistakes) have one. Expected: 60024 and 60032 get the hints
-        # of 50105 and 50119.
         for code, twin in (("60024", "50105"), ("60032", "50119")):
             with self.subTest(code=code):
                 self.okx_stream.refuse_logins = code
@@ -10424,15 +10393,7 @@ class AccountKeysTest(AccountStreamTestCase):
         keys = sorted(s["key"] for s in self.server.status()["exchanges"]["okx"]["streams"]["account"])
         self.assertEqual(keys, sorted([KEY[:4] + "...", OTHER_KEY[:4] + "..."]))
 
-    @unittest.expectedFailure
     def test_a_wrong_secret_for_a_known_key_is_refused_as_over_rest(self):
-        # PLUGIN BUG: OKXShared.account_stream finds the stream by access key alone and, when the request's
-        # secret or passphrase differ, puts them into the stream (stream.credentials = credentials): a
-        # request with a known access key and any secret gets that account's balances, positions and orders
-        # from memory (REST would refuse it: 50113, 50105), and the wrong secret then breaks the next login
-        # of the real key (60007/60024, then REST for minutes). Expected: memory answers only a request with
-        # the credentials the connection logged in with; other credentials go to REST, and replace the
-        # stream's only once OKX has accepted them.
         self.warm_up()
         self.assertIn("50113", self.error("accounts", secret_key="not-the-secret," + PASSPHRASE))
         self.assertIn("50105", self.error("orders", secret_key=SECRET + ",not-the-passphrase"))
@@ -10708,16 +10669,9 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
         balance, = self.stream.balance()
         self.assertEqual([(d["ccy"], d["availBal"]) for d in balance["details"]], [("BTC", "1"), ("USDT", "11")])
 
-    @unittest.expectedFailure
     def test_a_push_that_came_before_the_answer_counts_for_read_your_writes(self):
-        # PLUGIN BUG: LiveConnection._serve hands each message to _on_message with the `now` it read at the top
-        # of its turn, before waiting up to STREAM_POLL in ws.receive(): a push is stamped up to 50 ms earlier
-        # than it arrived. An order push that arrives after the order was sent but before OKX's answer (OKX
-        # pushes within milliseconds) is then taken for older than the order: end_write waits for a push that
-        # already came, so order and orders of that instrument go to REST for ORDER_PUSH_WAIT, then a false
-        # "no push for order" warning and a REST read of every open order. (Balances and positions wait
-        # WRITE_SETTLE for nothing the same way.) Expected: messages stamped with their arrival (ws.heard_at,
-        # or the clock read after receive()).
+        # OKX pushes an order within milliseconds, often before its REST answer: a push that arrived while the
+        # order was on its way is the order's own push (messages are ordered by arrival, not by a clock).
         stream, sent, clock = self.stream, [], self.clock
         push = json.dumps({"arg": {"channel": "orders", "instType": "ANY"},
                            "data": [self.order_row("7", "live", "0", 1)]})
@@ -10734,11 +10688,11 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
                     stream._stop.set()
                     return []
                 clock.advance(0.02)
-                sent.append(stream.begin_write(False))
+                sent.append(True)                          # a robot's order is on its way
                 self.heard_at = clock.monotonic()
                 return [push]
         stream._serve(ScriptedSocket())
-        stream.end_write(self.INST, "7", sent[0])         # OKX's answer, after its push
+        stream.wrote(self.INST, "7")                       # OKX's answer, after its push
         row = stream.order(self.INST, "7")
         self.assertIsNotNone(row, "the order is left to REST though its push came")
         self.assertEqual(row["state"], "live")
