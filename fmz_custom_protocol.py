@@ -2697,6 +2697,15 @@ def supersedes(stored, row):
     return not (_ms(row.get("uTime")) < _ms(stored.get("uTime")) and _rank(row) < _rank(stored))
 
 
+IMMEDIATE_ORDER_TYPES = ("market", "ioc", "fok", "optimal_limit_ioc")   # they fill (or end) at once
+
+
+def _settled(row):
+    """True when an order's push shows how its placing ended: a resting order's first push, an order that
+    fills at once (market, IOC, FOK) only in its final state, as its fills' pushes may still be coming."""
+    return row is not None and (row.get("ordType") not in IMMEDIATE_ORDER_TYPES or _rank(row) == 2)
+
+
 def rest_order_row(row):
     """An orders push as REST's order row: without the push-only fields, ``avgPx`` "" while nothing filled."""
     rest = {name: value for name, value in row.items() if name not in PUSH_ONLY_FIELDS}
@@ -2785,7 +2794,7 @@ class AccountStream(LiveConnection):
                 row = self._orders.get(ord_id)
                 if row is not None and _rank(row) == 2:
                     return                # OKX already said how it ended
-            elif ord_id in self._order_heard:
+            elif ord_id in self._order_heard and _settled(self._orders.get(ord_id)):
                 return                    # its push came before the answer
             self._awaited[ord_id] = (inst_id, self.clock.monotonic(), cancel)
 
@@ -3069,7 +3078,7 @@ class AccountStream(LiveConnection):
         if now is not None:
             self._order_heard[ord_id] = self._seq
             awaited = self._awaited.get(ord_id)
-            if awaited is not None and (not awaited[2] or _rank(row) == 2 or
+            if awaited is not None and (not awaited[2] and _settled(row) or _rank(row) == 2 or
                                         stored is not None and _rank(stored) == 2):
                 del self._awaited[ord_id]         # the push an order (or, final, a cancel) waited for
         if not supersedes(stored, row):

@@ -6695,7 +6695,7 @@ class HardeningTestCase(PluginTestCase):
         finally:
             docker.close()
         self.assertEqual(answer.get("data", {}).get("symbol"), "BTC_USDT", answer)
-        self.assertLess(elapsed, 1.0)
+        self.assertLess(elapsed, 3.0)      # not stalled (a stall is the 20 s read timeout); a loaded CI may be slow
 
     def wait_for_threads(self, limit, timeout=5.0):
         """threading.active_count() once it is at most `limit` (or after `timeout`)."""
