@@ -9408,10 +9408,12 @@ def _fill_latency(robots, port, docker, fake, samples):
     memory (the plugin reads its own orders from REST until their push came), and, one order at a time,
     milliseconds from the fake's fill (its push) to the first `order` answer showing it, polled back to
     back by one robot process."""
+    if samples < 1:
+        return {}
     order_ids = [docker.call("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "30000",
                                        "amount": "0.001"})["data"]["id"] for _ in range(samples)]
     placed, waiting, rounds = time.monotonic(), list(order_ids), 0
-    while waiting and time.monotonic() - placed < 10:      # rounds of lookups, within OKX's 30 per second
+    while waiting and time.monotonic() - placed < 10:      # the plugin paces the lookups to OKX's 60 per 2 s
         if rounds:
             time.sleep(0.5)
         rounds += 1
@@ -9428,8 +9430,9 @@ def _fill_latency(robots, port, docker, fake, samples):
         raise RuntimeError("orders %s never came from the account stream" % waiting)
     robot, latencies, lookups, polls = robots.processes[0], [], _order_lookups(fake), 0
     for order_id in order_ids:
-        robots.send(robot, {"op": "poll", "port": port, "body": _robot_body("order", {"id": order_id, "symbol": "BTC_USDT"}),
-                            "field": "deal_amount", "before": "0", "timeout": 5})
+        body = _robot_body("order", {"id": order_id, "symbol": "BTC_USDT"})
+        robots.send(robot, {"op": "poll", "port": port, "body": body, "field": "deal_amount", "before": "0",
+                            "timeout": 5})
         robots.answer(robot)                                    # {"ready": true}: polling
         time.sleep(random.uniform(0.001, 0.003))
         pushed = time.monotonic()
