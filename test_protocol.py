@@ -10743,6 +10743,8 @@ def bench_plugin(name, command, fake, options):
                       ticker_p90_ms=round(_bench_percentile(latencies, 0.9), 2),
                       ticker_ok="%d/%d" % (ok, options.calls),
                       upstream_conns_per_call=round((fake.connections - connections) / options.calls, 2))
+        direct = bench_direct(fake, options)["ticker_p50_ms"]      # the floor again, at this moment
+        result.update(direct_p50_ms=direct, ticker_vs_direct=round(result["ticker_p50_ms"] / direct, 2))
         latencies, ok = _timed_calls(docker, "accounts", {}, options.calls)
         result.update(accounts_p50_ms=round(_bench_percentile(latencies, 0.5), 2),
                       accounts_ok="%d/%d" % (ok, options.calls))
@@ -10829,99 +10831,411 @@ def _start_process(argv, port, env=None):
             time.sleep(0.005)
 
 
-def _robots_rate(port, robots, calls, method="ticker", params=None):
-    """Calls per second that `robots` docker connections get together, and how many failed."""
-    answers = []
+# Robot processes: the _ROBOT script, one OS process per robot, reads jobs (JSON lines) on stdin and prints
+# one JSON line per job. It keeps one kept-alive connection per port and does as little client work as
+# it can (bytes in, bytes out), so that the server's cost is what a measurement shows.
+#   {"op": "loop", "port", "bodies", "nonce", "start", "seconds"}: wait for `start` (time.monotonic(), one
+#       clock for every process on Linux), send `bodies` round and round until `seconds` passed; prints
+#       {"ok", "errors", "samples", "seconds"} ("ok": answers starting with {"data").
+#   {"op": "poll", "port", "body", "nonce", "field", "before", "timeout"}: call once and print {"ready": true},
+#       then call back to back until the answer's data[field] is no longer `before`; prints {"seen": the
+#       monotonic time that answer was read, "polls", "errors", "value"} ("seen" null after `timeout`).
+# A body is the docker's JSON with "%d" where the nonce goes (see _robot_body).
+_ROBOT = r"""
+import json, re, socket, sys, time
 
-    def robot():
-        docker = Docker(port)
-        for _ in range(calls):
-            answers.append("data" in docker.call(method, params or {"symbol": "ETH_USDT"}))
-        docker.close()
-    threads = [threading.Thread(target=robot) for _ in range(robots)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return answers.count(True) / (time.perf_counter() - started), answers.count(False)
+LENGTH = re.compile(rb"\r\ncontent-length: *([0-9]+)", re.I)
+connections = {}
 
 
-def bench_stream(fake, options):
-    """ticker and depth served from the live stream, beside the ceiling of this design: a bare
-    ThreadingHTTPServer answering a fixed JSON body, measured on the same machine in the same run."""
-    cert_folder = tempfile.mkdtemp(prefix="fmz-bench-")
-    cert, key = write_test_cert(cert_folder)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    result = {"name": "ours, live stream"}
-    bare_port = free_port()
-    bare, _ = _start_process([sys.executable, "-c", _BARE_SERVER, str(bare_port)], bare_port)
+class Connection:
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def call(self, template, nonce):
+        body = template % nonce
+        self.sock.sendall(b"POST /OKX HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        while end < 0:
+            buffer += self.receive()
+            end = buffer.find(b"\r\n\r\n")
+        total = end + 4 + int(LENGTH.search(buffer, 0, end).group(1))
+        while len(buffer) < total:
+            buffer += self.receive()
+        self.buffer = buffer[total:]
+        return buffer[end + 4:total]
+
+    def receive(self):
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+
+def connection(port):
+    if port not in connections:
+        connections[port] = Connection(port)
+    return connections[port]
+
+
+def loop(job):
+    conn, templates, nonce = connection(job["port"]), [body.encode() for body in job["bodies"]], job["nonce"]
+    ok, errors, samples = 0, 0, []
+    while time.monotonic() < job["start"]:
+        time.sleep(max(0.0, min(0.01, job["start"] - time.monotonic())))
+    began = now = time.monotonic()
+    end = job["start"] + job["seconds"]
+    while now < end:
+        for template in templates:
+            nonce += 1
+            answer = conn.call(template, nonce)
+            if answer.startswith(b'{"data"'):
+                ok += 1
+            else:
+                errors += 1
+                if len(samples) < 3:
+                    samples.append(answer[:300].decode("utf-8", "replace"))
+        now = time.monotonic()
+    return {"ok": ok, "errors": errors, "samples": samples, "seconds": now - began}
+
+
+def poll(job):
+    conn, template, nonce = connection(job["port"]), job["body"].encode(), job["nonce"]
+    conn.call(template, nonce)
+    print(json.dumps({"ready": True}), flush=True)
+    polls = errors = 0
+    deadline = time.monotonic() + job["timeout"]
+    while time.monotonic() < deadline:
+        nonce += 1
+        answer = json.loads(conn.call(template, nonce))
+        polls += 1
+        data = answer.get("data")
+        if not isinstance(data, dict):
+            errors += 1
+        elif data.get(job["field"]) != job["before"]:
+            return {"seen": time.monotonic(), "polls": polls, "errors": errors, "value": data.get(job["field"])}
+    return {"seen": None, "polls": polls, "errors": errors, "value": None}
+
+
+for line in sys.stdin:
+    job = json.loads(line)
     try:
-        result["ceiling_calls_per_s"] = round(_robots_rate(bare_port, options.robots, options.calls * 5)[0], 1)
-    finally:
-        bare.terminate()
-        bare.wait(5)
-    with FakeOKXStream(ssl_context=context) as okx_stream:
+        result = {"loop": loop, "poll": poll}[job["op"]](job)
+    except Exception as exc:
+        result = {"failed": repr(exc)}
+    print(json.dumps(result), flush=True)
+"""
+
+
+def _robot_body(method, params, access_key=KEY, secret_key=SECRET_FIELD):
+    """A docker request body for _ROBOT: the envelope's JSON with "%d" where the nonce goes."""
+    fields = (json.dumps(value).replace("%", "%%") for value in (access_key, secret_key, method, params))
+    return '{"access_key":%s,"secret_key":%s,"nonce":%%d,"method":%s,"params":%s}' % tuple(fields)
+
+
+class _RobotProcesses:
+    """`count` robot processes (the _ROBOT script), used for the ceiling and for the plugin alike."""
+
+    def __init__(self, count):
+        self.processes = []
+        self._nonce = time.time_ns()
+        try:
+            for _ in range(count):
+                self.processes.append(subprocess.Popen([sys.executable, "-c", _ROBOT], stdin=subprocess.PIPE,
+                                                       stdout=subprocess.PIPE, universal_newlines=True))
+        except Exception:
+            self.close()
+            raise
+
+    def send(self, process, job):
+        self._nonce += 10 ** 9
+        process.stdin.write(json.dumps(dict(job, nonce=self._nonce)) + "\n")
+        process.stdin.flush()
+
+    def answer(self, process):
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("a robot process exited (%s)" % process.poll())
+        answer = json.loads(line)
+        if "failed" in answer:
+            raise RuntimeError("a robot failed: %s" % answer["failed"])
+        return answer
+
+    def rate(self, port, bodies, seconds):
+        """Every robot sends `bodies` round and round for `seconds` from one start: calls per second of
+        all together, and the answers that were no {"data": ...}."""
+        start = time.monotonic() + 0.15          # every robot has read its job and connected by then
+        for process in self.processes:
+            self.send(process, {"op": "loop", "port": port, "bodies": bodies, "start": start, "seconds": seconds})
+        results = [self.answer(process) for process in self.processes]
+        return {"calls_per_s": sum(r["ok"] / r["seconds"] for r in results),
+                "calls": sum(r["ok"] + r["errors"] for r in results), "errors": sum(r["errors"] for r in results),
+                "samples": [sample for r in results for sample in r["samples"]][:3]}
+
+    def close(self):
+        for process in self.processes:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _cpu_s(pid):
+    """CPU seconds (user and system, every thread) that process `pid` used so far; None off Linux."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _busy_s():
+    """CPU seconds that all CPUs spent running processes so far, and stolen by the hypervisor (/proc/stat:
+    user, nice, system, steal; not irq and softirq, where the kernel moves the benchmark's own loopback
+    packets without charging them to a process); None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, _, _, _, _, steal = (int(field) for field in stat.readline().split()[1:9])
+        return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _against_ceiling(robots, port, bare_port, bodies, fake, seconds, pids, rounds=3):
+    """The robots on the bare server (the ceiling) and on the plugin in turn, `rounds` times for
+    `seconds` / `rounds` each, so that the shared machine's changing speed hits both alike. With OKX's
+    REST requests and 50011 answers meanwhile, and the share of the machine's CPU that processes other
+    than the benchmark's (`pids`, the robots and this one) took: others' test suites, or the hypervisor."""
+    ours_pids = [process.pid for process in robots.processes] + list(pids) + [os.getpid()]
+    cpu_before, busy_before, started = [_cpu_s(pid) for pid in ours_pids], _busy_s(), time.monotonic()
+    requests, limited = len(fake.requests), fake.rate_limited
+    ceilings, ours = [], []
+    for _ in range(rounds):
+        ceilings.append(robots.rate(bare_port, bodies, seconds / rounds))
+        ours.append(robots.rate(port, bodies, seconds / rounds))
+    cpu_after, busy_after, wall = [_cpu_s(pid) for pid in ours_pids], _busy_s(), time.monotonic() - started
+    ceiling_rate = sum(each["calls_per_s"] for each in ceilings) / rounds
+    rate, calls = sum(each["calls_per_s"] for each in ours) / rounds, sum(each["calls"] for each in ours)
+    result = {"robots": len(robots.processes), "robots_calls_per_s": round(rate, 1),
+              "robots_errors": sum(each["errors"] for each in ours), "ceiling_calls_per_s": round(ceiling_rate, 1),
+              "of_ceiling": "%d%%" % round(100 * rate / ceiling_rate),
+              "of_ceiling_by_round": ["%d%%" % round(100 * mine["calls_per_s"] / bare["calls_per_s"])
+                                      for mine, bare in zip(ours, ceilings)],
+              "rest_requests_per_call": round((len(fake.requests) - requests) / max(1, calls), 4),
+              "okx_50011_while_robots_ran": fake.rate_limited - limited}
+    if None not in cpu_before + cpu_after + [busy_before, busy_after]:
+        outside = (busy_after - busy_before) - sum(cpu_after) + sum(cpu_before)
+        result["outside_cpu"] = "%d%%" % max(0, round(100 * outside / (wall * (os.cpu_count() or 1))))
+    samples = [sample for each in ours for sample in each["samples"]][:3]
+    if samples:
+        result["error_samples"] = samples
+    return result
+
+
+def _until_from_memory(fake, calls, timeout=30):
+    """Repeat `calls` ([(docker, method, params)]) until one round costs OKX no REST request; returns the
+    seconds that took (None: REST still asked after `timeout`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = len(fake.requests)
+        for docker, method, params in calls:
+            docker.call(method, params)
+        if len(fake.requests) == before:
+            return round(time.monotonic() - started, 2)
+        time.sleep(0.2)
+    return None
+
+
+def _bench_keys(fake, count):
+    """`count` live keys with an account at `fake`: KEY, then new ones; [(access key, Secret Key field)]."""
+    keys = [(KEY, SECRET_FIELD)]
+    with fake._lock:
+        for n in range(1, count):
+            key, secret, passphrase = "be7c4000-0000-4000-8000-%012d" % n, "%032X" % (n * 0xB3C4), "Bench-Pass-%d" % n
+            fake.accounts[key] = new_account(secret, passphrase, False, str(77000000000000000 + n), LIVE_BALANCES)
+            keys.append((key, "%s,%s" % (secret, passphrase)))
+    return keys
+
+
+def _add_spot_instruments(fake, inst_ids):
+    """More spot instruments at the fake's REST API (the stream's _Market prices them: bid 100, ask 100.01)."""
+    with fake._lock:
+        for inst_id in inst_ids:
+            base, quote = inst_id.split("-")
+            fake._instruments[inst_id] = make_instrument("SPOT", inst_id, "0.01", "0.000001", "0.001", "5",
+                                                         base=base, quote=quote)
+            fake._market[inst_id] = {"bid": Decimal("100"), "ask": Decimal("100.01"), "last": Decimal("100"),
+                                     "base": Decimal("100"), "seq": 1000}
+
+
+def _order_lookups(fake):
+    return sum(1 for r in fake.requests if r["method"] == "GET" and r["path"] == "/api/v5/trade/order")
+
+
+def _fill_latency(robots, port, docker, fake, samples):
+    """Resting orders placed through the plugin, then: how long until `order` answers every one from
+    memory (the plugin reads its own orders from REST until their push came), and, one order at a time,
+    milliseconds from the fake's fill (its push) to the first `order` answer showing it, polled back to
+    back by one robot process."""
+    if samples < 1:
+        return {}
+    order_ids = [docker.call("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "30000",
+                                       "amount": "0.001"})["data"]["id"] for _ in range(samples)]
+    placed, waiting, rounds = time.monotonic(), list(order_ids), 0
+    while waiting and time.monotonic() - placed < 10:      # the plugin paces the lookups to OKX's 60 per 2 s
+        if rounds:
+            time.sleep(0.5)
+        rounds += 1
+        for order_id in list(waiting):
+            before = _order_lookups(fake)
+            answer = docker.call("order", {"id": order_id, "symbol": "BTC_USDT"})
+            if answer.get("data", {}).get("deal_amount") == "0" and _order_lookups(fake) == before:
+                waiting.remove(order_id)
+        if rounds == 1:
+            at_once = samples - len(waiting)
+    result = {"own_orders": samples, "own_orders_from_memory_at_once": at_once,
+              "own_orders_all_from_memory_s": None if waiting else round(time.monotonic() - placed, 2)}
+    if waiting:
+        raise RuntimeError("orders %s never came from the account stream" % waiting)
+    robot, latencies, lookups, polls = robots.processes[0], [], _order_lookups(fake), 0
+    for order_id in order_ids:
+        body = _robot_body("order", {"id": order_id, "symbol": "BTC_USDT"})
+        robots.send(robot, {"op": "poll", "port": port, "body": body, "field": "deal_amount", "before": "0",
+                            "timeout": 5})
+        robots.answer(robot)                                    # {"ready": true}: polling
+        time.sleep(random.uniform(0.001, 0.003))
+        pushed = time.monotonic()
+        fake.fill(order_id.partition(",")[2])
+        seen = robots.answer(robot)
+        if seen["seen"] is None:
+            raise RuntimeError("the fill of %s never reached an order answer" % order_id)
+        latencies.append((seen["seen"] - pushed) * 1000)
+        polls += seen["polls"]
+    result.update(fills=samples, fill_to_order_p50_ms=round(_bench_percentile(latencies, 0.5), 2),
+                  fill_to_order_p90_ms=round(_bench_percentile(latencies, 0.9), 2),
+                  fill_to_order_max_ms=round(max(latencies), 2), polls_per_fill=round(polls / samples, 1),
+                  order_rest_lookups_while_polling=_order_lookups(fake) - lookups)
+    return result
+
+
+def bench_streams(options):
+    """The live streams, in one plugin process against a fake OKX that enforces OKX's rate limits and
+    serves both WebSockets (TLS): ticker and depth from the market stream with 50 instruments warmed up,
+    then accounts, positions and orders of one key from its account stream with 10 keys on account
+    streams. Robot processes measure each beside the ceiling of this design, a bare ThreadingHTTPServer
+    answering a fixed JSON body, in the same run. Yields the market line, then the account line."""
+    public, private = {"name": "ours, live stream"}, {"name": "ours, private stream"}
+    cert_folder = tempfile.mkdtemp(prefix="fmz-bench-")
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, cert_folder, True)
+        cert, key = write_test_cert(cert_folder)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        fake = stack.enter_context(FakeOKX(tls=True, latency_ms=options.rtt_ms, handshake_ms=2 * options.rtt_ms))
+        fake.enforce_rate_limits = True
+        keys = _bench_keys(fake, 10)
+        okx_stream = stack.enter_context(FakeOKXStream(ssl_context=context, okx=fake))
         extra = ["X%02d-USDT" % n for n in range(46)]
         okx_stream.instruments.update(extra)
-        port = free_port()
+        _add_spot_instruments(fake, extra)
+        processes = []
+
+        def stop_processes():
+            for process in processes:
+                process.terminate()
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        stack.callback(stop_processes)
+        bare_port, port = free_port(), free_port()
+        bare = _start_process([sys.executable, "-c", _BARE_SERVER, str(bare_port)], bare_port)[0]
+        processes.append(bare)
         argv = [sys.executable, os.path.join(HERE, "fmz_custom_protocol.py"), "--address", "127.0.0.1", "--port",
                 str(port), "--api-base", fake.base_url, "--ws-base", okx_stream.url]
-        process, _ = _start_process(argv, port, dict(os.environ, SSL_CERT_FILE=fake.cert_path))
-        try:
-            docker = Docker(port)
+        plugin_process = _start_process(argv, port, dict(os.environ, SSL_CERT_FILE=fake.cert_path))[0]
+        processes.append(plugin_process)
+        robots = _RobotProcesses(options.robots)
+        stack.callback(robots.close)
+
+        docker = Docker(port)
+        stack.callback(docker.close)
+        try:        # the market stream: every call of every instrument from memory first
             symbols = ["ETH_USDT", "BTC_USDT", "LTC_USDT", "BTC_USDT.swap"] + [i.replace("-", "_") for i in extra]
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:      # warm up: every call of every instrument from memory
-                before = len(fake.requests)
-                for symbol in symbols:
-                    docker.call("ticker", {"symbol": symbol})
-                    docker.call("depth", {"symbol": symbol, "limit": 20})
-                    docker.call("trades", {"symbol": symbol})
-                if len(fake.requests) == before:
-                    break
-                time.sleep(0.2)
-            result["rss_50_instruments_kb"] = _rss_kb(process.pid)
-            before = len(fake.requests)
+            public["warm_up_s"] = _until_from_memory(fake, [
+                (docker, method, dict(params, symbol=symbol)) for symbol in symbols
+                for method, params in (("ticker", {}), ("depth", {"limit": 20}), ("trades", {}))])
+            public["rss_50_instruments_kb"] = _rss_kb(plugin_process.pid)
             latencies, _ = _timed_calls(docker, "ticker", {"symbol": "ETH_USDT"}, options.calls * 5)
-            result["ticker_p50_ms"] = round(_bench_percentile(latencies, 0.5), 3)
+            public["ticker_p50_ms"] = round(_bench_percentile(latencies, 0.5), 3)
             latencies, _ = _timed_calls(docker, "depth", {"symbol": "ETH_USDT", "limit": 20}, options.calls * 5)
-            result["depth_p50_ms"] = round(_bench_percentile(latencies, 0.5), 3)
-            docker.close()
-            rate, errors = _robots_rate(port, options.robots, options.calls * 5)
-            served = options.calls * 10 + options.robots * options.calls * 5
-            result.update(robots_calls_per_s=round(rate, 1), robots_errors=errors,
-                          rest_requests_per_call=round((len(fake.requests) - before) / served, 4))
-            result["of_ceiling"] = "%d%%" % round(100 * rate / result["ceiling_calls_per_s"])
-        finally:
-            process.terminate()
-            process.wait(5)
-            shutil.rmtree(cert_folder, ignore_errors=True)
-    return result
+            public["depth_p50_ms"] = round(_bench_percentile(latencies, 0.5), 3)
+            public.update(_against_ceiling(robots, port, bare_port, [_robot_body("ticker", {"symbol": "ETH_USDT"})],
+                                           fake, options.seconds, (bare.pid, plugin_process.pid)))
+            public["okx_50011"] = fake.rate_limited
+        except Exception as exc:    # report the failure in the line rather than hide the other one
+            public["failed"] = repr(exc)
+        yield public
+
+        try:        # the account streams: a resting order and a position on KEY, then 10 keys warmed up
+            limited = fake.rate_limited
+            docker.call("trade", {"symbol": "BTC_USDT", "type": "buy", "price": "30000", "amount": "0.001"})
+            docker.call("trade", {"symbol": "BTC_USDT.swap", "type": "buy", "price": "-1", "amount": "1"})
+            reads = (("accounts", {}), ("positions", {"symbol": "BTC_USDT.swap"}), ("orders", {"symbol": "BTC_USDT"}))
+            dockers = [docker] + [stack.enter_context(contextlib.closing(Docker(port, access_key=access_key,
+                                                                                  secret_key=secret_key)))
+                                  for access_key, secret_key in keys[1:]]
+            private["keys"] = len(keys)
+            private["warm_up_s"] = _until_from_memory(fake, [(each, method, params) for each in dockers
+                                                             for method, params in reads])
+            private["rss_10_keys_50_instruments_kb"] = _rss_kb(plugin_process.pid)
+            private.update(_against_ceiling(robots, port, bare_port, [_robot_body(*read) for read in reads],
+                                            fake, options.seconds, (bare.pid, plugin_process.pid)))
+            private.update(_fill_latency(robots, port, docker, fake, options.fills))
+            private["rss_end_kb"] = _rss_kb(plugin_process.pid)
+            private["okx_50011"] = fake.rate_limited - limited
+        except Exception as exc:
+            private["failed"] = repr(exc)
+        yield private
 
 
 def bench(argv):
     """Benchmark the plugin (and other plugin commands) against the fake OKX over TLS with a simulated
-    round trip; prints one JSON line per plugin, after the `direct` floor."""
+    round trip; prints one JSON line per plugin, after the `direct` floor, then the live-stream lines."""
     import argparse
     parser = argparse.ArgumentParser(prog="python3 test_protocol.py bench")
     parser.add_argument("--rtt-ms", type=float, default=20, help="simulated network round trip")
-    parser.add_argument("--robots", type=int, default=8, help="robots calling ticker at once")
+    parser.add_argument("--robots", type=int, default=8, help="robots calling at once")
     parser.add_argument("--calls", type=int, default=40, help="calls per measurement")
-    parser.add_argument("--no-stream", action="store_true", help="skip the live-stream measurement")
+    parser.add_argument("--seconds", type=float, default=6,
+                        help="seconds the robot processes loop on each server per stream line (3 rounds in turn)")
+    parser.add_argument("--fills", type=int, default=20, help="fills timed from the fake's push to `order`")
+    parser.add_argument("--no-stream", action="store_true", help="skip the live-stream measurements")
     parser.add_argument("plugins", nargs="*", metavar="NAME=COMMAND",
                         help="more plugin commands, with {port}, {api_base} and {python} placeholders")
     options = parser.parse_args(argv)
     ours = "ours={python} %s --address 127.0.0.1 --port {port} --api-base {api_base}" % os.path.join(
         HERE, "fmz_custom_protocol.py")
+    print(json.dumps({"name": "machine", "cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2),
+                      "python": sys.version.split()[0]}), flush=True)
     with FakeOKX(tls=True, latency_ms=options.rtt_ms, handshake_ms=2 * options.rtt_ms) as fake:
         print(json.dumps(bench_direct(fake, options)), flush=True)
         for spec in [ours] + options.plugins:
             name, command = spec.split("=", 1)
             print(json.dumps(bench_plugin(name, command, fake, options)), flush=True)
-        if not options.no_stream:
-            print(json.dumps(bench_stream(fake, options)), flush=True)
+    if not options.no_stream:
+        for result in bench_streams(options):
+            print(json.dumps(result), flush=True)
 
 
 # ---- Durations: python3 test_protocol.py durations [--top N] [TEST ...] ----
