@@ -645,6 +645,20 @@ def dumps(value):
     return json.dumps(value, separators=(",", ":"), default=json_default, ensure_ascii=False)
 
 
+class EncodedJSON(str):
+    """JSON text encoded once and kept: an answer's ``raw`` that memory serves to many robots unchanged
+    goes into their answers as it is (encoding OKX's long rows was a fifth of such a call's cost)."""
+
+
+def encode_answer(answer):
+    """The docker's answer as JSON bytes (``raw`` may be EncodedJSON)."""
+    raw = answer.get("raw")
+    if isinstance(raw, EncodedJSON):
+        head = json.dumps({"data": answer["data"]}, separators=(",", ":"), default=json_default)
+        return (head[:-1] + ',"raw":' + raw + "}").encode("utf-8")
+    return json.dumps(answer, separators=(",", ":"), default=json_default).encode("utf-8")
+
+
 class LastUsed:
     """A mapping that keeps at most ``size`` entries: storing one more forgets the least recently used.
 
@@ -2742,14 +2756,14 @@ class AccountStream(LiveConnection):
 
     # --- what robots call (each returns None when memory cannot answer) ---------------------------------
     def balance(self):
-        """REST ``/account/balance`` data: ``[{account fields..., "details": [per currency]}]``."""
+        """REST ``/account/balance`` data, ``[{account fields..., "details": [per currency]}]``, and its JSON."""
         with self._lock:
             now = self._ask()
             if not self._trusted("account", now) or self._awaiting(now, "account"):
                 return None
             self._served += 1
-            details = sorted(self._details.values(), key=lambda row: row.get("ccy", ""))
-            return [dict(self._account, details=[dict(row) for row in details])]
+            return self._answer(("account",), lambda: [dict(self._account, details=sorted(
+                self._details.values(), key=lambda row: row.get("ccy", "")))])
 
     def positions(self, inst_id=None):
         """REST ``/account/positions`` rows (of one instId when given)."""
@@ -2758,8 +2772,9 @@ class AccountStream(LiveConnection):
             if not self._trusted("positions", now) or self._awaiting(now, "positions"):
                 return None
             self._served += 1
-            rows = [dict(row) for row in self._positions.values() if inst_id in (None, row.get("instId"))]
-            return sorted(rows, key=lambda row: _ms(row.get("cTime")), reverse=True)     # as REST: newest first
+            return self._answer(("positions", inst_id), lambda: sorted(   # as REST: newest first
+                (row for row in self._positions.values() if inst_id in (None, row.get("instId"))),
+                key=lambda row: _ms(row.get("cTime")), reverse=True))
 
     def open_orders(self, inst_id=None):
         """REST ``/trade/orders-pending`` rows (of one instId when given), newest first."""
@@ -2768,8 +2783,9 @@ class AccountStream(LiveConnection):
             if not self._orders_trusted(now) or any(inst_id in (None, awaited[0]) for awaited in self._awaited.values()):
                 return None
             self._served += 1
-            rows = [row for row in self._orders.values() if _rank(row) < 2 and inst_id in (None, row.get("instId"))]
-            return sorted((dict(row) for row in rows), key=lambda row: _ms(row.get("ordId")), reverse=True)
+            return self._answer(("orders", inst_id), lambda: sorted(
+                (row for row in self._orders.values() if _rank(row) < 2 and inst_id in (None, row.get("instId"))),
+                key=lambda row: _ms(row.get("ordId")), reverse=True))
 
     def order(self, inst_id, ord_id):
         """REST ``/trade/order`` row of one order this connection knows, or None."""
@@ -2781,7 +2797,7 @@ class AccountStream(LiveConnection):
             if row is None or row.get("instId") != inst_id or ord_id in self._awaited:
                 return None
             self._served += 1
-            return dict(row)
+            return self._answer(("order", ord_id), lambda: row)
 
     def wrote(self, inst_id, ord_id, cancel=False):
         """OKX answered an order (``ord_id``) or its cancel. Until that order's own push arrives (with a final
@@ -2797,6 +2813,16 @@ class AccountStream(LiveConnection):
             elif ord_id in self._order_heard and _settled(self._orders.get(ord_id)):
                 return                    # its push came before the answer
             self._awaited[ord_id] = (inst_id, self.clock.monotonic(), cancel)
+
+    def _answer(self, key, rows):
+        """``(rows(), their JSON)``, both kept until the next push (under the lock): many robots reading
+        one unchanged answer cost one encoding. The rows are the stored ones: they are replaced, never
+        changed, when a push comes."""
+        cached = self._answers.get(key)
+        if cached is None:
+            value = rows()
+            cached = self._answers[key] = (value, EncodedJSON(dumps(value)))
+        return cached
 
     def expect_amend(self, req_id):
         """An amendment with ``req_id`` is about to be sent: its result push is kept for ``amend_result``."""
@@ -2880,6 +2906,7 @@ class AccountStream(LiveConnection):
         self._pages = {}                  # channel -> pages of a snapshot being received
         self._orders = collections.OrderedDict()         # ordId -> REST row (open, and finished lately)
         self._seq = 0                     # messages received on this connection: their order of arrival
+        self._answers = {}                # (read, filter) -> (rows, JSON) served since the last message
         self._order_heard = LastUsed(FINISHED_ORDERS_KEPT)   # ordId -> the seq of its last push
         self._awaited = {}                # ordId -> (instId, answered at, cancel?): its push not yet seen
         self._heard_seq = {}              # channel -> the seq of its last push
@@ -2980,6 +3007,7 @@ class AccountStream(LiveConnection):
     # --- what OKX sends (under the lock) --------------------------------------------------------------
     def _on_message(self, message, now):
         self._seq += 1
+        self._answers.clear()
         event = message.get("event")
         if event is not None:
             return self._on_event(event, message, now)
@@ -3640,13 +3668,13 @@ class OKX(BaseProtocol):
         """accounts -> GET /api/v5/account/balance (or the live ``account`` channel): free = availBal,
         frozen = frozenBal."""
         stream = self._account_stream()
-        rows = stream.balance() if stream else None
+        rows, raw = (stream and stream.balance()) or (None, None)
         if rows is None:
-            rows = self._private("GET", "/api/v5/account/balance")
+            rows = raw = self._private("GET", "/api/v5/account/balance")
         details = self._first(rows, "balance").get("details", [])
         data = [{"currency": row.get("ccy", ""), "free": _zero_if_empty(row.get("availBal")),
                  "frozen": _zero_if_empty(row.get("frozenBal"))} for row in details]
-        return data, rows
+        return data, raw
 
     def assets(self):
         """assets -> the same as accounts."""
@@ -3785,20 +3813,20 @@ class OKX(BaseProtocol):
             inst_id = self.inst_id(symbol)
             params = {"instType": inst_type_of(inst_id), "instId": inst_id}
         stream = self._account_stream()
-        rows = stream.open_orders(inst_id) if stream else None
+        rows, raw = (stream and stream.open_orders(inst_id)) or (None, None)
         if rows is None:
-            rows = self._paged("/api/v5/trade/orders-pending", params)
-        return [self._order_data(row) for row in rows], rows
+            rows = raw = self._paged("/api/v5/trade/orders-pending", params)
+        return [self._order_data(row) for row in rows], raw
 
     def order(self, id, symbol):
         """order -> GET /api/v5/trade/order?instId&ordId (or the live ``orders`` channel)."""
         inst_id, ord_id = self._split_order_id(id, symbol)
         stream = self._account_stream()
-        row = stream.order(inst_id, ord_id) if stream else None
+        row, raw = (stream and stream.order(inst_id, ord_id)) or (None, None)
         if row is None:
-            row = self._first(self._private("GET", "/api/v5/trade/order", {"instId": inst_id, "ordId": ord_id}),
-                              "order")
-        return self._order_data(row), row
+            row = raw = self._first(self._private("GET", "/api/v5/trade/order",
+                                                  {"instId": inst_id, "ordId": ord_id}), "order")
+        return self._order_data(row), raw
 
     def historyorders(self, symbol, since, limit):
         """historyorders -> GET /api/v5/trade/orders-history (7 days), then /orders-history-archive
@@ -3904,9 +3932,9 @@ class OKX(BaseProtocol):
                 raise BadRequest("positions exist for swaps and futures, not for spot %s" % symbol.fmz)
             params["instId"] = self.inst_id(symbol)
         stream = self._account_stream()
-        rows = stream.positions(params.get("instId")) if stream else None
+        rows, raw = (stream and stream.positions(params.get("instId"))) or (None, None)
         if rows is None:
-            rows = self._private("GET", "/api/v5/account/positions", params)
+            rows = raw = self._private("GET", "/api/v5/account/positions", params)
         data = []
         for row in rows:
             inst_id = row.get("instId", "")
@@ -3925,7 +3953,7 @@ class OKX(BaseProtocol):
                 "margin": _zero_if_empty(row.get("margin") or row.get("imr")),
                 "type": 1 if is_short else 0, "contract_type": fmz_symbol.partition(".")[2],
             })
-        return data, rows
+        return data, raw
 
     def set_margin_level(self, symbol, margin_level):
         """SetMarginLevel -> POST /api/v5/account/set-leverage for the contract and --margin-mode
@@ -4574,7 +4602,7 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         return exchange, request, method.strip(), params
 
     def _answer(self, answer, status=200):
-        body = json.dumps(answer, separators=(",", ":"), default=json_default).encode("utf-8")
+        body = encode_answer(answer)
         head = "HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
             status, self.responses.get(status, ("",))[0], self.server_version, self.date_time_string(), len(body))
         if self.close_connection:

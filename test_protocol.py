@@ -10586,6 +10586,11 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
     """An AccountStream fed OKX's messages directly: OKX's rules against duplicate and out-of-order pushes,
     and paged snapshots."""
 
+    @staticmethod
+    def rows(answer):
+        """The rows of a read of the stream (it answers rows and their JSON), or None."""
+        return None if answer is None else answer[0]
+
     INST = "BTC-USDT"
 
     def setUp(self):
@@ -10621,16 +10626,16 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
         seen = []
         for state, filled, utime in pushes:
             self.push("orders", [self.order_row("1", state, filled, utime)])
-            row = self.stream.order(self.INST, "1")
+            row = self.rows(self.stream.order(self.INST, "1"))
             seen.append((row["state"], row["accFillSz"]))
         self.assertEqual(seen, [("live", "0"), ("partially_filled", "0.4"), ("partially_filled", "0.4"),
                                 ("partially_filled", "0.4"), ("partially_filled", "0.4")] + [("filled", "1")] * 5)
-        self.assertEqual(self.stream.open_orders(), [])
+        self.assertEqual(self.rows(self.stream.open_orders()), [])
         self.push("orders", [self.order_row("2", "canceled", "0", 5, sz="2")])
         self.push("orders", [self.order_row("2", "live", "0", 4, sz="2"), self.order_row("2", "live", "0", 6, sz="2")])
-        self.assertEqual(self.stream.order(self.INST, "2")["state"], "canceled")
-        self.assertEqual(self.stream.open_orders(self.INST), [])
-        row = self.stream.order(self.INST, "1")                        # REST's row: no push-only fields
+        self.assertEqual(self.rows(self.stream.order(self.INST, "2"))["state"], "canceled")
+        self.assertEqual(self.rows(self.stream.open_orders(self.INST)), [])
+        row = self.rows(self.stream.order(self.INST, "1"))                        # REST's row: no push-only fields
         self.assertNotIn("execType", row)
         self.assertEqual(row["avgPx"], "30000")
 
@@ -10640,33 +10645,33 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
                     "pos": pos, "uTime": str(utime), "pTime": "7"}
         self.push("positions", [position("BTC-USDT-SWAP", "1"), position("ETH-USDT-SWAP", "2")],
                   eventType="snapshot", curPage=1, lastPage=False)
-        self.assertIsNone(self.stream.positions())                     # not in sync before the last page
+        self.assertIsNone(self.rows(self.stream.positions()))                     # not in sync before the last page
         self.push("positions", [position("LTC-USDT-SWAP", "3")], eventType="snapshot", curPage=2, lastPage=True)
-        self.assertEqual([(p["instId"], p["pos"]) for p in self.stream.positions()],
+        self.assertEqual([(p["instId"], p["pos"]) for p in self.rows(self.stream.positions())],
                          [("BTC-USDT-SWAP", "1"), ("ETH-USDT-SWAP", "2"), ("LTC-USDT-SWAP", "3")])
-        self.assertNotIn("pTime", self.stream.positions()[0])
+        self.assertNotIn("pTime", self.rows(self.stream.positions())[0])
         self.push("positions", [position("BTC-USDT-SWAP", "5", 3)], eventType="snapshot", curPage=1, lastPage="false")
-        self.assertEqual(len(self.stream.positions()), 3)              # a regular snapshot's first page: held
+        self.assertEqual(len(self.rows(self.stream.positions())), 3)              # a regular snapshot's first page: held
         self.push("positions", [position("ETH-USDT-SWAP", "0", 3)], eventType="event_update")   # closed
-        self.assertEqual([p["instId"] for p in self.stream.positions()], ["BTC-USDT-SWAP", "LTC-USDT-SWAP"])
+        self.assertEqual([p["instId"] for p in self.rows(self.stream.positions())], ["BTC-USDT-SWAP", "LTC-USDT-SWAP"])
         self.push("positions", [], eventType="snapshot", curPage=2, lastPage=True)
-        self.assertEqual([(p["instId"], p["pos"]) for p in self.stream.positions()], [("BTC-USDT-SWAP", "5")])
+        self.assertEqual([(p["instId"], p["pos"]) for p in self.rows(self.stream.positions())], [("BTC-USDT-SWAP", "5")])
         self.push("positions", [position("BTC-USDT-SWAP", "4", 2)], eventType="event_update")   # older: dropped
-        self.assertEqual(self.stream.positions()[0]["pos"], "5")
+        self.assertEqual(self.rows(self.stream.positions())[0]["pos"], "5")
 
     def test_an_older_balance_push_is_dropped_and_pages_are_collected(self):
         def detail(ccy, avail, utime):
             return {"ccy": ccy, "availBal": avail, "frozenBal": "0", "eq": avail, "cashBal": avail, "uTime": str(utime)}
         self.push("account", [{"totalEq": "1", "details": [detail("BTC", "1", 5)]}], eventType="snapshot",
                   curPage=1, lastPage=False)
-        self.assertIsNone(self.stream.balance())
+        self.assertIsNone(self.rows(self.stream.balance()))
         self.push("account", [{"totalEq": "2", "details": [detail("USDT", "10", 5)]}], eventType="snapshot",
                   curPage=2, lastPage=True)
-        balance, = self.stream.balance()
+        balance, = self.rows(self.stream.balance())
         self.assertEqual((balance["totalEq"], [d["ccy"] for d in balance["details"]]), ("2", ["BTC", "USDT"]))
         self.push("account", [{"totalEq": "3", "details": [detail("BTC", "0.5", 4), detail("USDT", "11", 6)]}],
                   eventType="event_update")
-        balance, = self.stream.balance()
+        balance, = self.rows(self.stream.balance())
         self.assertEqual([(d["ccy"], d["availBal"]) for d in balance["details"]], [("BTC", "1"), ("USDT", "11")])
 
     def test_a_push_that_came_before_the_answer_counts_for_read_your_writes(self):
@@ -10693,7 +10698,7 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
                 return [push]
         stream._serve(ScriptedSocket())
         stream.wrote(self.INST, "7")                       # OKX's answer, after its push
-        row = stream.order(self.INST, "7")
+        row = self.rows(stream.order(self.INST, "7"))
         self.assertIsNotNone(row, "the order is left to REST though its push came")
         self.assertEqual(row["state"], "live")
 
