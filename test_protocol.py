@@ -7058,6 +7058,10 @@ class MemoryBoundTest(PluginTestCase):
         for memory in memories.values():
             self.assertEqual(memory.size, plugin.MEMORY_ENTRIES)
             memory.size = 50
+        parsed = {"keys": plugin.OKX._known_keys, "symbols": plugin._known_symbols}   # bounded too
+        for memory in parsed.values():
+            self.addCleanup(setattr, memory, "size", memory.size)
+            memory.size = 50
         client.limiter.SWEEP_EVERY = 16
         self.fake.set_balance("USDT", "100000000")
         nonces, in_use = iter(range(1, 10 ** 6)), []
@@ -7073,7 +7077,7 @@ class MemoryBoundTest(PluginTestCase):
         in_use.append(client.limiter.in_use())
         self.assertLess(after_more - after_warm_up, 60000, (after_warm_up, after_more))
         self.assertLess(max(in_use), 300, in_use)              # of ~790 new ones a round
-        for name, memory in memories.items():
+        for name, memory in list(memories.items()) + list(parsed.items()):
             self.assertLessEqual(len(memory), memory.size, name)
         self.assertEqual(len(memories["orders"]), 50)             # full: 360 orders went through it
         self.assertLessEqual(len(client.requests_sent), 65)
