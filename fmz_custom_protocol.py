@@ -1500,10 +1500,10 @@ AMEND_READ_BACK_WAIT = 0.2        # this many seconds apart
 
 
 class OrderKind(collections.namedtuple("OrderKind", "what path id_field client_field lookup_path "
-                                                    "lookup_needs_inst_id expires settled")):
+                                                    "lookup_needs_inst_id expires check")):
     """How one kind of order is placed (``path``), named (``id_field``, ``client_field``) and found again
-    by its client id (``lookup_path``); ``expires`` when OKX honours the expTime header for it; ``settled``
-    says why an order OKX does not have after the wait is safe to place again."""
+    by its client id (``lookup_path``); ``expires`` when OKX honours the expTime header for it (only then
+    can the plugin ever tell that OKX has not got it); ``check`` what a user looks at when it cannot tell."""
 
     def lookup(self, inst_id, client_id):
         params = {self.client_field: client_id}
@@ -1513,12 +1513,10 @@ class OrderKind(collections.namedtuple("OrderKind", "what path id_field client_f
 
 
 PLAIN_ORDER = OrderKind("order", "/api/v5/trade/order", "ordId", "clOrdId", "/api/v5/trade/order", True, True,
-                        "and can no longer execute one (its expTime has passed)")
-# OKX has no expTime for algo orders; its refusal of a second algoClOrdId (51065) guards a late first one.
+                        "open orders")
+# OKX has no expTime for algo orders: a lost answer not found again stays unknown.
 ALGO_ORDER = OrderKind("condition order", "/api/v5/trade/order-algo", "algoId", "algoClOrdId",
-                       "/api/v5/trade/order-algo", False, False,
-                       "after waiting for it; the same request (nonce) again is safe: OKX refuses a second "
-                       "condition order with this algoClOrdId (51065)")
+                       "/api/v5/trade/order-algo", False, False, "the condition orders (GetConditionOrders)")
 NOT_FOUND_CODES = ("51603",)      # OKX's "Order does not exist" (orders and algo orders alike)
 
 
@@ -1600,11 +1598,11 @@ class OrderPlacer:
         if isinstance(outcome, Placed):
             return outcome
         if isinstance(outcome, NotPlaced):
-            raise OrderNotPlaced("the %s was not placed: %s; OKX has no %s with %s %s %s; it was not sent again"
-                                 % (kind.what, outcome.reason, kind.what, kind.client_field, client_id,
-                                    kind.settled))
-        raise OrderOutcomeUnknown("the %s's outcome is unknown: %s: check open orders before placing it "
-                                  "again" % (kind.what, outcome.reason), outcome)
+            raise OrderNotPlaced("the %s was not placed: %s; OKX has no %s with %s %s and can no longer "
+                                 "execute one (its expTime has passed); it was not sent again"
+                                 % (kind.what, outcome.reason, kind.what, kind.client_field, client_id))
+        raise OrderOutcomeUnknown("the %s's outcome is unknown: %s: check %s before placing it again"
+                                  % (kind.what, outcome.reason, kind.check), outcome)
 
     def _claim(self, key):
         """The remembered outcome of ``key`` (Placed, Unknown or None), the key then held by this caller
@@ -1632,10 +1630,16 @@ class OrderPlacer:
         if event:
             event.set()
 
+    def window(self, deadline):
+        """``(post_deadline, until)`` of an order (or an amendment) sent now in a call due at ``deadline``: it
+        waits for OKX's answer until ``post_deadline``, keeping the rest of the call's time to find it again,
+        and OKX may execute it until ``until`` (its expTime), ORDER_EXPIRY_SECONDS at most."""
+        post_deadline = deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
+        return post_deadline, min(post_deadline, self.clock.monotonic() + ORDER_EXPIRY_SECONDS)
+
     def _send(self, kind, credentials, inst_id, body, deadline):
         """POST the order once; the outcome (Placed, NotPlaced or Unknown), or ExchangeError (refused)."""
-        post_deadline = deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
-        until = min(post_deadline, self.clock.monotonic() + ORDER_EXPIRY_SECONDS)
+        post_deadline, until = self.window(deadline)
         client_id = body[kind.client_field]
         try:
             status, envelope = self.client.request("POST", kind.path, body=body, credentials=credentials,
@@ -1683,6 +1687,13 @@ class OrderPlacer:
                                % (reason, kind.client_field, client_id, exc))
             now = self.clock.monotonic()
             wait = until + ORDER_EXPIRY_MARGIN - now
+            if not kind.expires:          # no expTime: a late arrival can never be ruled out
+                return Unknown(until, "%s; OKX has no %s with %s %s, but OKX has no expTime for it: it may "
+                                      "still arrive" % (reason, kind.what, kind.client_field, client_id))
+            if not self.client.exchange_clock.anchored:
+                return Unknown(until, "%s; OKX has no %s with %s %s, but OKX's clock could not be read, so its "
+                                      "expTime (stamped with this machine's clock) is uncertain"
+                               % (reason, kind.what, kind.client_field, client_id))
             if wait <= 0:
                 return NotPlaced(reason)
             if now + wait + 0.05 >= deadline:
@@ -2677,6 +2688,17 @@ def login_request(credentials, timestamp):
                                                 "timestamp": timestamp, "sign": sign}]}, separators=(",", ":"))
 
 
+def scrubbed(text, credentials):
+    """OKX's message about a login, safe to log: OKX may repeat the request it refused (60012 "Invalid
+    request: {...}"), and the login frame carries the key, the passphrase and a signature."""
+    if '"op"' in text or "login" in text.lower() and "{" in text:
+        text = text[:text.find("{")].rstrip(" :") + " (OKX repeated the login request: not shown)"
+    for secret in (credentials.passphrase, credentials.secret, credentials.api_key):
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text[:200]
+
+
 class LoginRefused(StreamError):
     """OKX refused the private stream's login: ``code`` is OKX's."""
 
@@ -2700,15 +2722,17 @@ def _filled(row):
 
 def supersedes(stored, row):
     """True when order ``row`` may replace the ``stored`` one: OKX's rules against duplicate and
-    out-of-order pushes (a final state stays final, what filled never shrinks, a lower state with an older
-    uTime is an old push)."""
+    out-of-order pushes (a final state stays final, what filled never shrinks, a state never goes back, and
+    of two rows in one state the later change, by uTime, wins)."""
     if stored is None:
         return True
     if _rank(stored) == 2:
         return False
     if _filled(row) != _filled(stored):
         return _filled(row) > _filled(stored)
-    return not (_ms(row.get("uTime")) < _ms(stored.get("uTime")) and _rank(row) < _rank(stored))
+    if _rank(row) != _rank(stored):
+        return _rank(row) > _rank(stored)
+    return _ms(row.get("uTime")) >= _ms(stored.get("uTime"))     # the same state: the later change
 
 
 IMMEDIATE_ORDER_TYPES = ("market", "ioc", "fok", "optimal_limit_ioc")   # they fill (or end) at once
@@ -2752,6 +2776,7 @@ class AccountStream(LiveConnection):
         self._asked_at = 0.0
         self._refused_until, self._login_retry, self.login_error = 0.0, LOGIN_RETRY_FIRST, None
         self._served = 0
+        self._amends = collections.OrderedDict()     # reqId -> [Event, result]: kept across reconnects
         self._lost()
 
     # --- what robots call (each returns None when memory cannot answer) ---------------------------------
@@ -2799,20 +2824,36 @@ class AccountStream(LiveConnection):
             self._served += 1
             return self._answer(("order", ord_id), lambda: row)
 
-    def wrote(self, inst_id, ord_id, cancel=False):
-        """OKX answered an order (``ord_id``) or its cancel. Until that order's own push arrives (with a final
-        state, for a cancel), ``order`` and ``open_orders`` of its instrument, ``balance``, and for a contract
-        ``positions``, leave it to REST; then they wait for the balance (position) push that follows it."""
+    def wrote(self, inst_id, ord_id, cancel=False, since=None):
+        """OKX answered an order (``ord_id``), its cancel, or its amendment (``since``: the ``mark()`` taken
+        before sending it). Until that order's own push arrives (with a final state, for a cancel; any push
+        after ``since``, for an amendment), ``order`` and ``open_orders`` of its instrument, ``balance``, and
+        for a contract ``positions``, leave it to REST; then they wait for the balance (position) push that
+        follows it."""
         with self._lock:
-            if not self._connected:
-                return                    # memory answers nothing until a new connection synced from REST
+            if not self._connected or self._channels.get("orders") != "live":
+                return                    # memory answers no order now: a new connection syncs from REST
             if cancel:
                 row = self._orders.get(ord_id)
                 if row is not None and _rank(row) == 2:
                     return                # OKX already said how it ended
+            elif since is not None:
+                if self._order_heard.get(ord_id, -1) > since:
+                    return                # pushed since the amendment was sent
             elif ord_id in self._order_heard and _settled(self._orders.get(ord_id)):
                 return                    # its push came before the answer
-            self._awaited[ord_id] = (inst_id, self.clock.monotonic(), cancel)
+            self._awaited[ord_id] = (inst_id, self.clock.monotonic(), cancel, since)
+
+    def mark(self):
+        """The point in the connection's messages that ``wrote(since=...)`` counts from."""
+        with self._lock:
+            return self._seq
+
+    def wrote_through_io(self):
+        """An order endpoint was called through exchange.IO: its pushes cannot be matched to it, so balances,
+        positions and orders are read from REST for ORDER_PUSH_WAIT."""
+        with self._lock:
+            self._io_write_until = self.clock.monotonic() + ORDER_PUSH_WAIT
 
     def _answer(self, key, rows):
         """``(rows(), their JSON)``, both kept until the next push (under the lock): many robots reading
@@ -2873,22 +2914,29 @@ class AccountStream(LiveConnection):
         return self._live(now) and self._channels.get(channel) == "live" and self._synced.get(channel, False)
 
     def _orders_trusted(self, now):
-        if not self._trusted("orders", now):
-            return False
+        return (self._trusted("orders", now) and not self._drop_overdue(now)
+                and now >= self._io_write_until)
+
+    def _drop_overdue(self, now):
+        """Forget the writes whose push never came within ORDER_PUSH_WAIT, and read the open orders again
+        (under the lock); True when there were such."""
         overdue = [ord_id for ord_id, awaited in self._awaited.items() if now - awaited[1] > ORDER_PUSH_WAIT]
-        if overdue:                       # a push that never came: read the open orders again
-            log.warning("%s: no push for order %s; reading open orders again", self.name, overdue[0])
-            for ord_id in overdue:
-                del self._awaited[ord_id]
-            self._reload_orders(now)
+        if not overdue:
             return False
+        log.warning("%s: no push for order %s; reading open orders again", self.name, overdue[0])
+        for ord_id in overdue:
+            del self._awaited[ord_id]
+        self._reload_orders(now)
         return True
 
     def _awaiting(self, now, channel):
         """True while ``channel`` (account, positions) may not yet show an order change: a write of this
         plugin awaits its order push (for positions: on a contract), or an order change was pushed and the
         channel's push that follows it has not come. Each wait lasts ORDER_PUSH_WAIT at most."""
-        if any(channel == "account" or inst_type_of(inst_id) != "SPOT" for inst_id, _, _ in self._awaited.values()):
+        self._drop_overdue(now)
+        if now < self._io_write_until:
+            return True               # an order written through exchange.IO: its pushes are not matched
+        if any(channel == "account" or inst_type_of(awaited[0]) != "SPOT" for awaited in self._awaited.values()):
             return True
         due = self._due.get(channel)
         return due is not None and self._heard_seq.get(channel, -1) <= due[0] and now - due[1] < ORDER_PUSH_WAIT
@@ -2908,14 +2956,15 @@ class AccountStream(LiveConnection):
         self._seq = 0                     # messages received on this connection: their order of arrival
         self._answers = {}                # (read, filter) -> (rows, JSON) served since the last message
         self._order_heard = LastUsed(FINISHED_ORDERS_KEPT)   # ordId -> the seq of its last push
-        self._awaited = {}                # ordId -> (instId, answered at, cancel?): its push not yet seen
+        self._awaited = {}                # ordId -> (instId, answered at, cancel?, amendment's mark or None)
+        self._io_write_until = -1.0       # reads go to REST until then, after an exchange.IO order call
         self._heard_seq = {}              # channel -> the seq of its last push
         self._due = {}                    # channel -> (seq, time) of an order change it has yet to follow
         self._orders_load_seq = 0         # the seq at which the last REST read of open orders began
         self._orders_loading = False
         self._orders_results = []
         self._reload_at = None
-        self._amends = getattr(self, "_amends", collections.OrderedDict())  # reqId -> [Event, result]
+
 
     def _opened(self, ws):
         """Log in, wait for OKX's answer, then subscribe the three channels."""
@@ -2934,7 +2983,7 @@ class AccountStream(LiveConnection):
                 if message.get("event") == "login" and code == "0":
                     return self._logged_in(ws)
                 if message.get("event") in ("login", "error"):
-                    self._refused(code, str(message.get("msg", "")))
+                    self._refused(code, scrubbed(str(message.get("msg", "")), self.credentials))
             if self.clock.monotonic() > deadline or self._stop.is_set():
                 raise StreamError("OKX did not answer the login within %.0f s" % LOGIN_TIMEOUT)
 
@@ -2950,10 +2999,10 @@ class AccountStream(LiveConnection):
         """A refused login: REST for this key, and no new attempt for a while (growing)."""
         with self._lock:
             self.login_error = "refused (%s)" % code
-            retry = 1.0 if code == "60006" else self._login_retry
+            # OKX said our time is off (60006): the clock is synced and the first such refusal retried at once
+            retry = 1.0 if code == "60006" and self._login_retry == LOGIN_RETRY_FIRST else self._login_retry
             self._refused_until = self.clock.monotonic() + retry
-            if code != "60006":
-                self._login_retry = min(LOGIN_RETRY_MAX, self._login_retry * 2)
+            self._login_retry = min(LOGIN_RETRY_MAX, self._login_retry * 2)
         if code == "60006" and self.sync_clock is not None:     # OKX says our time is off
             self.sync_clock()
         raise LoginRefused(code, "%s; this key is read over REST, next login in %.0f s" % (message, retry))
@@ -3106,9 +3155,9 @@ class AccountStream(LiveConnection):
         if now is not None:
             self._order_heard[ord_id] = self._seq
             awaited = self._awaited.get(ord_id)
-            if awaited is not None and (not awaited[2] and _settled(row) or _rank(row) == 2 or
-                                        stored is not None and _rank(stored) == 2):
-                del self._awaited[ord_id]         # the push an order (or, final, a cancel) waited for
+            if awaited is not None and (awaited[3] is not None or not awaited[2] and _settled(row)
+                                        or _rank(row) == 2 or stored is not None and _rank(stored) == 2):
+                del self._awaited[ord_id]         # the push an order, an amendment or (final) a cancel awaited
         if not supersedes(stored, row):
             return
         if now is not None and (stored is None or row.get("state") != stored.get("state")
@@ -3878,9 +3927,9 @@ class OKX(BaseProtocol):
             raise BadRequest("modifyorder changes nothing: price and amount are both -1 (keep)")
         stream = self._account_stream()
         waiter = stream.expect_amend(body["reqId"]) if stream else None
+        mark = stream.mark() if stream else None
         clock = self.client.clock
-        post_deadline = self.deadline - min(ORDER_RECOVERY_SECONDS, self.client.config.timeout * 0.4)
-        until = min(post_deadline, clock.monotonic() + ORDER_EXPIRY_SECONDS)     # OKX's expTime
+        post_deadline, until = self.shared.orders.window(self.deadline)          # until: OKX's expTime
         try:
             status, envelope = self.client.request("POST", "/api/v5/trade/amend-order", body=body,
                                                    credentials=self.credentials, deadline=post_deadline,
@@ -3900,6 +3949,8 @@ class OKX(BaseProtocol):
                                 "amendResult %s)" % (result[2] or "amendment failed", inst_id, ord_id, result[0]))
         if result is None:
             self._check_amended(inst_id, ord_id, body, envelope is None)
+            if stream:
+                stream.wrote(inst_id, ord_id, since=mark)       # read your writes: memory waits for its push
         log.info("amended order %s,%s:%s%s", inst_id, ord_id, " price %s" % price if price != "-1" else "",
                  " amount %s" % amount if amount != "-1" else "")
         return {"id": "%s,%s" % (inst_id, ord_id)}, envelope
@@ -3918,9 +3969,13 @@ class OKX(BaseProtocol):
             if STATE_RANK.get(row.get("state"), 0) == 2:
                 break                       # it ended (filled or canceled) before the amendment
             self.client.clock.sleep(AMEND_READ_BACK_WAIT)
-        what = "the amendment's answer was lost, and " if answer_lost else "OKX accepted the amendment, but "
-        raise TransportError("%sorder %s,%s shows price %s, amount %s, state %s: not amended"
-                             % (what, inst_id, ord_id, row.get("px") or "market", row.get("sz"), row.get("state")))
+        if answer_lost:
+            raise TransportError("the amendment's answer was lost, and order %s,%s shows price %s, amount %s, "
+                                 "state %s after its expTime: not amended"
+                                 % (inst_id, ord_id, row.get("px") or "market", row.get("sz"), row.get("state")))
+        raise TransportError("OKX accepted the amendment, but order %s,%s still shows price %s, amount %s, state "
+                             "%s: it was not applied, or not yet; read the order before acting on it"
+                             % (inst_id, ord_id, row.get("px") or "market", row.get("sz"), row.get("state")))
 
     # --- futures --------------------------------------------------------------------------------------
     def positions(self, symbol):
