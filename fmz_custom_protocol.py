@@ -49,6 +49,7 @@ import base64
 import bisect
 import collections
 import datetime
+import errno
 import hashlib
 import hmac
 import http.client
@@ -75,7 +76,8 @@ __version__ = "1.0.0"
 
 __all__ = [
     "Config", "Clock", "ProtocolError", "BadRequest", "NotSupported", "ExchangeError", "TransportError",
-    "RateLimited", "OrderNotPlaced", "OrderOutcomeUnknown", "OrderPlacer", "MarketStream",
+    "RateLimited", "OrderNotPlaced", "OrderOutcomeUnknown", "OrderPlacer", "LiveConnection", "MarketStream",
+    "AccountStream", "Symbol", "Condition", "parse_condition",
     "BaseProtocol", "OKX", "DISPATCH", "EXCHANGES", "PluginServer", "main",
 ]
 
@@ -96,6 +98,7 @@ MAX_REQUEST_BYTES = 1 << 20       # a docker request body larger than this is re
 MAX_JSON_DIGITS = 64              # a JSON integer with more digits is refused (int() of a long one is slow)
 MAX_KEY_CHARS = 64                # an access key longer than this is refused (OKX's are 36 characters)
 CLIENT_READ_TIMEOUT = 20.0        # a docker connection silent this long (mid-request or idle) is closed
+STOP_DRAIN_SECONDS = 0.8          # at a stop, calls being served may finish this long (within a second)
 MAX_DOCKER_CONNECTIONS = 256      # connections served at once; more are closed at once (bounded threads)
 POOL_IDLE_REUSE = 30.0            # a kept-alive OKX connection idle longer than this is not reused
 POOL_MAX_IDLE = 32                # idle OKX connections kept per origin
@@ -334,7 +337,12 @@ def decimal_text(value, name, allow_negative_one=False):
         raise BadRequest("%s must be greater than 0, got %s" % (name, text))
     if "e" in text.lower():
         text = format(number, "f")
-    return text.lstrip("+")
+    text = text.lstrip("+")
+    if text.endswith("."):                 # "2900." -> "2900"
+        text = text[:-1]
+    if text.startswith("."):               # ".01" -> "0.01"
+        text = "0" + text
+    return text
 
 
 def _describe(value):
@@ -550,6 +558,11 @@ def _no_constants(name):
     raise ValueError("%s is not a number" % name)
 
 
+def _loggable(text):
+    """Docker input as it may appear in a log line: printable and short, or its short description."""
+    return text if len(text) <= 64 and _PRINTABLE_RE.match(text) else _describe(text)
+
+
 def parse_docker_json(body):
     """A docker request body as JSON (``loads_exact``); BadRequest when it is not UTF-8 or not JSON."""
     try:
@@ -601,9 +614,13 @@ def parse_secret_field(secret_field):
         raise BadRequest("secret_key is longer than an OKX secret and passphrase (%d characters at most)"
                          % (4 * MAX_KEY_CHARS))
     parts = [part.strip() for part in secret_field.split(",")]
+    while len(parts) > 2 and not parts[-1]:
+        parts.pop()                        # a comma pasted at the end is no part of the passphrase
     demo = len(parts) > 2 and parts[-1].lower() == "simulate"
     if demo:
         parts = parts[:-1]
+        while len(parts) > 2 and not parts[-1]:
+            parts.pop()
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise BadRequest("secret_key must be 'SECRET,PASSPHRASE' (OKX keys have a passphrase; "
                          "append ',simulate' for demo trading)")
@@ -657,6 +674,21 @@ def encode_answer(answer):
         head = json.dumps({"data": answer["data"]}, separators=(",", ":"), default=json_default)
         return (head[:-1] + ',"raw":' + raw + "}").encode("utf-8")
     return json.dumps(answer, separators=(",", ":"), default=json_default).encode("utf-8")
+
+
+def _ms(value):
+    """OKX's millisecond string as an int (0 when empty)."""
+    return int(value) if value not in ("", None) else 0
+
+
+def _zero_if_empty(value):
+    return value if value not in ("", None) else "0"
+
+
+def _precision(step):
+    """Decimal places of a step such as "0.001" (3) or "1" (0)."""
+    exponent = Decimal(step).normalize().as_tuple().exponent if step not in ("", None) else 0
+    return max(0, -exponent)
 
 
 class LastUsed:
@@ -2020,15 +2052,14 @@ class WebSocketClient:
         self.sock = None
 
 
-# --- what the stream keeps -------------------------------------------------------------------------------
-
+# --- the thread that keeps a connection open -------------------------------------------------------------
 
 class LiveConnection:
     """One OKX WebSocket URL kept open by a thread of its own for as long as something is wanted of it.
 
     The common part of the market and account streams. The thread (started by ``_ensure_thread`` when
-    something is wanted, ending when nothing is) connects, respecting OKX's limit of STREAM_CONNECTS_PER_SECOND new connections per IP address,
-    calls ``_opened(ws)`` (a login, say), then loops: ``_turn(ws, now)`` sends what the subclass wants sent,
+    something is wanted, ending when nothing is) connects, respecting OKX's limit of
+    STREAM_CONNECTS_PER_SECOND new connections per IP address, calls ``_opened(ws)`` (a login, say), then loops: ``_turn(ws, now)`` sends what the subclass wants sent,
     the text ``ping`` goes out after STREAM_PING_AFTER of silence, every text message received is handed as
     JSON to ``_on_message`` (under ``_lock``), and the connection is given up after STREAM_DEAD_AFTER without
     a message or a ``pong``. After any loss it calls ``_lost()`` (under the lock: drop what the connection
@@ -2353,9 +2384,6 @@ class TradeTape:
         if len(self.covered) > 4 * OKX_MAX_TRADES:       # forget what lies below the oldest row kept
             ids = [int(row["tradeId"]) for row in self.rows if str(row["tradeId"]).isdigit()]
             self.covered = set(t for t in self.covered if ids and int(t) >= min(ids))
-
-
-# --- the stream ----------------------------------------------------------------------------------------
 
 
 # --- the stream ----------------------------------------------------------------------------------------
@@ -2805,7 +2833,8 @@ class AccountStream(LiveConnection):
         """REST ``/trade/orders-pending`` rows (of one instId when given), newest first."""
         with self._lock:
             now = self._ask()
-            if not self._orders_trusted(now) or any(inst_id in (None, awaited[0]) for awaited in self._awaited.values()):
+            if not self._orders_trusted(now) or any(inst_id in (None, awaited[0])
+                                                    for awaited in self._awaited.values()):
                 return None
             self._served += 1
             return self._answer(("orders", inst_id), lambda: sorted(
@@ -3336,21 +3365,6 @@ class BaseProtocol:
 # OKX: each docker method mapped onto OKX v5, in the order of the protocol
 # =====================================================================================================
 
-def _ms(value):
-    """OKX's millisecond string as an int (0 when empty)."""
-    return int(value) if value not in ("", None) else 0
-
-
-def _zero_if_empty(value):
-    return value if value not in ("", None) else "0"
-
-
-def _precision(step):
-    """Decimal places of a step such as "0.001" (3) or "1" (0)."""
-    exponent = Decimal(step).normalize().as_tuple().exponent if step not in ("", None) else 0
-    return max(0, -exponent)
-
-
 def paged(client, credentials, path, params, limit=None, after=None, deadline=None, cursor="ordId"):
     """Every row (or ``limit`` rows) of one of OKX's paged lists (orders-pending, -history, -archive, the
     algo lists by ``cursor`` algoId), newest first, older than the cursor ``after`` when given."""
@@ -3465,6 +3479,16 @@ class OKXShared:
         if self.config.proxy:
             return Proxy(self.config.proxy)
         return Proxy.from_environment(base.replace("wss://", "https://").replace("ws://", "http://"))
+
+    def status(self):
+        """This exchange's part of GET /status (no secret, passphrase or full key)."""
+        streams = self.streams()
+        return {"api_base": self.client.api_base,
+                "streams": {"market": [stream.status() for stream in streams if isinstance(stream, MarketStream)],
+                            "account": [stream.status() for stream in streams if isinstance(stream, AccountStream)]},
+                "rate_limit_buckets": self.client.limiter.usage(),
+                "okx_requests": dict(self.client.requests_sent),
+                "okx_requests_by_method": self.client.requests_by_method()}
 
     def streams(self):
         """Every live stream: the market streams, then the account streams."""
@@ -3701,7 +3725,8 @@ class OKX(BaseProtocol):
                 ct_val, ct_val_ccy, max_notional = "1", base, row.get("maxMktSz", "")
             else:
                 base, _, quote = (row.get("instFamily") or row.get("uly") or "-").partition("-")
-                ct_val, ct_val_ccy, max_notional = row.get("ctVal", ""), row.get("ctValCcy", ""), row.get("maxMktAmt", "")
+                ct_val, ct_val_ccy = row.get("ctVal", ""), row.get("ctValCcy", "")
+                max_notional = row.get("maxMktAmt", "")
             data[fmz_symbol] = {
                 "symbol": fmz_symbol, "baseAsset": base, "quoteAsset": quote,
                 "tickSize": row.get("tickSz", ""), "amountSize": row.get("lotSz", ""),
@@ -3742,7 +3767,7 @@ class OKX(BaseProtocol):
         inst_id = self.inst_id(symbol)
         direction = self._order_direction(symbol, type, direction)
         clord_id = clord_id_for(self.request.nonce)
-        if symbol.contract and leverage is not None:
+        if symbol.contract and leverage is not None and inst_type_of(inst_id) != "OPTION":   # options: none
             if self.shared.leverage.get(self._leverage_key(inst_id)) != Decimal(leverage):  # not every order
                 self.set_margin_level(symbol, leverage)
         placed = self._place(PLAIN_ORDER, symbol, inst_id,
@@ -3800,6 +3825,8 @@ class OKX(BaseProtocol):
         kind = type.lower()
         if direction and not symbol.contract and direction.lower() not in ("buy", "sell"):
             raise BadRequest("direction %s applies to swaps and futures, not to spot %s" % (direction, symbol.fmz))
+        if direction and kind in ("closebuy", "closesell") and direction.lower() != kind:
+            raise BadRequest("direction %s contradicts type %s" % (direction.lower(), kind))
         if direction and kind in ("buy", "sell"):
             wanted = direction.lower()
             if wanted in ("closebuy", "closesell"):
@@ -3979,8 +4006,8 @@ class OKX(BaseProtocol):
 
     # --- futures --------------------------------------------------------------------------------------
     def positions(self, symbol):
-        """positions -> GET /api/v5/account/positions (or the live ``positions`` channel); SWAP and FUTURES,
-        one symbol when given."""
+        """positions -> GET /api/v5/account/positions (or the live ``positions`` channel): swaps, futures and
+        options, one symbol when given."""
         params = {}
         if symbol is not None:
             if not symbol.contract:
@@ -4077,6 +4104,15 @@ class OKX(BaseProtocol):
             body["newSz"] = amount
         if condition is not None:
             current = self._algo_order(algo_id)
+            kind = int(self._condition_data(current)["condition"]["ConditionType"])
+            if condition.type != kind:
+                raise BadRequest("condition order %s is a%s %s condition (ConditionType %d): an amendment "
+                                 "cannot make it a%s %s one" % (id, "n" if kind == 0 else "", CONDITION_NAMES[kind],
+                                                                kind, "n" if condition.type == 0 else "",
+                                                                CONDITION_NAMES[condition.type]))
+            if kind in (1, 2) and set(condition.legs) - {"tp" if kind == 1 else "sl"}:
+                raise BadRequest("condition order %s is a %s condition: its amendment sets that leg only"
+                                 % (id, CONDITION_NAMES[kind]))
             if current.get("ordType") == "trigger":
                 if len(condition.legs) != 1:
                     raise BadRequest("condition order %s is generic (one trigger): its condition sets one leg, "
@@ -4245,6 +4281,10 @@ class OKX(BaseProtocol):
         if verb == "POST" and path.startswith("/api/v5/account/") and credentials is not None:
             # e.g. set-position-mode: what the plugin cached of the account may have changed
             self.client.forget("account", (credentials.api_key, credentials.demo))
+        if verb == "POST" and path.startswith("/api/v5/trade/") and credentials is not None:
+            stream = self._account_stream()
+            if stream:
+                stream.wrote_through_io()     # orders written here: the account is read from REST a while
         return envelope, None
 
 
@@ -4328,10 +4368,7 @@ def _order_id(value, params, name):
 
 
 def _price(value, params, name):
-    return decimal_text(value, name, allow_negative_one=True)
-
-
-def _amount_or_keep(value, params, name):
+    """A positive decimal, or -1: a market order's price, or "keep" for an amendment's price or amount."""
     return decimal_text(value, name, allow_negative_one=True)
 
 
@@ -4421,7 +4458,7 @@ DISPATCH = {
                                              Param("limit", _count(0, 1000), 0)]),
     "cancel": acts("cancel", [ORDER_ID, OPTIONAL_SYMBOL]),
     "modifyorder": acts("modifyorder", [ORDER_ID, OPTIONAL_SYMBOL, Param("price", _price, "-1"),
-                                        Param("amount", _amount_or_keep, "-1"), Param("type", _text, None)]),
+                                        Param("amount", _price, "-1"), Param("type", _text, None)]),
     "positions": reads("positions", [OPTIONAL_SYMBOL]),
     "setmarginlevel": acts("set_margin_level", [SYMBOL, Param(LEVERAGE[0], _amount, aliases=LEVERAGE[1:],
                                                               arg="margin_level")]),
@@ -4429,7 +4466,7 @@ DISPATCH = {
     "createconditionorder": acts("createconditionorder", [SYMBOL, Param("type", _text), Param("amount", _amount),
                                                           CONDITION, Param("direction", _text, default=None)]),
     "modifyconditionorder": acts("modifyconditionorder", [ORDER_ID, OPTIONAL_SYMBOL,
-                                                          Param("amount", _amount_or_keep, "-1"),
+                                                          Param("amount", _price, "-1"),
                                                           Param("condition", _condition_change, None,
                                                                 aliases=("Condition",)),
                                                           Param("type", _text, None)]),
@@ -4467,10 +4504,19 @@ def resolve_method(method, params=None):
         raise BadRequest("unknown method %s; known: %s, and %s<path> for exchange.IO"
                          % (_describe(method), ", ".join(sorted(DISPATCH)), API_PREFIX))
     if name in ("trade", "conditionorder") and isinstance(params, dict) and (
-            any(params.get(spelling) not in (None, "", {}) for spelling in CONDITION.spellings)
+            any(_condition_given(params.get(spelling)) for spelling in CONDITION.spellings)
             or name == "conditionorder" and "amount" in params):
         name = "createconditionorder"
     return name
+
+
+def _condition_given(value):
+    """Whether a request's ``condition`` asks for a condition order: not when absent or empty (``{}``,
+    ``[]``, ``null``, or the JSON text of one of those)."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value not in ("", "{}", "[]", "null")
+    return value not in (None, {}, [])
 
 
 _unknown_methods = set()
@@ -4490,7 +4536,7 @@ def dispatch(protocol, method, params):
         key = method.strip().lower().replace("_", "").replace("-", "")[:64]
         if key not in _unknown_methods and len(_unknown_methods) < UNKNOWN_METHODS_LOGGED:
             _unknown_methods.add(key)
-            names = sorted(str(name)[:40] for name in params)[:20] if isinstance(params, dict) else []
+            names = sorted(_loggable(str(name)[:40]) for name in params)[:20] if isinstance(params, dict) else []
             log.warning("the docker sent method %s, which the plugin does not know (its params: %s); if FMZ "
                         "names a known method so, please report it", _describe(method), ", ".join(names) or "none")
         raise
@@ -4580,9 +4626,13 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             exchange, request, method, params = self._parse(body)
-            _context.method, _context.counted = method, "(unknown)"
+            _context.method, _context.counted = _loggable(method), "(unknown)"
             protocol_class, _ = EXCHANGES[exchange]
-            data, raw = dispatch(protocol_class(request, self.server.exchanges[exchange]), method, params)
+            token = self.server.begin_call(method, request.nonce)
+            try:
+                data, raw = dispatch(protocol_class(request, self.server.exchanges[exchange]), method, params)
+            finally:
+                self.server.end_call(token)
             answer = {"data": data}
             if raw is not None:
                 answer["raw"] = raw
@@ -4658,8 +4708,9 @@ class DockerHandler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, answer, status=200):
         body = encode_answer(answer)
-        head = "HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
-            status, self.responses.get(status, ("",))[0], self.server_version, self.date_time_string(), len(body))
+        head = ("HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\n" % (status, self.responses.get(status, ("",))[0], self.server_version,
+                                             self.date_time_string(), len(body)))
         if self.close_connection:
             head += "Connection: close\r\n"
         try:
@@ -4733,6 +4784,7 @@ class PluginServer(http.server.ThreadingHTTPServer):
         self.exchanges = {name: shared_class(config) for name, (_, shared_class) in EXCHANGES.items()}
         self.counts = CallCounts()
         self.started_at = config.clock.monotonic()
+        self._calls, self._serial = {}, 0      # docker calls being served: token -> (method, nonce)
         self._active = 0
         self._active_lock = threading.Lock()
         super().__init__(address, handler)
@@ -4768,19 +4820,44 @@ class PluginServer(http.server.ThreadingHTTPServer):
         answer = {"version": __version__, "uptime_s": round(self.config.clock.monotonic() - self.started_at, 1),
                   "docker_connections": self._active, "exchanges": {}}
         for name, shared in self.exchanges.items():
-            client = shared.client
-            for method, okx_requests in client.requests_by_method().items():
+            part = shared.status() if hasattr(shared, "status") else {}
+            for method, okx_requests in part.pop("okx_requests_by_method", {}).items():
                 counts.setdefault(method, {"calls": 0, "errors": 0, "okx_requests": 0})["okx_requests"] = okx_requests
-            answer["exchanges"][name] = {
-                "api_base": client.api_base,
-                "streams": {"market": [stream.status() for stream in shared.streams()
-                                       if isinstance(stream, MarketStream)],
-                            "account": [stream.status() for stream in shared.streams()
-                                        if isinstance(stream, AccountStream)]},
-                "rate_limit_buckets": client.limiter.usage(),
-                "okx_requests": dict(client.requests_sent)}
+            answer["exchanges"][name] = part
         answer["methods"] = counts
         return answer
+
+    def begin_call(self, method, nonce):
+        """A docker call is being served: remembered until ``end_call``, for a stop in its middle."""
+        with self._active_lock:
+            self._serial += 1
+            self._calls[self._serial] = (method, nonce)
+            return self._serial
+
+    def end_call(self, token):
+        with self._active_lock:
+            self._calls.pop(token, None)
+
+    def drain(self, seconds):
+        """Wait up to ``seconds`` (real time: the process is stopping) for the calls being served; then log
+        each one that may have sent an order, so that the operator can check it at OKX."""
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            with self._active_lock:
+                if not self._calls:
+                    return
+            time.sleep(0.02)
+        with self._active_lock:
+            calls = list(self._calls.values())
+        for method, nonce in calls:
+            try:
+                acts = method[:len(API_PREFIX)].lower() == API_PREFIX or not DISPATCH[resolve_method(method)].reads
+            except BadRequest:
+                acts = False
+            if acts:
+                log.warning("stopped while serving %s (nonce %s): it may have reached OKX; check the orders and "
+                            "condition orders of this key (their client id ends in the nonce's digits)",
+                            _loggable(method), _describe(nonce))
 
     def handle_error(self, request, client_address):
         """A docker connection failed outside a request (e.g. reset): a log line, not a traceback."""
@@ -4878,13 +4955,27 @@ def config_from_args(args, parser):
         parser.error("--port must be between 0 and 65535")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         parser.error("--timeout must be a number of seconds greater than 0")
-    if args.ca_file and not os.path.isfile(args.ca_file):
+    if args.ca_file and not os.path.exists(args.ca_file):
         parser.error("--ca-file %s does not exist" % args.ca_file)
+    if args.ca_file:
+        try:
+            tls_context(args.ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            parser.error("--ca-file %s holds no PEM CA certificates (%s)"
+                         % (args.ca_file, getattr(exc, "reason", None) or _os_error_text(exc)))
+    args.api_base = _lower_scheme(args.api_base)
+    args.ws_base = args.ws_base and _lower_scheme(args.ws_base)
     if not (math.isfinite(args.stream_idle) and args.stream_idle > 0):
         parser.error("--stream-idle must be a number of seconds greater than 0")
     return Config(api_base=args.api_base, timeout=args.timeout, margin_mode=args.margin_mode, proxy=args.proxy,
                   ca_file=args.ca_file, ws_base=args.ws_base, stream=not args.no_stream,
                   stream_idle=args.stream_idle, private_stream=not args.no_private_stream)
+
+
+def _lower_scheme(url):
+    """``HTTPS://Host`` -> ``https://Host``: the plugin compares schemes as text."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.lower() + sep + rest if sep else url
 
 
 def _stop(signum, frame):
@@ -4902,7 +4993,9 @@ def main(argv=None):
     except OSError as exc:
         sys.stderr.write("fmz_custom_protocol.py: error: cannot listen on %s:%d: %s\n"
                          % (args.address, args.port, _os_error_text(exc)))
-        return 1
+        # A port in use may be free later (exit 1: systemd restarts); any other refusal (an address this
+        # machine does not have, a port it may not use) will not change: exit 2, as a wrong flag.
+        return 1 if exc.errno == errno.EADDRINUSE else 2
     except (ValueError, ssl.SSLError) as exc:
         sys.stderr.write("fmz_custom_protocol.py: error: %s\n" % exc)
         return 1
@@ -4918,6 +5011,7 @@ def main(argv=None):
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        server.drain(STOP_DRAIN_SECONDS)
         server.server_close()
         log.info("stopped")
     return 0
