@@ -467,7 +467,7 @@ def public_order(order):
 
 def make_instrument(inst_type, inst_id, tick, lot, min_sz, lever, base="", quote="", uly="", settle="",
                     ct_type="", ct_val="", ct_val_ccy="", alias="", exp_time="", list_time="1606468572000"):
-    """One row of /public/instruments: every field of OKX.md §4, strings as OKX sends them."""
+    """One row of /public/instruments: every field OKX's v5 docs list, strings as OKX sends them."""
     spot = inst_type == "SPOT"
     return {
         "alias": alias, "auctionEndTime": "", "baseCcy": base, "category": "1", "ctMult": "" if spot else "1",
@@ -741,7 +741,7 @@ def new_account(secret, passphrase, demo, uid, balances):
 
 Call = namedtuple("Call", "params account headers")
 
-# The fake's endpoints. limit/window/per: OKX.md §8's rate limit, counted per client IP ("ip"), per IP
+# The fake's endpoints. limit/window/per: the rate limit in OKX's v5 docs, counted per client IP ("ip"), per IP
 # and a parameter ("ip+instType"), per API key ("key") or per key and instrument ("key+instId").
 Route = namedtuple("Route", "handler signed limit window per")
 ROUTES = {
@@ -814,7 +814,7 @@ class _BackgroundServer:
 # `FakeOKX.observers` is a list of callables `observer(api_key, kind, rows)`, called under the fake's lock
 # once an account has changed. One change (a placement with its fills, a cancel, a helper call) reports,
 # in this order and only what it changed:
-#   "orders"     one row per order event, shaped as an `orders` push (OKX.md §12.5): the REST row plus
+#   "orders"     one row per order event, shaped as an `orders` push (OKX's v5 docs): the REST row plus
 #                fillPx/fillSz/tradeId/fillTime/fillFee/fillFeeCcy/execType of THIS update's fill only
 #                (""/"0" when it is no fill), avgPx "0" while nothing filled, amendResult, reqId, code, msg;
 #                a taker order gives its accepted ("live") row, then its fill;
@@ -973,7 +973,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
 
     Accounts: `KEY` (live, net mode, futures account level "2") and `DEMO_KEY` (demo trading). Answers
     are OKX's envelope `{"code","msg","data"}` with every number a string; errors carry OKX's code and
-    the HTTP status of OKX.md §2. Everything below is guarded by one lock, so tests may change the fake
+    the HTTP status OKX's v5 docs give. Everything below is guarded by one lock, so tests may change the fake
     while the plugin is talking to it. Orders rest until a cross of the book at placement or `fill()`:
     moving the price with `set_price()` fills nothing by itself, but fires the algo orders it triggers.
     Also: algo orders, amend-order, batch endpoints and OPTION instruments (sections below).
@@ -2841,8 +2841,8 @@ DEFAULT_INSTRUMENTS = ("BTC-USDT", "ETH-USDT", "LTC-USDT",
 # base currency -> (reference price, tick size) around which a generated book is centred
 _PRICE_TICK = {"BTC": ("43000", "0.1"), "ETH": ("2922", "0.01"), "LTC": ("70", "0.01")}
 BOOK_DEPTH = 60          # generated levels per side
-SNAPSHOT_DEPTH = 400     # levels per side in a `books` snapshot (OKX.md 11.4)
-CHECKSUM_DEPTH = 25      # levels per side in the check string (OKX.md 11.5)
+SNAPSHOT_DEPTH = 400     # levels per side in a `books` snapshot (OKX's v5 docs)
+CHECKSUM_DEPTH = 25      # levels per side in the check string (OKX's v5 docs)
 MAX_MESSAGE = 1 << 20    # larger client messages are closed with 1009
 NOT_FOUND_MSG = ("Wrong URL or channel:{channel},instId:{inst_id} doesn't exist. "
                  "Please use the correct URL, channel and parameters referring to API document.")
@@ -2863,7 +2863,7 @@ def websocket_accept(key: str) -> str:
 
 
 def okx_book_checksum(bids, asks) -> int:
-    """OKX's order-book checksum (OKX.md 11.5): signed CRC32 of the 25+25 best levels.
+    """OKX's order-book checksum (OKX's v5 docs): signed CRC32 of the 25+25 best levels.
 
     ``bids`` / ``asks`` are sequences of ``[px, sz, ...]`` string rows, best first. The check
     string alternates ``bidPx:bidSz:askPx:askSz`` level by level; when one side runs out the
@@ -3204,10 +3204,10 @@ def _valid_key(key: str) -> bool:
         return False
 
 
-# ======== Private channels (OKX.md §12) ===================================================
+# ======== Private channels (OKX's v5 docs) ===================================================
 
 PRIVATE_PATH = "/ws/v5/private"
-LOGIN_VERIFY_PATH = "/users/self/verify"     # the fixed path of the login prehash (OKX.md 12.2)
+LOGIN_VERIFY_PATH = "/users/self/verify"     # the fixed path of the login prehash (OKX's v5 docs)
 LOGIN_WINDOW_MS = 30000                      # a login timestamp further than this from OKX's clock: 60006
 # channel -> the instType values it takes (None: no instType argument)
 PRIVATE_CHANNELS = {
@@ -3248,7 +3248,7 @@ def ws_login_request(key: str = KEY, secret=None, passphrase=None, timestamp=Non
 class _PrivateChannels:
     """``/ws/v5/private`` of FakeOKXStream, mirroring the accounts of its FakeOKX (``okx``).
 
-    A connection logs in (OKX.md 12.2) and subscribes to `account` (optional ``ccy``), `positions`
+    A connection logs in (OKX's v5 docs) and subscribes to `account` (optional ``ccy``), `positions`
     (``instType`` MARGIN/SWAP/FUTURES/OPTION/ANY; optional ``instFamily``, ``instId``) and `orders`
     (``instType`` also SPOT; same filters). `account` and `positions` answer a subscribe with a
     snapshot, `orders` with nothing; then every change of the account that FakeOKX reports to its
@@ -3301,7 +3301,7 @@ class _PrivateChannels:
         op, args = request["op"], request.get("args")
         if op == "login":
             return self._login(conn, args, text, reply)
-        if op not in ("subscribe", "unsubscribe"):       # the order ops of OKX.md 12.8 are not faked
+        if op not in ("subscribe", "unsubscribe"):       # OKX's WebSocket order ops are not faked
             return reply(event="error", code="60019", msg="Invalid op: %s" % (op,))
         if conn.api_key is None:
             return reply(event="error", code="60011", msg="Please log in")
@@ -3353,7 +3353,7 @@ class _PrivateChannels:
         reply(event="login", code="0", msg="")
 
     def _login_refusal(self, conn, args, arg: dict, text: str):
-        """("0", "") for a good login, else OKX's (code, msg), checked in OKX.md 12.2's order."""
+        """("0", "") for a good login, else OKX's (code, msg), checked in the order OKX's v5 docs give."""
         if self.refuse_logins:
             return self.refuse_logins, LOGIN_ERRORS.get(self.refuse_logins, "Login failed.")
         if conn.api_key is not None:
@@ -4593,7 +4593,7 @@ SPOT_SELL_OCO = {"instId": "BTC-USDT", "tdMode": "cash", "side": "sell", "ordTyp
 
 
 class FakeAlgoSelfTest(FakeTradeTestCase):
-    """Algo orders of the fake: placing, firing, amending, cancelling, listing (OKX.md §13)."""
+    """Algo orders of the fake: placing, firing, amending, cancelling, listing (OKX's v5 docs)."""
 
     def test_each_ord_type_is_placed_and_listed_pending(self):
         cond = self.place_algo(instId="BTC-USDT", tdMode="cash", side="sell", ordType="conditional", sz="0.001",
@@ -7724,7 +7724,7 @@ class OrderOutcomeTest(PluginTestCase):
         self.assertEqual(len(self.fake.orders()), 1)
 
 
-# OKX's HTTP status with each code (OKX.md section 2); 200 for the others.
+# OKX's HTTP status with each code (OKX's v5 docs); 200 for the others.
 OKX_CODE_STATUS = {"50001": 503, "50004": 400, "50011": 429, "50013": 429, "50026": 500, "50102": 401,
                    "51149": 500}
 
@@ -8579,7 +8579,7 @@ class _WSClient:
 
 
 class FakeStreamSelfTest(unittest.TestCase):
-    """The fake speaks RFC 6455 and OKX's public-stream rules (OKX.md section 11)."""
+    """The fake speaks RFC 6455 and OKX's public-stream rules (OKX's v5 docs)."""
 
     def setUp(self):
         self.clock = VirtualClock()
@@ -8874,7 +8874,7 @@ class VirtualClockSelfTest(unittest.TestCase):
 
 
 class FakePrivateStreamSelfTest(unittest.TestCase):
-    """The fake's /ws/v5/private (OKX.md section 12): login, channels, pushes that follow REST, knobs."""
+    """The fake's /ws/v5/private (OKX's v5 docs): login, channels, pushes that follow REST, knobs."""
 
     ALL = [{"channel": "account"}, {"channel": "positions", "instType": "ANY"},
            {"channel": "orders", "instType": "ANY"}]
