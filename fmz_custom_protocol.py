@@ -71,6 +71,7 @@ import time
 import urllib.parse
 import zlib
 from decimal import Decimal
+from typing import Any, Dict, List, Optional, Tuple
 
 __version__ = "1.0.0"
 
@@ -315,7 +316,7 @@ _CONTRACT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")  # swap, this_week, 250328,
 _OPTION_RE = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+-[0-9]{6}-[0-9.]+-[CPcp]$")  # family-YYMMDD-strike-C|P
 
 
-def decimal_text(value, name, allow_negative_one=False):
+def decimal_text(value: Any, name: str, allow_negative_one: bool = False) -> str:
     """Return ``value`` (string or JSON number) as plain decimal text for OKX, never via float.
 
     ``"0.00001"`` stays ``"0.00001"``, ``1E-5`` becomes ``"0.00001"``, ``"100.50"`` stays ``"100.50"``.
@@ -354,7 +355,7 @@ def _describe(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_int(value, name, minimum=None, maximum=None):
+def parse_int(value: Any, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """Return ``value`` (int, integral Decimal, or digit string) as int, within the bounds if given."""
     if isinstance(value, bool):
         raise BadRequest("%s must be a whole number, got %s" % (name, _describe(value)))
@@ -377,7 +378,7 @@ def parse_int(value, name, minimum=None, maximum=None):
     return number
 
 
-def split_symbol(fmz_symbol, contract_type=None):
+def split_symbol(fmz_symbol: Any, contract_type: Optional[str] = None) -> Tuple[str, str, str]:
     """Split an FMZ symbol into ``(base, quote, contract)``.
 
     ``"eth_usdt"`` -> ``("ETH", "USDT", "")``; ``"BTC_USDT.swap"`` -> ``("BTC", "USDT", "swap")``.
@@ -404,7 +405,7 @@ def split_symbol(fmz_symbol, contract_type=None):
     return base.upper(), quote.upper(), contract
 
 
-def fmz_symbol_of(inst_id, alias=""):
+def fmz_symbol_of(inst_id: str, alias: str = "") -> str:
     """The FMZ symbol of an OKX instId: ``BTC-USDT`` -> ``BTC_USDT``, ``BTC-USDT-SWAP`` -> ``BTC_USDT.swap``,
     ``BTC-USD-250328`` -> ``BTC_USD.quarter`` when its alias is known, else ``BTC_USD.250328``; an option
     keeps its whole instId: ``BTC-USD-261225-100000-C`` -> ``BTC_USD.BTC-USD-261225-100000-C``."""
@@ -417,7 +418,7 @@ def fmz_symbol_of(inst_id, alias=""):
     return "%s.%s" % (symbol, "swap" if parts[2] == "SWAP" else (alias or parts[2]))
 
 
-def inst_type_of(inst_id):
+def inst_type_of(inst_id: str) -> str:
     """``SPOT``, ``SWAP``, ``FUTURES`` or ``OPTION`` from the form of an instId."""
     parts = inst_id.split("-")
     if len(parts) < 3:
@@ -427,7 +428,7 @@ def inst_type_of(inst_id):
     return "SWAP" if parts[2] == "SWAP" else "FUTURES"
 
 
-def okx_bar(period):
+def okx_bar(period: Any) -> str:
     """The OKX candle bar for an FMZ period in minutes (``60`` -> ``"1H"``); BadRequest for others."""
     minutes = parse_int(period, "period")
     try:
@@ -457,7 +458,7 @@ class Condition(collections.namedtuple("Condition", "type tp_trigger tp_order sl
         return legs
 
 
-def parse_condition(value, name="condition", partial=False):
+def parse_condition(value: Any, name: str = "condition", partial: bool = False) -> "Condition":
     """FMZ's condition object (or its JSON text), its field names in any letter case, as a Condition.
 
     A price of 0 or absent is not set (FMZ's typed languages send 0 for unset fields); an order price of
@@ -513,7 +514,7 @@ ALGO_STATUS = {"live": "pending", "pause": "pending", "partially_effective": "pe
 ALGO_SL_PREFIX = "fmzs"           # the algoClOrdId of a generic condition set on its stop-loss leg
 
 
-def algo_legs(condition):
+def algo_legs(condition: "Condition") -> Dict[str, str]:
     """The OKX fields of a condition's legs: ``tpTriggerPx``/``tpOrdPx`` and ``slTriggerPx``/``slOrdPx``,
     or, for a generic condition, ``triggerPx``/``orderPx`` of its one leg. Legs not set are left out."""
     if condition.type == 3:
@@ -525,7 +526,7 @@ def algo_legs(condition):
     return fields
 
 
-def algo_client_id_for(nonce, condition):
+def algo_client_id_for(nonce: Any, condition: "Condition") -> str:
     """The algoClOrdId of a condition order: like ``clord_id_for``, so that a request places at most one;
     ``fmzs`` marks a generic condition set on its stop-loss leg (OKX keeps only triggerPx for it)."""
     digits = clord_id_for(nonce)[3:]
@@ -541,7 +542,7 @@ def _is_zero(value):
         return False
 
 
-def loads_exact(text):
+def loads_exact(text: str) -> Any:
     """JSON text as Python, numbers with a point as Decimal (never float). ValueError (RecursionError when
     nested deeper than Python follows) also for NaN or Infinity, and for an integer of more than
     MAX_JSON_DIGITS digits: Python 3.8 to 3.10 take seconds to read one of a million digits."""
@@ -563,7 +564,7 @@ def _loggable(text):
     return text if len(text) <= 64 and _PRINTABLE_RE.match(text) else _describe(text)
 
 
-def parse_docker_json(body):
+def parse_docker_json(body: bytes) -> Any:
     """A docker request body as JSON (``loads_exact``); BadRequest when it is not UTF-8 or not JSON."""
     try:
         return loads_exact(body.decode("utf-8"))
@@ -575,7 +576,7 @@ def parse_docker_json(body):
         raise BadRequest("request body is not JSON (%s)" % exc) from None
 
 
-def fmz_order_status(state, filled):
+def fmz_order_status(state: str, filled: Optional[str]) -> str:
     """FMZ order status for OKX ``state``; ``filled`` is accFillSz (decides partial-canceled)."""
     status = ORDER_STATUS.get(state, state or "unknown")
     if status == "canceled" and filled not in ("", None) and Decimal(filled) > 0:
@@ -583,20 +584,20 @@ def fmz_order_status(state, filled):
     return status
 
 
-def okx_timestamp(epoch_ms):
+def okx_timestamp(epoch_ms: float) -> str:
     """OKX's OK-ACCESS-TIMESTAMP form: UTC ISO 8601 with exactly three millisecond digits and ``Z``."""
     moment = datetime.datetime.fromtimestamp(epoch_ms / 1000.0, tz=datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (int(epoch_ms) % 1000)
 
 
-def sign_request(secret, timestamp, method, request_path, body=""):
+def sign_request(secret: str, timestamp: str, method: str, request_path: str, body: str = "") -> str:
     """OK-ACCESS-SIGN: Base64(HMAC-SHA256(secret, timestamp + METHOD + path-with-query + body))."""
     prehash = timestamp + method.upper() + request_path + body
     digest = hmac.new(secret.encode("utf-8"), prehash.encode("utf-8"), hashlib.sha256).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
-def clord_id_for(nonce):
+def clord_id_for(nonce: Any) -> str:
     """The clOrdId of the order a docker request places: ``fmz`` + the request's nonce digits.
 
     The same request (same nonce) always yields the same clOrdId, so it can never open a second order and
@@ -606,7 +607,7 @@ def clord_id_for(nonce):
     return "fmz" + digits[-29:]
 
 
-def parse_secret_field(secret_field):
+def parse_secret_field(secret_field: Any) -> Tuple[str, str, bool]:
     """Split FMZ's Secret Key field ``SECRET,PASSPHRASE[,simulate]`` into ``(secret, passphrase, demo)``."""
     if not isinstance(secret_field, str):
         raise BadRequest("secret_key must be a string 'SECRET,PASSPHRASE'")
@@ -657,7 +658,7 @@ def json_default(value):
     raise TypeError("%s is not JSON serialisable" % type(value).__name__)
 
 
-def dumps(value):
+def dumps(value: Any) -> str:
     """Compact JSON, Decimals as exact text."""
     return json.dumps(value, separators=(",", ":"), default=json_default, ensure_ascii=False)
 
@@ -667,7 +668,7 @@ class EncodedJSON(str):
     goes into their answers as it is (encoding OKX's long rows was a fifth of such a call's cost)."""
 
 
-def encode_answer(answer):
+def encode_answer(answer: Dict[str, Any]) -> bytes:
     """The docker's answer as JSON bytes (``raw`` may be EncodedJSON)."""
     raw = answer.get("raw")
     if isinstance(raw, EncodedJSON):
@@ -831,7 +832,7 @@ class ExchangeClock:
 # Transport: pooled keep-alive connections, proxy tunnel, rate limits, the signed client
 # =====================================================================================================
 
-def tls_context(ca_file=None):
+def tls_context(ca_file: Optional[str] = None) -> ssl.SSLContext:
     """The one TLS context for OKX: certificates and host names verified against the system's CAs
     (``SSL_CERT_FILE`` honoured), plus those of ``ca_file`` (e.g. a TLS-inspecting proxy's) when given."""
     context = ssl.create_default_context()
@@ -840,7 +841,7 @@ def tls_context(ca_file=None):
     return context
 
 
-def is_loopback(host):
+def is_loopback(host: str) -> bool:
     """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): traffic that never leaves the machine."""
     if host.lower() == "localhost":
         return True
@@ -850,7 +851,7 @@ def is_loopback(host):
         return False
 
 
-def service_url(url, schemes, name):
+def service_url(url: str, schemes: Tuple[str, str], name: str) -> Tuple[str, str, Optional[int]]:
     """``(scheme, host, port)`` of a URL given as a flag, or ValueError saying what is wrong with it.
 
     The plain scheme of ``schemes`` (``http``, ``ws``) is allowed only to loopback addresses: to any other
@@ -941,7 +942,7 @@ MAX_HEADER_LINE = 65536           # as http.server and http.client: a longer hea
 MAX_HEADERS = 100
 
 
-def read_header_fields(rfile):
+def read_header_fields(rfile: Any) -> "HeaderFields":
     """The header block of an HTTP message, read line by line up to the blank line: HeaderFields, or
     ValueError for a line too long, too many lines, or a line that is not ``name: value``. (The email
     package that http.server and http.client use for this costs more than the rest of a call.)"""
@@ -1503,7 +1504,7 @@ def _error_code(envelope):
     return code
 
 
-def raise_for_code(envelope, status=200, path=""):
+def raise_for_code(envelope: Dict[str, Any], status: int = 200, path: str = "") -> None:
     """Raise ExchangeError unless OKX's envelope says success (code "0", or "2" partial for batches).
 
     For order calls the reason is in ``data[i].sCode``/``sMsg``: that is what the error names.
@@ -1772,7 +1773,7 @@ class StreamError(Exception):
     thread: robots simply get their answers from REST until the stream is back."""
 
 
-def websocket_accept(key):
+def websocket_accept(key: str) -> str:
     """The ``Sec-WebSocket-Accept`` a server must answer to our ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
     return base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
 
@@ -2059,9 +2060,10 @@ class LiveConnection:
 
     The common part of the market and account streams. The thread (started by ``_ensure_thread`` when
     something is wanted, ending when nothing is) connects, respecting OKX's limit of
-    STREAM_CONNECTS_PER_SECOND new connections per IP address, calls ``_opened(ws)`` (a login, say), then loops: ``_turn(ws, now)`` sends what the subclass wants sent,
-    the text ``ping`` goes out after STREAM_PING_AFTER of silence, every text message received is handed as
-    JSON to ``_on_message`` (under ``_lock``), and the connection is given up after STREAM_DEAD_AFTER without
+    STREAM_CONNECTS_PER_SECOND new connections per IP address, calls ``_opened(ws)`` (a login, say), then
+    loops: ``_turn(ws, now)`` sends what the subclass wants sent, the text ``ping`` goes out after
+    STREAM_PING_AFTER of silence, every text message received is handed as JSON to ``_on_message`` (under
+    ``_lock``, stamped with its arrival), and the connection is given up after STREAM_DEAD_AFTER without
     a message or a ``pong``. After any loss it calls ``_lost()`` (under the lock: drop what the connection
     held) and reconnects with growing backoff. Answers from memory count only while ``_live(now)``: the
     connection was heard from within STREAM_FRESH_SECONDS. All timing follows the injected clock.
@@ -2229,7 +2231,7 @@ STREAM_IDLE_SCAN = 0.25           # how often subscriptions are checked for idle
 _REFUSED_ARG_RE = re.compile(r"channel:\s*([\w-]+)\s*,\s*instId:\s*([\w.-]+)")
 
 
-def okx_book_checksum(bids, asks):
+def okx_book_checksum(bids: List[List[str]], asks: List[List[str]]) -> int:
     """OKX's order-book checksum: signed CRC32 of ``bid1px:bid1sz:ask1px:ask1sz:bid2px:...`` (OKX's v5
     docs, WebSocket order book channel; OKX sends 0 instead since June 2026).
 
@@ -2708,7 +2710,7 @@ PUSH_ONLY_FIELDS = ("amendResult", "amendSource", "code", "msg", "reqId", "execT
                     "fillPxVol", "fillPxUsd", "fillMarkPxUsd", "lastPx", "notionalUsd", "pTime")
 
 
-def login_request(credentials, timestamp):
+def login_request(credentials: "Credentials", timestamp: str) -> str:
     """OKX's WebSocket login frame: the signature of ``timestamp + "GET" + "/users/self/verify"``, the
     timestamp in whole seconds of OKX's time. Never logged: it carries the passphrase."""
     sign = sign_request(credentials.secret, timestamp, "GET", "/users/self/verify")
@@ -2716,7 +2718,7 @@ def login_request(credentials, timestamp):
                                                 "timestamp": timestamp, "sign": sign}]}, separators=(",", ":"))
 
 
-def scrubbed(text, credentials):
+def scrubbed(text: str, credentials: "Credentials") -> str:
     """OKX's message about a login, safe to log: OKX may repeat the request it refused (60012 "Invalid
     request: {...}"), and the login frame carries the key, the passphrase and a signature."""
     if '"op"' in text or "login" in text.lower() and "{" in text:
@@ -2748,7 +2750,7 @@ def _filled(row):
         return Decimal(0)
 
 
-def supersedes(stored, row):
+def supersedes(stored: Optional[Dict[str, Any]], row: Dict[str, Any]) -> bool:
     """True when order ``row`` may replace the ``stored`` one: OKX's rules against duplicate and
     out-of-order pushes (a final state stays final, what filled never shrinks, a state never goes back, and
     of two rows in one state the later change, by uTime, wins)."""
@@ -2772,7 +2774,7 @@ def _settled(row):
     return row is not None and (row.get("ordType") not in IMMEDIATE_ORDER_TYPES or _rank(row) == 2)
 
 
-def rest_order_row(row):
+def rest_order_row(row: Dict[str, Any]) -> Dict[str, Any]:
     """An orders push as REST's order row: without the push-only fields, ``avgPx`` "" while nothing filled."""
     rest = {name: value for name, value in row.items() if name not in PUSH_ONLY_FIELDS}
     if rest.get("avgPx") in ("0", 0) and _filled(rest) == 0:
@@ -3365,7 +3367,9 @@ class BaseProtocol:
 # OKX: each docker method mapped onto OKX v5, in the order of the protocol
 # =====================================================================================================
 
-def paged(client, credentials, path, params, limit=None, after=None, deadline=None, cursor="ordId"):
+def paged(client: "OKXClient", credentials: "Credentials", path: str, params: Dict[str, Any],
+          limit: Optional[int] = None, after: Optional[str] = None, deadline: Optional[float] = None,
+          cursor: str = "ordId") -> List[Dict[str, Any]]:
     """Every row (or ``limit`` rows) of one of OKX's paged lists (orders-pending, -history, -archive, the
     algo lists by ``cursor`` algoId), newest first, older than the cursor ``after`` when given."""
     rows = []
@@ -4288,7 +4292,7 @@ class OKX(BaseProtocol):
         return envelope, None
 
 
-def passthrough_body(params):
+def passthrough_body(params: Any) -> Any:
     """The JSON body of an exchange.IO POST: the params object or array, or the JSON text of one. A query
     string parser makes of a JSON text one key with an empty value: that key is the text."""
     if isinstance(params, dict) and len(params) == 1 and list(params.values()) == [""]:
@@ -4490,7 +4494,7 @@ API_PREFIX = "__api_"           # exchange.IO("api", verb, path, ...) arrives as
 UNKNOWN_METHODS_LOGGED = 256    # unknown method names warned about once each, at most this many
 
 
-def resolve_method(method, params=None):
+def resolve_method(method: Any, params: Optional[Dict[str, Any]] = None) -> str:
     """The DISPATCH key of a docker method name: matched in any letter case with ``_`` and ``-`` ignored,
     FMZ's "Get" spelling of a method that reads, and the other spellings above. A ``trade`` (or a
     ``conditionorder``) that carries a condition places a condition order. BadRequest if unknown."""
@@ -4522,7 +4526,7 @@ def _condition_given(value):
 _unknown_methods = set()
 
 
-def dispatch(protocol, method, params):
+def dispatch(protocol: "BaseProtocol", method: str, params: Any) -> Tuple[Any, Any]:
     """Run one docker method on a protocol instance; returns ``(data, raw)``. An unknown method name is
     logged once, with the names (never the values) of its parameters, so that an operator can tell what
     the docker sent."""
@@ -4982,7 +4986,7 @@ def _stop(signum, frame):
     raise SystemExit(0)
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     """Run the plugin until SIGTERM or Ctrl-C; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
