@@ -3288,14 +3288,7 @@ class _PrivateChannels:
             self._handle_private_request(conn, request, text)
 
     def _handle_private_request(self, conn, request, text: str) -> None:
-        id_part = {"id": request["id"]} if isinstance(request, dict) and "id" in request else {}
-
-        def reply(**body):
-            message = dict(id_part)
-            message.update(body)
-            message["connId"] = conn.conn_id
-            conn.send_json(message)
-
+        reply = self._reply_to(conn, request)
         if not isinstance(request, dict) or "op" not in request:
             return reply(event="error", code="60012", msg="Invalid request: " + text)
         op, args = request["op"], request.get("args")
@@ -3665,7 +3658,10 @@ class FakeOKXStream(_PrivateChannels):
             self.received.append(request if isinstance(request, dict) else text)
             self._handle_request(conn, request, text)
 
-    def _handle_request(self, conn: _Connection, request, text: str) -> None:
+    @staticmethod
+    def _reply_to(conn: _Connection, request):
+        """A function that answers ``request`` on ``conn`` as OKX does: the event echoes the request's ``id``
+        and names the connection."""
         id_part = {"id": request["id"]} if isinstance(request, dict) and "id" in request else {}
 
         def reply(**body):
@@ -3673,7 +3669,10 @@ class FakeOKXStream(_PrivateChannels):
             message.update(body)
             message["connId"] = conn.conn_id
             conn.send_json(message)
+        return reply
 
+    def _handle_request(self, conn: _Connection, request, text: str) -> None:
+        reply = self._reply_to(conn, request)
         if not isinstance(request, dict) or "op" not in request:
             return reply(event="error", code="60012", msg="Invalid request: " + text)
         op, args = request["op"], request.get("args")
