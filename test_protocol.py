@@ -1624,6 +1624,19 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
             return (order["side"] == "sell") == (order["posSide"] == "long")
         return order["reduceOnly"] == "true"
 
+    @staticmethod
+    def _mode_and_side(account, params, spot):
+        """An order's (tdMode, side), checked as OKX checks them for plain and algo orders alike."""
+        td_mode = text_param(params, "tdMode")
+        if td_mode not in (("cash",) if spot else ("cross", "isolated")):
+            raise param_error("tdMode")
+        if not spot and account["acct_lv"] == "1":
+            raise OkxError("51010", "You can't complete this request under your current account mode.")
+        side = text_param(params, "side")
+        if side not in ("buy", "sell"):
+            raise param_error("side")
+        return td_mode, side
+
     @account_change("place")
     def _place(self, account, params, headers):
         """Place an order as OKX does: check its parameters, reserve funds or margin, store it and fill
@@ -1636,14 +1649,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
                 raise OkxError("50037", "Order expired.")
         inst = self._instrument(text_param(params, "instId"))
         inst_id, spot = inst["instId"], inst["instType"] == "SPOT"
-        td_mode = text_param(params, "tdMode")
-        if td_mode not in (("cash",) if spot else ("cross", "isolated")):
-            raise param_error("tdMode")
-        if not spot and account["acct_lv"] == "1":
-            raise OkxError("51010", "You can't complete this request under your current account mode.")
-        side = text_param(params, "side")
-        if side not in ("buy", "sell"):
-            raise param_error("side")
+        td_mode, side = self._mode_and_side(account, params, spot)
         ord_type = text_param(params, "ordType")
         if ord_type not in ORDER_TYPES:
             raise param_error("ordType")
@@ -2038,14 +2044,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         algo_cl_ord_id = id_param(params, "algoClOrdId")
         if algo_cl_ord_id and any(a["algoClOrdId"] == algo_cl_ord_id for a in self._algos(account).values()):
             raise OkxError("51065", "algoClOrdId already exists.")
-        td_mode = text_param(params, "tdMode")
-        if td_mode not in (("cash",) if spot else ("cross", "isolated")):
-            raise param_error("tdMode")
-        if not spot and account["acct_lv"] == "1":
-            raise OkxError("51010", "You can't complete this request under your current account mode.")
-        side = text_param(params, "side")
-        if side not in ("buy", "sell"):
-            raise param_error("side")
+        td_mode, side = self._mode_and_side(account, params, spot)
         ord_type = text_param(params, "ordType")
         if ord_type not in ALGO_ORD_TYPES or (ord_type == "trigger" and inst_type == "OPTION"):
             raise param_error("ordType")
@@ -2236,11 +2235,17 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         row["algoId"] = algo["algoId"]
         return row
 
-    def _api_cancel_algos(self, call):
+    @staticmethod
+    def _array_items(call, limit):
+        """The items of an array body (cancel-algos, the batch endpoints): at least one, at most ``limit``."""
         if not call.params:
             raise param_missing("instId")
-        if len(call.params) > ALGO_CANCEL_MAX:
-            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % ALGO_CANCEL_MAX, 400)
+        if len(call.params) > limit:
+            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % limit, 400)
+        return call.params
+
+    def _api_cancel_algos(self, call):
+        self._array_items(call, ALGO_CANCEL_MAX)
         rows = [self._cancel_algo(call.account, item) for item in call.params]
         code, msg = bulk_code(rows)
         return {"code": code, "msg": msg, "data": rows}
@@ -2455,10 +2460,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
 
     def _api_cancel_batch_orders(self, call):
         in_time = self.now_ms() * 1000
-        if not call.params:
-            raise param_missing("instId")
-        if len(call.params) > BATCH_MAX:
-            raise OkxError("51406", "Canceled - order count exceeds the limit %d." % BATCH_MAX, 400)
+        self._array_items(call, BATCH_MAX)
         rows = [self._cancel_one(call.account, params) for params in call.params]
         code, msg = bulk_code(rows)
         return {"code": code, "msg": msg, "data": rows, "inTime": str(in_time), "outTime": str(self.now_ms() * 1000)}
