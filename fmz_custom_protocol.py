@@ -304,7 +304,7 @@ class ExchangeError(ProtocolError):
 
 
 # =====================================================================================================
-# Pure helpers: symbols, decimals, periods, order states, signing
+# Pure helpers: symbols, decimals, periods, conditions, order states, signing, bounded memories
 # =====================================================================================================
 
 MAX_NUMBER_DIGITS = 40          # digits before (or zeros after) the point that a number may have
