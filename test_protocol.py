@@ -10066,6 +10066,14 @@ class AccountStreamTestCase(PluginTestCase):
         stream = self.account_stream(key)
         return stream is not None and stream._thread is None
 
+    def get(self, path):
+        """A GET of the plugin's ``path`` (/status, say): (the response, its text)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.server_address[1], timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response, response.read().decode("utf-8")
+
 
 class AccountMemoryTest(AccountStreamTestCase):
     """After warm-up, accounts, assets, positions, orders and order come from memory, with REST's data."""
@@ -10369,6 +10377,84 @@ class RefusedLoginTest(AccountStreamTestCase):
                 self.assertTrue(any("(%s:" % code in line and plugin.ERROR_HINTS[twin] in line for line in LOGS.lines))
 
 
+class RefusedLoginMessageTest(AccountStreamTestCase):
+    """OKX's message about a refused login may repeat the login request (60012 "Invalid request: {...}") or
+    name the key or the passphrase: the log (at debug level) and GET /status keep OKX's code and show none
+    of it."""
+
+    def refused_with(self, message_of):
+        """Serve the rest of the test from a new plugin whose logins OKX refuses with 60012 and the message
+        ``message_of(login request text, its args)``; returns the log line of the refusal."""
+        refusal = lambda conn, args, arg, text: ("60012", message_of(text, arg))
+        patcher = mock.patch.object(self.okx_stream, "_login_refusal", refusal)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.use_plugin()
+        del LOGS.lines[:]
+        self.assertEqual(self.balance(self.rest("accounts"), "USDT"), (10000, 0))
+        self.wait_until(lambda: self.logins()[-1:] == ["60012"] and self.stream_thread_done(), "no refused login")
+        refusals = [line for line in LOGS.lines if "OKX refused the login (60012: " in line]
+        self.assertEqual(len(refusals), 1, LOGS.lines)
+        return refusals[0]
+
+    def assert_nothing_secret_shown(self):
+        """No log line and no GET /status shows the key, the secret, the passphrase or a login's signature."""
+        signs = [request["args"][0]["sign"] for request in self.okx_stream.received
+                 if isinstance(request, dict) and request.get("op") == "login"]
+        self.assertTrue(signs)
+        response, status = self.get("/status")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(json.loads(status)["exchanges"]["okx"]["streams"]["account"][0]["login"], "refused (60012)")
+        for secret in [KEY, SECRET, PASSPHRASE] + signs:
+            self.assertEqual([line for line in LOGS.lines if secret in line], [], secret[:6])
+            self.assertNotIn(secret, status)
+
+    def test_a_repeated_login_request_is_not_logged(self):
+        line = self.refused_with(lambda text, arg: "Invalid request: " + text)
+        self.assertIn("OKX refused the login (60012: Invalid request (OKX repeated the login request: not shown); "
+                      "this key is read over REST", line)
+        self.assert_nothing_secret_shown()
+
+    def test_a_key_or_passphrase_in_the_message_is_masked(self):
+        line = self.refused_with(lambda text, arg: "Wrong passphrase %s for apiKey %s" % (arg["passphrase"],
+                                                                                           arg["apiKey"]))
+        self.assertIn("OKX refused the login (60012: Wrong passphrase *** for apiKey ***; this key is read", line)
+        self.assert_nothing_secret_shown()
+
+    @unittest.expectedFailure
+    def test_a_signature_in_the_message_is_not_logged(self):
+        # PLUGIN BUG: scrubbed() masks the key, the secret and the passphrase, and cuts a repeated request only
+        # when it holds "op" or "login"; a message that repeats the login's args alone, or its sign, is
+        # logged with the signature (which OKX accepts again for its 30 s).
+        for message_of in (lambda text, arg: "Invalid sign: " + arg["sign"],
+                           lambda text, arg: "Invalid request: " + json.dumps(arg)):
+            self.refused_with(message_of)
+            self.assert_nothing_secret_shown()
+
+
+class ClockRefusedLoginTest(AccountStreamTestCase):
+    """OKX's 60006 (the login's timestamp expired): OKX's clock is read again and the login tried again after
+    1 s the first time, then with the growing wait of any refused login, never once a second."""
+
+    def test_60006_again_and_again_is_retried_ever_more_rarely(self):
+        self.okx_stream.refuse_logins = "60006"
+        first = plugin.LOGIN_RETRY_FIRST
+        wanted = [0, 1, 1 + 2 * first, 1 + 6 * first]            # after 1 s, then 2x and 4x the first wait
+        started, login_times, syncs = self.clock.monotonic(), [], []
+        for at in sorted(set(wanted + [2, 10, first, 2 * first, 2 + 2 * first, 4 * first, 6 * first, 2 + 6 * first])):
+            self.clock.advance(started + at - self.clock.monotonic())
+            self.assertEqual(self.balance(self.rest("accounts"), "USDT"), (10000, 0))
+            self.wait_until(lambda: self.stream_thread_done(), "the stream thread did not end")
+            login_times += [at] * (len(self.logins()) - len(login_times))
+            syncs.append(len(self.okx_calls("/api/v5/public/time")))
+        self.assertEqual(login_times, wanted)
+        self.assertEqual(self.logins(), ["60006"] * len(wanted))
+        self.assertEqual(syncs[-1], 1 + len(wanted))             # the first signed call's, and one per 60006
+        waits = [re.search(r"next login in (\d+) s", line).group(1) for line in LOGS.lines
+                 if "OKX refused the login (60006: Timestamp request expired" in line]
+        self.assertEqual(waits, ["1", "%d" % (2 * first), "%d" % (4 * first), "%d" % (8 * first)])
+
+
 class AccountKeysTest(AccountStreamTestCase):
     """Each key's reads are answered from that key's own connection only."""
 
@@ -10502,13 +10588,6 @@ class AccountSecretsTest(AccountStreamTestCase):
 
 class StatusPageTest(AccountStreamTestCase):
     """GET /status: what the plugin is doing, as the test did it, and nothing secret."""
-
-    def get(self, path):
-        connection = http.client.HTTPConnection("127.0.0.1", self.server.server_address[1], timeout=10)
-        self.addCleanup(connection.close)
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response, response.read().decode("utf-8")
 
     def test_status_shows_streams_limits_and_calls_without_secrets(self):
         done = collections.defaultdict(lambda: {"calls": 0, "errors": 0, "okx_requests": 0})
