@@ -2396,6 +2396,7 @@ class FakeOKX(_AccountEvents, _BackgroundServer):
         if order["state"] in PENDING and change["crosses"]:
             self._fill(account, order, order["_target"] - filled, change["best"])
 
+    @account_change()               # what the order freezes changes with it: a balance push follows
     def _api_amend_order(self, call):
         in_time, params, account = self.now_ms() * 1000, call.params, call.account
         req_id = str(params.get("reqId", ""))
@@ -10253,6 +10254,84 @@ class ReadYourWritesTest(AccountStreamTestCase):
                         "no warning about the missing push")
         self.wait_until(lambda: stream.status()["synced"]["orders"], "open orders were not read again")
         self.assert_shows(order_id, ("canceled",), listed=False)
+
+
+class AmendmentReadYourWritesTest(AccountStreamTestCase):
+    """After modifyorder answered, order, orders and accounts show the amended price and amount at once,
+    also when OKX's push of the amendment comes after modifyorder stopped waiting for it."""
+
+    def test_an_amendment_shows_at_once_when_its_push_comes_late(self):
+        order_id = self.place()
+        elsewhere = self.place("ETH_USDT", "sell", "5000", "0.1")
+        self.warm_up()
+        self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["price"], "30000")
+        self.pushes_heard()
+        self.okx_stream.push_delay_s = plugin.AMEND_PUSH_WAIT + 1      # later than modifyorder waits for it
+        answers = []
+        amending = threading.Thread(target=lambda: answers.append(self.docker.call(
+            "modifyorder", {"id": order_id, "price": "30001", "amount": "0.02"})))
+        push_wait_ends = self.clock.monotonic() + plugin.AMEND_PUSH_WAIT
+        amending.start()
+        self.wait_until(lambda: push_wait_ends in self.clock.waiting(), "modifyorder did not wait for the push")
+        self.clock.advance(plugin.AMEND_PUSH_WAIT)                    # no push came: the order is read back
+        amending.join(10)
+        self.assertEqual([answer.get("data") for answer in answers], [{"id": order_id}], answers)
+        frozen = (Decimal("9399.98"), Decimal("600.02"))               # 0.02 at 30001
+        for step in (0, 0.5):
+            self.clock.advance(step)
+            shown = self.rest("order", {"id": order_id})
+            self.assertEqual((shown["price"], shown["amount"]), ("30001", "0.02"))
+            listed = [(row["price"], row["amount"]) for row in self.rest("orders", {"symbol": "BTC_USDT"})]
+            self.assertEqual(listed, [("30001", "0.02")])
+            self.assertEqual(self.balance(self.rest("accounts"), "USDT"), frozen)
+            self.assertEqual(self.memory("order", {"id": elsewhere})["status"], "pending")   # others: memory
+        self.clock.advance(0.5)                                        # the amendment's pushes are due
+        self.wait_until(lambda: self.shows("order", lambda data: data["price"] == "30001", {"id": order_id}),
+                        "the amendment's push never reached memory")
+        self.assertEqual(self.from_memory("order", {"id": order_id})["data"]["amount"], "0.02")
+        self.wait_until(lambda: self.shows("accounts", lambda data: self.balance(data, "USDT") == frozen),
+                        "the amendment's balance push never reached memory")
+
+
+class PassthroughWriteTest(AccountStreamTestCase):
+    """An order placed or canceled through exchange.IO (a POST to /api/v5/trade/...) cannot be matched to its
+    pushes: that key's orders, balances and positions are read from REST for ORDER_PUSH_WAIT, whenever the
+    pushes come; then from memory again. A GET through exchange.IO changes nothing."""
+
+    def io(self, verb, path, params):
+        answer = self.data("__api_" + path, params, headers={"Http-Method": verb})
+        self.assertEqual(answer["code"], "0", answer)
+        return answer["data"]
+
+    def assert_rest_until_the_wait_ends(self, order_ids, usdt):
+        """From now until ORDER_PUSH_WAIT has passed, orders, accounts and positions are read over REST and
+        show the write (the pushes, held 1 s, come in the middle); then memory shows it."""
+        for step in (0, 1, plugin.ORDER_PUSH_WAIT - 1.1):
+            self.clock.advance(step)
+            self.assertEqual([row["id"] for row in self.rest("orders")], order_ids)
+            self.assertEqual(self.balance(self.rest("accounts"), "USDT"), usdt)
+            self.assertEqual(self.rest("positions"), [])
+        self.clock.advance(0.2)
+        self.pushes_heard()
+        self.assertEqual([row["id"] for row in self.from_memory("orders")["data"]], order_ids)
+        self.assertEqual(self.balance(self.from_memory("accounts")["data"], "USDT"), usdt)
+
+    def test_an_order_placed_and_canceled_through_exchange_io_shows_at_once(self):
+        self.warm_up()
+        self.io("GET", "/api/v5/trade/orders-pending", {"instType": "SPOT"})
+        self.assertEqual(self.memory("orders"), [])
+        self.pushes_heard()
+        self.okx_stream.push_delay_s = 1
+        row, = self.io("POST", "/api/v5/trade/order", {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy",
+                                                       "ordType": "limit", "px": "30000", "sz": "0.01"})
+        order_id = "BTC-USDT," + row["ordId"]
+        self.assert_rest_until_the_wait_ends([order_id], (9700, 300))
+        self.pushes_heard()
+        row, = self.io("POST", "/api/v5/trade/cancel-order", {"instId": "BTC-USDT", "ordId": row["ordId"]})
+        self.assertEqual(row["sCode"], "0")
+        self.assertEqual(self.rest("order", {"id": order_id})["status"], "canceled")
+        self.assert_rest_until_the_wait_ends([], (10000, 0))
+        self.assertEqual(self.memory("order", {"id": order_id})["status"], "canceled")
 
 
 class AccountStreamLossTest(AccountStreamTestCase):
