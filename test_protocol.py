@@ -7924,6 +7924,31 @@ class ExchangeTimeTest(HardeningTestCase):
                     self.assertEqual(relay.late_answer["data"][0]["sCode"], "50037")
 
 
+class UnreadClockOrderTest(HardeningTestCase):
+    """While OKX's clock has never been read, expTime is stamped with this machine's clock, which may be
+    seconds off OKX's: an order whose answer was lost and that OKX does not have is unknown then, never
+    "not placed" (OKX may still execute it)."""
+
+    def test_a_lost_order_is_unknown_until_okx_clock_was_read(self):
+        self.fake.fault("/api/v5/public/time", "http500", count=1000)  # OKX's clock cannot be read
+        self.clock.step_wall(10)              # this machine is 10 s ahead: expTime is 10 s later at OKX
+        relay = self.relay()
+        docker = Docker(self.start_plugin(api_base=relay.base_url).server_address[1])
+        self.addCleanup(docker.close)
+        relay.hold_order()                    # the connection breaks; the order is still on its way
+        answer = docker.call("trade", ORDER, nonce=1101)
+        error = answer.get("error", "")
+        self.assertIn("the order's outcome is unknown", error, answer)
+        self.assertIn("OKX has no order with clOrdId fmz1101, but OKX's clock could not be read", error)
+        self.assertIn("check open orders before placing it again", error)
+        self.assertEqual(relay.deliver()["data"][0]["sCode"], "0")    # it reaches OKX late, and executes
+        again = docker.call("trade", ORDER, nonce=1101)                # the docker repeats it: found, not re-sent
+        order, = self.fake.orders()
+        self.assertEqual(again.get("data"), {"id": "BTC-USDT," + order["ordId"]}, again)
+        self.assertEqual(len([seen for seen in relay.seen if seen[:2] == ("POST", "/api/v5/trade/order")]), 1)
+        self.assertTrue(any("could not read OKX's clock" in line for line in LOGS.lines))
+
+
 # ---- Secrets and TLS ----
 
 class SecretTest(HardeningTestCase):
@@ -10919,6 +10944,21 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
                   eventType="event_update")
         balance, = self.rows(self.stream.balance())
         self.assertEqual([(d["ccy"], d["availBal"]) for d in balance["details"]], [("BTC", "1"), ("USDT", "11")])
+
+    def test_of_two_pushes_in_one_state_the_later_change_wins(self):
+        # An amendment changes price or size, not the state: a late push of the row before it must not
+        # bring the old price back, partly filled or not.
+        pushes = [("live", "0", 5, "30001"), ("live", "0", 4, "30000"), ("live", "0", 5, "30001"),
+                  ("partially_filled", "0.4", 7, "30002"), ("partially_filled", "0.4", 6, "30001"),
+                  ("partially_filled", "0.4", 8, "30003")]
+        seen = []
+        for state, filled, utime, price in pushes:
+            self.push("orders", [self.order_row("3", state, filled, utime, px=price)])
+            row = self.rows(self.stream.order(self.INST, "3"))
+            seen.append((row["state"], row["px"], row["uTime"]))
+        self.assertEqual(seen, [("live", "30001", "5")] * 3 + [("partially_filled", "30002", "7")] * 2 +
+                         [("partially_filled", "30003", "8")])
+        self.assertEqual([row["px"] for row in self.rows(self.stream.open_orders(self.INST))], ["30003"])
 
     def test_a_push_that_came_before_the_answer_counts_for_read_your_writes(self):
         # OKX pushes an order within milliseconds, often before its REST answer: a push that arrived while the
