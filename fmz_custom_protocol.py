@@ -2718,15 +2718,21 @@ def login_request(credentials: "Credentials", timestamp: str) -> str:
                                                 "timestamp": timestamp, "sign": sign}]}, separators=(",", ":"))
 
 
+_SIGNATURE_SHAPE = re.compile(r"[A-Za-z0-9+/]{43}=")     # a base64 HMAC-SHA256, as OKX's sign
+
+
 def scrubbed(text: str, credentials: "Credentials") -> str:
-    """OKX's message about a login, safe to log: OKX may repeat the request it refused (60012 "Invalid
-    request: {...}"), and the login frame carries the key, the passphrase and a signature."""
-    if '"op"' in text or "login" in text.lower() and "{" in text:
-        text = text[:text.find("{")].rstrip(" :") + " (OKX repeated the login request: not shown)"
+    """OKX's message about a login, safe to log: OKX may repeat the request it refused, whole or in part
+    (60012 "Invalid request: {...}", "Invalid sign: ..."), and the login frame carries the key, the passphrase
+    and a signature. So any JSON in it is cut, and the credentials and anything shaped like a signature (an
+    HMAC-SHA256 in base64) are masked."""
+    cut = min((at for at in (text.find("{"), text.find("[")) if at >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut].rstrip(" :") + " (OKX repeated the login request: not shown)"
     for secret in (credentials.passphrase, credentials.secret, credentials.api_key):
         if secret and secret in text:
             text = text.replace(secret, "***")
-    return text[:200]
+    return _SIGNATURE_SHAPE.sub("***", text)[:200]
 
 
 class LoginRefused(StreamError):
@@ -2862,8 +2868,16 @@ class AccountStream(LiveConnection):
         for a contract ``positions``, leave it to REST; then they wait for the balance (position) push that
         follows it."""
         with self._lock:
-            if not self._connected or self._channels.get("orders") != "live":
-                return                    # memory answers no order now: a new connection syncs from REST
+            if not self._connected:
+                return                    # memory answers nothing now: a new connection syncs from REST
+            if self._channels.get("orders") != "live":
+                # No order push can come (orders are read from REST), but a balance (position) push does:
+                # until it comes, ORDER_PUSH_WAIT at most, those channels leave the write to REST too.
+                now = self.clock.monotonic()
+                self._due["account"] = (self._seq, now)
+                if inst_type_of(inst_id) != "SPOT":
+                    self._due["positions"] = (self._seq, now)
+                return
             if cancel:
                 row = self._orders.get(ord_id)
                 if row is not None and _rank(row) == 2:
@@ -3083,6 +3097,7 @@ class AccountStream(LiveConnection):
                         self._orders_load_seq:
                     del self._orders[ord_id]      # not open by the read, nor pushed since it began: ask REST
             self._synced["orders"] = True
+            self._answers.clear()                 # the orders changed: no answer kept from before holds
 
     # --- what OKX sends (under the lock) --------------------------------------------------------------
     def _on_message(self, message, now):
@@ -3191,9 +3206,9 @@ class AccountStream(LiveConnection):
                 del self._awaited[ord_id]         # the push an order, an amendment or (final) a cancel awaited
         if not supersedes(stored, row):
             return
-        if now is not None and (stored is None or row.get("state") != stored.get("state")
-                                or _filled(row) != _filled(stored)):
-            self._due["account"] = (self._seq, now)      # a balance push follows an order's change
+        if now is not None and (stored is None or _filled(row) != _filled(stored)
+                                or any(row.get(field) != stored.get(field) for field in ("state", "px", "sz"))):
+            self._due["account"] = (self._seq, now)      # a balance push follows an order's change (or amendment)
             if _filled(row) > _filled(stored or {}) and inst_type_of(row.get("instId", "")) != "SPOT":
                 self._due["positions"] = (self._seq, now)    # and a position push a contract's fill
         self._orders[ord_id] = row

@@ -10385,12 +10385,9 @@ class OverduePushTest(AccountStreamTestCase):
         self.wait_until(lambda: stream.status()["synced"]["orders"], "open orders were not read again")
         self.assertEqual(sorted(stream._orders), sorted(order_id.split(",")[1] for order_id in ids))
 
-    @unittest.expectedFailure
     def test_orders_read_again_replace_the_answer_memory_kept(self):
-        # PLUGIN BUG: AccountStream keeps each answer until the next message (_answers), but
-        # _apply_orders_results changes the orders without dropping it: after the open orders are read
-        # again (a write's push overdue), `orders` answers what it answered before, here without the order
-        # placed since, until any push comes.
+        # Answers are kept until the next message; reading the open orders again (a write's push overdue)
+        # changes them too, so what `orders` answered before it (here without the new order) is dropped.
         self.warm_up()                                                 # memory answered orders: []
         self.pushes_heard()
         self.okx_stream.push_delay_s = 600
@@ -10426,12 +10423,9 @@ class OverduePushTest(AccountStreamTestCase):
         self.assertEqual(self.balance(self.memory("accounts"), "USDT"), (Decimal("7000.45"), Decimal("2999.55")))
         self.assertEqual(len(self.rest("orders")), 10)
 
-    @unittest.expectedFailure
     def test_balances_show_a_write_at_once_while_the_orders_channel_is_read_over_rest(self):
-        # PLUGIN BUG: AccountStream.wrote() awaits nothing while the orders channel is not live (a02fc19, so
-        # that nothing waits for a push that cannot come), and so `accounts` answers from memory at once,
-        # before the balance push of the write: the order's frozen USDT is not shown. The write should
-        # still keep balances on REST until their push, ORDER_PUSH_WAIT at most.
+        # No order push can come, so nothing awaits one; but the balance push of the write still does, and
+        # until it comes (ORDER_PUSH_WAIT at most) balances are read over REST: the frozen USDT shows at once.
         self.warm_up()
         self.pushes_heard()
         self.end_orders_subscription()
@@ -10606,11 +10600,9 @@ class RefusedLoginMessageTest(AccountStreamTestCase):
         self.assertIn("OKX refused the login (60012: Wrong passphrase *** for apiKey ***; this key is read", line)
         self.assert_nothing_secret_shown()
 
-    @unittest.expectedFailure
     def test_a_signature_in_the_message_is_not_logged(self):
-        # PLUGIN BUG: scrubbed() masks the key, the secret and the passphrase, and cuts a repeated request only
-        # when it holds "op" or "login"; a message that repeats the login's args alone, or its sign, is
-        # logged with the signature (which OKX accepts again for its 30 s).
+        # A message that repeats the login's args alone, or its sign, must not log the signature either
+        # (OKX accepts it again for its 30 s).
         for message_of in (lambda text, arg: "Invalid sign: " + arg["sign"],
                            lambda text, arg: "Invalid request: " + json.dumps(arg)):
             self.refused_with(message_of)
@@ -10959,6 +10951,27 @@ class AccountStreamMemoryRulesTest(unittest.TestCase):
         self.assertEqual(seen, [("live", "30001", "5")] * 3 + [("partially_filled", "30002", "7")] * 2 +
                          [("partially_filled", "30003", "8")])
         self.assertEqual([row["px"] for row in self.rows(self.stream.open_orders(self.INST))], ["30003"])
+
+    def test_an_amended_order_holds_balances_until_their_push(self):
+        # An amendment's push changes the price or the size, not the state nor the fill; OKX's balance push
+        # (the frozen amount) follows it. Until then, at most ORDER_PUSH_WAIT, balances are left to REST.
+        def balance(utime):
+            return [{"totalEq": "1", "details": [{"ccy": "USDT", "availBal": "9700", "frozenBal": "300",
+                                                  "uTime": str(utime)}]}]
+        self.push("account", balance(1), eventType="snapshot", curPage=1, lastPage=True)
+        self.push("orders", [self.order_row("4", "live", "0", 1, sz="0.01")])
+        self.push("account", balance(2), eventType="event_update")
+        self.assertIsNotNone(self.rows(self.stream.balance()))
+        for utime, price, size in ((3, "30001", "0.01"), (4, "30001", "0.02")):     # the price, then the size
+            self.push("orders", [self.order_row("4", "live", "0", utime, px=price, sz=size)])
+            self.assertIsNone(self.rows(self.stream.balance()), "balances answered before their push")
+            self.push("account", balance(utime), eventType="event_update")
+            self.assertIsNotNone(self.rows(self.stream.balance()))
+        self.push("orders", [self.order_row("4", "live", "0", 5, px="30002", sz="0.02")])
+        self.clock.advance(plugin.ORDER_PUSH_WAIT + 0.1)              # no balance push: the wait ends anyway
+        with self.stream._lock:
+            self.stream._heard_at = self.clock.monotonic()               # (the connection is alive)
+        self.assertIsNotNone(self.rows(self.stream.balance()))
 
     def test_a_push_that_came_before_the_answer_counts_for_read_your_writes(self):
         # OKX pushes an order within milliseconds, often before its REST answer: a push that arrived while the
