@@ -6472,6 +6472,87 @@ class ArrayPassthroughTest(ParityTestCase):
                          "exchange.IO POST params must be an object, an array or their JSON text, got '[not json'")
 
 
+class TradeInputTest(ParityTestCase):
+    """What a strategy may send that OKX would take otherwise or not at all: directions that contradict
+    the type, a leverage on an option, an empty condition, decimals written "2900." or ".01", a comma
+    after the passphrase; and a condition order's amendment that would change its kind."""
+
+    def test_a_direction_that_contradicts_a_closing_type_is_refused(self):
+        base = {"symbol": "BTC_USDT.swap", "price": "43000", "amount": "1"}
+        for kind, direction in (("closebuy", "closesell"), ("closesell", "closebuy"), ("closebuy", "buy")):
+            with self.subTest(type=kind, direction=direction):
+                self.assertEqual(self.error("trade", dict(base, type=kind, direction=direction)),
+                                 "direction %s contradicts type %s" % (direction, kind))
+        self.assertEqual(self.order_posts(), [])
+
+    def test_an_option_order_sends_no_leverage(self):
+        symbol = max(self.data("markets", {"symbol": "BTC_USD", "contract_type": "option"}))
+        self.place(symbol=symbol, type="sell", price="0.9", amount="1", marginLevel="3")
+        self.assertEqual(self.okx_calls("/api/v5/account/set-leverage"), [])
+        self.assertNotIn("lever", self.order_bodies()[-1])
+        self.place(symbol="BTC_USDT.swap", type="buy", price="40000", amount="1", marginLevel="3")
+        self.assertEqual(len(self.okx_calls("/api/v5/account/set-leverage")), 1)      # a swap's still is
+
+    def test_an_empty_condition_is_a_plain_order(self):
+        for n, condition in enumerate(("", " ", "{}", "[]", "null", {}, [], None)):
+            with self.subTest(condition=condition):
+                docker_id = self.place(price="30000", amount="0.01", condition=condition)
+                self.assertEqual(self.data("order", {"id": docker_id})["status"], "pending")
+        self.assertEqual((len(self.order_posts()), self.algo_posts()), (8, []))
+        self.assertIn("ConditionType", self.error("trade", {"symbol": "BTC_USDT", "type": "sell", "amount": "0.01",
+                                                            "price": "-1", "condition": {"TpTriggerPrice": "1"}}))
+
+    def test_decimals_with_a_bare_point_reach_okx_as_decimals(self):
+        self.place(price="30000.", amount=".01")
+        body = self.order_bodies()[-1]
+        self.assertEqual((body["px"], body["sz"]), ("30000", "0.01"))
+        self.assertEqual(self.error("trade", dict(ORDER, price=".")), "price must be a decimal number, got '.'")
+
+    def test_a_comma_after_the_passphrase_is_ignored(self):
+        for field in (SECRET_FIELD + ",", SECRET_FIELD + ", ", SECRET_FIELD + ",,"):
+            with self.subTest(secret_key=field):
+                answer = self.docker.call("accounts", secret_key=field)
+                self.assertIn("data", answer, answer)
+        passphrases = {r["headers"].get("OK-ACCESS-PASSPHRASE") for r in self.okx_calls("/api/v5/account/balance")}
+        self.assertEqual(passphrases, {PASSPHRASE})
+
+    def test_an_amendment_keeps_the_kind_of_condition_order(self):
+        take_profit = self.condition_order(PARITY_TP)
+        self.fake.clear_requests()
+        stop_loss = {"ConditionType": 2, "SlTriggerPrice": "41000", "SlOrderPrice": "-1"}
+        self.assertEqual(self.error("modifyconditionorder", {"id": take_profit, "condition": stop_loss}),
+                         "condition order %s is a take-profit condition (ConditionType 1): an amendment cannot "
+                         "make it a stop-loss one" % take_profit)
+        both = dict(PARITY_TP, SlTriggerPrice="41000", SlOrderPrice="-1")
+        self.assertEqual(self.error("modifyconditionorder", {"id": take_profit, "condition": both}),
+                         "condition order %s is a take-profit condition: its amendment sets that leg only"
+                         % take_profit)
+        self.assertEqual(self.okx_calls("/api/v5/trade/amend-algos"), [])
+        moved = dict(PARITY_TP, TpTriggerPrice="46000")
+        self.assertEqual(self.data("modifyconditionorder", {"id": take_profit, "condition": moved}),
+                         {"id": take_profit})
+        self.assertEqual(self.algo(take_profit)["tpTriggerPx"], "46000")
+
+
+class DockerInputInLogTest(ParityTestCase):
+    """What the docker sends reaches a log line only printable and short: a method name or a param name
+    with a line break cannot forge a line of its own."""
+
+    def test_a_line_break_in_a_method_or_param_name_forges_no_log_line(self):
+        forged = "fly\n2026-12-02 00:00:00,000 INFO [-] forged"
+        LOGS.lines.clear()
+        self.assertIn("unknown method", self.error(forged, {"a\rWARNING forged": 1, "amount": "1"}))
+        self.assertIn("unknown method", self.error("ticker\x1b[2J", {"symbol": "BTC_USDT"}))
+        self.assertTrue(LOGS.lines)
+        for line in LOGS.lines:
+            self.assertNotIn("\n", line)
+            self.assertNotIn("\r", line)
+            self.assertNotIn("\x1b", line)
+        warned = [line for line in LOGS.lines if "which the plugin does not know" in line]
+        self.assertEqual(len(warned), 2, LOGS.lines)
+        self.assertIn("amount", warned[0])
+
+
 class ParityMethodNameTest(ParityTestCase):
     """The parity methods' names: any letter case, _ and - ignored, Get for reads only (a Get spelling
     never acts); a trade or CreateOrder with a condition places a condition order, and so does a
@@ -8152,6 +8233,54 @@ class CommandLineTest(PluginProcessTestCase):
         self.assertNotIn("WARNING", loopback.stderr)
 
 
+class StopMidCallTest(PluginProcessTestCase):
+    """A stop while a call is with OKX waits up to STOP_DRAIN_SECONDS for it, still exits 0 within a second,
+    and names the order call that may have reached OKX, so the operator can check it there."""
+
+    @staticmethod
+    def call_in_background(docker, method, params, **fields):
+        """Send a call from a thread that expects no answer: the plugin stops in its middle."""
+        def call():
+            try:
+                docker.call(method, params, **fields)
+            except (OSError, http.client.HTTPException):
+                pass                                   # the connection closes as the plugin exits
+        threading.Thread(target=call, daemon=True).start()
+
+    def test_a_stop_during_a_trade_names_it_and_still_exits_within_a_second(self):
+        fake = FakeOKX().start()
+        self.addCleanup(fake.stop)
+        process = self.start("--port", "0", "--api-base", fake.base_url, "--no-stream", "--timeout", "5")
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        self.assertIn("data", docker.call("accounts"))                 # the clock synced, the connection made
+        fake.fault("/api/v5/trade/order", "timeout")                   # OKX takes the order and never answers
+        self.call_in_background(docker, "trade", ORDER, nonce=4711)
+        self.assertTrue(wait_for(lambda: any(r["path"] == "/api/v5/trade/order" for r in fake.requests), 5))
+        status, elapsed = process.stop()
+        self.assertEqual(status, 0, process.stderr)
+        self.assertLess(elapsed, 1.0)
+        self.assertNotIn("Traceback", process.stderr)
+        warned = [line for line in process.lines if "stopped while serving" in line]
+        self.assertEqual(len(warned), 1, process.stderr)
+        self.assertIn("WARNING", warned[0])
+        self.assertIn("stopped while serving trade (nonce 4711): it may have reached OKX", warned[0])
+
+    def test_a_stop_during_a_read_is_not_warned_about(self):
+        fake = FakeOKX().start()
+        self.addCleanup(fake.stop)
+        process = self.start("--port", "0", "--api-base", fake.base_url, "--no-stream", "--timeout", "5")
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        fake.fault("/api/v5/market/ticker", "timeout")
+        self.call_in_background(docker, "ticker", {"symbol": "BTC_USDT"})
+        self.assertTrue(wait_for(lambda: any(r["path"] == "/api/v5/market/ticker" for r in fake.requests), 5))
+        status, elapsed = process.stop()
+        self.assertEqual(status, 0, process.stderr)
+        self.assertLess(elapsed, 1.0)
+        self.assertNotIn("stopped while serving", process.stderr)
+
+
 def without_proxy_variables(**variables):
     """This process's environment without any *_proxy variable, plus ``variables``."""
     env = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
@@ -8197,6 +8326,33 @@ class FlagCheckTest(PluginProcessTestCase):
         for process in processes:
             Docker(process.port()).close()
             self.assertEqual(process.stop()[0], 0, process.stderr)
+
+    def test_a_ca_file_that_holds_no_certificate_is_refused_at_start(self):
+        not_a_certificate = os.path.join(tempfile.mkdtemp(), "ca.pem")
+        self.addCleanup(shutil.rmtree, os.path.dirname(not_a_certificate))
+        with open(not_a_certificate, "w") as handle:
+            handle.write("not a certificate\n")
+        printed = self.assert_refused(["--ca-file", not_a_certificate], ["--ca-file", "/no/such/ca.pem"], status=2)
+        self.assertIn("--ca-file %s holds no PEM CA certificates" % not_a_certificate, printed[0])
+        self.assertIn("--ca-file /no/such/ca.pem does not exist", printed[1])
+
+    def test_an_address_this_machine_does_not_have_is_exit_2(self):
+        printed = self.assert_refused(["--address", "192.0.2.1", "--port", "0", "--no-stream"], status=2)
+        self.assertIn("cannot listen on 192.0.2.1", printed[0])
+
+    def test_schemes_are_read_in_any_case(self):
+        printed = self.assert_refused(["--api-base", "HTTP://www.okx.com"], ["--ws-base", "WS://ws.okx.com:8443"],
+                                      status=2)
+        for text in printed:
+            self.assertIn("in clear", text)
+        fake = FakeOKX(tls=True).start()
+        self.addCleanup(fake.stop)
+        process = self.start("--port", "0", "--api-base", fake.base_url.replace("https://", "HTTPS://"),
+                             "--ca-file", fake.cert_path, "--no-stream")
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        self.assertEqual(docker.call("ticker", {"symbol": "BTC_USDT"}).get("data", {}).get("symbol"), "BTC_USDT")
+        self.assertEqual(process.stop()[0], 0, process.stderr)
 
     def test_a_proxy_password_may_hold_any_character(self):
         fake = FakeOKX(tls=True).start()             # real time: the plugin runs in its own process
