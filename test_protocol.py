@@ -11001,6 +11001,27 @@ class StatusPageTest(AccountStreamTestCase):
                 self.assertEqual(response.getheader("Connection"), "close")
 
 
+class StatusPerExchangeTest(unittest.TestCase):
+    """GET /status holds each exchange's own part (``status()`` of its shared state); an exchange whose
+    shared state has none shows an empty part, and the page still answers."""
+
+    def test_an_exchange_without_a_status_shows_an_empty_part(self):
+        class SharedWithoutStatus:
+            def __init__(self, config):
+                self.config = config
+
+            def close(self):
+                pass
+        with mock.patch.dict(plugin.EXCHANGES, {"other": (plugin.OKX, SharedWithoutStatus)}):
+            server = plugin.PluginServer(("127.0.0.1", 0), plugin.Config(api_base="https://www.okx.com",
+                                                                         clock=VirtualClock()))
+        self.addCleanup(server.server_close)
+        status = server.status()
+        self.assertEqual(status["exchanges"]["other"], {})
+        self.assertEqual(status["exchanges"]["okx"]["api_base"], "https://www.okx.com")
+        self.assertEqual(status["exchanges"]["okx"]["streams"], {"market": [], "account": []})
+
+
 class AccountStreamMemoryRulesTest(unittest.TestCase):
     """An AccountStream fed OKX's messages directly: OKX's rules against duplicate and out-of-order pushes,
     and paged snapshots."""
