@@ -8140,6 +8140,16 @@ class PluginProcessTestCase(unittest.TestCase):
         self.addCleanup(process.kill)
         return process
 
+    def start_with_fake(self, *args):
+        """A plugin process (``args`` its flags) on a FakeOKX of its own, and a docker for it; all three are
+        stopped after the test."""
+        fake = FakeOKX().start()
+        self.addCleanup(fake.stop)
+        process = self.start("--port", "0", "--api-base", fake.base_url, *args)
+        docker = Docker(process.port())
+        self.addCleanup(docker.close)
+        return fake, process, docker
+
     def assert_refused(self, *flag_sets, status=None):
         """Each set of flags (a list, or a pair (list, environment)) ends the plugin at start with one line
         on stderr, no traceback, and a failure status (``status`` when given); the processes run side by
@@ -8204,11 +8214,7 @@ class CommandLineTest(PluginProcessTestCase):
             self.assertIn(flag, stdout)
 
     def test_log_lines_carry_time_level_and_docker_method(self):
-        fake = FakeOKX().start()
-        self.addCleanup(fake.stop)
-        process = self.start("--port", "0", "--api-base", fake.base_url, "--no-stream", "--log-level", "debug")
-        docker = Docker(process.port())
-        self.addCleanup(docker.close)
+        fake, process, docker = self.start_with_fake("--no-stream", "--log-level", "debug")
         self.assertIn("data", docker.call("ticker", {"symbol": "BTC_USDT"}))
         self.assertIn("error", docker.call("ticker", {"symbol": "NOPE_USDT"}))
         stamp = r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[.,]\d{3} "
@@ -8235,51 +8241,46 @@ class CommandLineTest(PluginProcessTestCase):
 
 class StopMidCallTest(PluginProcessTestCase):
     """A stop while a call is with OKX waits up to STOP_DRAIN_SECONDS for it, still exits 0 within a second,
-    and names the order call that may have reached OKX, so the operator can check it there."""
+    and names an order call that may have reached OKX, so the operator can check it there; a read it does
+    not name."""
+
+    def test_a_stop_during_a_trade_names_it_and_a_stop_during_a_read_does_not(self):
+        calls = {"/api/v5/trade/order": ("trade", ORDER), "/api/v5/market/ticker": ("ticker", {"symbol": "BTC_USDT"})}
+        plugins = {}
+        for path, (method, params) in calls.items():         # two plugins side by side, stopped at once
+            fake, process, docker = self.start_with_fake("--no-stream", "--timeout", "5")
+            self.assertIn("data", docker.call("accounts"))      # the clock synced, the connection made
+            fake.fault(path, "timeout")                         # OKX takes the call and never answers
+            threading.Thread(target=self.call_quietly, args=(docker, method, params), daemon=True).start()
+            plugins[path] = (fake, process)
+        for path, (fake, process) in plugins.items():
+            self.assertTrue(wait_for(lambda: any(r["path"] == path for r in fake.requests), 5), path)
+        stops = {}
+        stoppers = [threading.Thread(target=lambda path=path, process=process: stops.update({path: process.stop()}))
+                    for path, (fake, process) in plugins.items()]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join(5)
+        for path, (fake, process) in plugins.items():
+            status, elapsed = stops[path]
+            self.assertEqual(status, 0, process.stderr)
+            self.assertLess(elapsed, 1.0)
+            self.assertNotIn("Traceback", process.stderr)
+        trade_process, ticker_process = (plugins[path][1] for path in calls)
+        warned = [line for line in trade_process.lines if "stopped while serving" in line]
+        self.assertEqual(len(warned), 1, trade_process.stderr)
+        self.assertRegex(warned[0], r" WARNING \[-\] stopped while serving trade \(nonce \d+\): it may have "
+                                    r"reached OKX; check the orders")
+        self.assertNotIn("stopped while serving", ticker_process.stderr)
 
     @staticmethod
-    def call_in_background(docker, method, params, **fields):
-        """Send a call from a thread that expects no answer: the plugin stops in its middle."""
-        def call():
-            try:
-                docker.call(method, params, **fields)
-            except (OSError, http.client.HTTPException):
-                pass                                   # the connection closes as the plugin exits
-        threading.Thread(target=call, daemon=True).start()
-
-    def test_a_stop_during_a_trade_names_it_and_still_exits_within_a_second(self):
-        fake = FakeOKX().start()
-        self.addCleanup(fake.stop)
-        process = self.start("--port", "0", "--api-base", fake.base_url, "--no-stream", "--timeout", "5")
-        docker = Docker(process.port())
-        self.addCleanup(docker.close)
-        self.assertIn("data", docker.call("accounts"))                 # the clock synced, the connection made
-        fake.fault("/api/v5/trade/order", "timeout")                   # OKX takes the order and never answers
-        self.call_in_background(docker, "trade", ORDER, nonce=4711)
-        self.assertTrue(wait_for(lambda: any(r["path"] == "/api/v5/trade/order" for r in fake.requests), 5))
-        status, elapsed = process.stop()
-        self.assertEqual(status, 0, process.stderr)
-        self.assertLess(elapsed, 1.0)
-        self.assertNotIn("Traceback", process.stderr)
-        warned = [line for line in process.lines if "stopped while serving" in line]
-        self.assertEqual(len(warned), 1, process.stderr)
-        self.assertIn("WARNING", warned[0])
-        self.assertIn("stopped while serving trade (nonce 4711): it may have reached OKX", warned[0])
-
-    def test_a_stop_during_a_read_is_not_warned_about(self):
-        fake = FakeOKX().start()
-        self.addCleanup(fake.stop)
-        process = self.start("--port", "0", "--api-base", fake.base_url, "--no-stream", "--timeout", "5")
-        docker = Docker(process.port())
-        self.addCleanup(docker.close)
-        fake.fault("/api/v5/market/ticker", "timeout")
-        self.call_in_background(docker, "ticker", {"symbol": "BTC_USDT"})
-        self.assertTrue(wait_for(lambda: any(r["path"] == "/api/v5/market/ticker" for r in fake.requests), 5))
-        status, elapsed = process.stop()
-        self.assertEqual(status, 0, process.stderr)
-        self.assertLess(elapsed, 1.0)
-        self.assertNotIn("stopped while serving", process.stderr)
-
+    def call_quietly(docker, method, params):
+        """A call that expects no answer: the plugin stops in its middle."""
+        try:
+            docker.call(method, params)
+        except (OSError, http.client.HTTPException):
+            pass                                   # the connection closes as the plugin exits
 
 def without_proxy_variables(**variables):
     """This process's environment without any *_proxy variable, plus ``variables``."""
